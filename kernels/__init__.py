@@ -1,0 +1,1 @@
+"""Triton kernels of scft_fast, installed as ``scft_fast.kernels``."""
