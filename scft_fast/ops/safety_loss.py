@@ -1,0 +1,356 @@
+"""``safety_loss``: LM + RTO transition + SCFT classification losses in one pass over the vocabulary.
+
+Autograd: the op is a ``torch.library.custom_op`` (``torch.ops.scft_fast.safety_loss``). Its
+forward computes the loss *and* every gradient (the logits of each chunk become their gradient in
+place, see chunked.py), returns the gradients as extra outputs, and the registered backward only
+scales them by the upstream gradient. Being a custom op with a fake (meta) implementation makes it
+opaque to torch.compile: the data-dependent parts (the one host sync that counts the rows to visit,
+the label range checks) run inside the op and never break a surrounding graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .backends import BACKENDS, resolve_backend
+from .chunked import chunked_safety_loss
+
+IGNORE_INDEX = -100
+MIN_CLASSES, MAX_CLASSES = 2, 16
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT_DTYPES = (torch.int64, torch.int32)
+
+
+@dataclass
+class SafetyLossOutput:
+    loss: torch.Tensor  # () float32, differentiable
+    lm_loss: torch.Tensor  # () float32, lm_sum / n_lm (0 when n_lm = 0)
+    transition_loss: torch.Tensor  # () float32, tr_sum / n_tr (0 when n_tr = 0)
+    cls_loss: torch.Tensor  # () float32, mean over labeled pooled rows (0 when none)
+    cls_logits: torch.Tensor | None  # (S, C) float32, None without a head
+    n_lm: torch.Tensor  # () int64
+    n_tr: torch.Tensor  # () int64
+    n_cls: torch.Tensor  # () int64
+
+
+def _check_int(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an int64 tensor, got dtype {t.dtype}")
+    return t.long()
+
+
+def _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias,
+                          cls_index, cls_labels, num_items, softcap, backend, chunk_size):
+    for name, t in (("hidden", hidden), ("lm_weight", lm_weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be (N, H) or (B, T, H), got shape {tuple(hidden.shape)}")
+    if lm_weight.dim() != 2 or lm_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"lm_weight must be (V, H) with H = {hidden.shape[-1]} (hidden's last dim), "
+                         f"got shape {tuple(lm_weight.shape)}")
+    if lm_weight.shape[0] == 0:
+        raise ValueError("lm_weight has V = 0 rows: the vocabulary is empty")
+    device, dtype = hidden.device, hidden.dtype
+    vocab, hidden_size = lm_weight.shape
+
+    def same_kind(name, t, shape):
+        if t is None:
+            return
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {device}")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+    for name, t in (("lm_weight", lm_weight), ("lm_bias", lm_bias), ("cls_weight", cls_weight),
+                    ("cls_bias", cls_bias)):
+        if t is not None and isinstance(t, torch.Tensor) and t.dtype != dtype:
+            raise TypeError(f"{name} must have hidden's dtype {dtype}, got {t.dtype}")
+    same_kind("lm_weight", lm_weight, None)
+    same_kind("lm_bias", lm_bias, (vocab,))
+    labels = _check_int("labels", labels)
+    same_kind("labels", labels, hidden.shape[:-1])
+    transition_labels = _check_int("transition_labels", transition_labels)
+    same_kind("transition_labels", transition_labels, hidden.shape[:-1])
+
+    head = {"cls_weight": cls_weight, "cls_index": cls_index, "cls_labels": cls_labels}
+    given = [k for k, v in head.items() if v is not None]
+    if given and len(given) != 3:
+        missing = [k for k in head if head[k] is None]
+        raise ValueError(f"the classification head needs cls_weight, cls_index and cls_labels together; "
+                         f"got {', '.join(given)} without {', '.join(missing)}")
+    if cls_bias is not None and cls_weight is None:
+        raise ValueError("cls_bias was given without cls_weight")
+    if cls_weight is not None:
+        if cls_weight.dim() != 2 or cls_weight.shape[1] != hidden_size:
+            raise ValueError(f"cls_weight must be (C, H) with H = {hidden_size}, got shape {tuple(cls_weight.shape)}")
+        classes = cls_weight.shape[0]
+        if not MIN_CLASSES <= classes <= MAX_CLASSES:
+            raise ValueError(f"cls_weight must have {MIN_CLASSES} <= C <= {MAX_CLASSES} classes, got C = {classes}")
+        same_kind("cls_weight", cls_weight, None)
+        same_kind("cls_bias", cls_bias, (classes,))
+        cls_index = _check_int("cls_index", cls_index)
+        cls_labels = _check_int("cls_labels", cls_labels)
+        if cls_index.dim() != 1:
+            raise ValueError(f"cls_index must be 1-D (S,), got shape {tuple(cls_index.shape)}")
+        same_kind("cls_index", cls_index, None)
+        same_kind("cls_labels", cls_labels, cls_index.shape)
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must be an int or a 0-dim tensor, got shape {tuple(num_items.shape)}")
+            num_items = num_items.reshape(()).to(device=device, dtype=torch.float32)
+        elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
+            if num_items < 0:
+                raise ValueError(f"num_items must be >= 0, got {num_items}")
+            num_items = torch.tensor(float(num_items), device=device)
+        else:
+            raise TypeError(f"num_items must be an int or a 0-dim tensor, got {type(num_items).__name__}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+    hidden = hidden.reshape(-1, hidden_size).contiguous()
+    labels = labels.reshape(-1).contiguous()
+    if transition_labels is not None:
+        transition_labels = transition_labels.reshape(-1).contiguous()
+    return (hidden, lm_weight.contiguous(), labels, lm_bias, transition_labels,
+            None if cls_weight is None else cls_weight.contiguous(), cls_bias, cls_index, cls_labels, num_items)
+
+
+def _range_errors(counts: Sequence[int], labels, transition_labels, cls_index, cls_labels, vocab, rows,
+                  classes, ignore_index):
+    """Names the first offending value; only reached when a check failed, so its syncs cost nothing."""
+    def first_bad(t, bad):
+        i = int(torch.nonzero(bad.reshape(-1))[0, 0])
+        return i, int(t.reshape(-1)[i])
+
+    if counts[0]:
+        i, v = first_bad(labels, (labels != ignore_index) & ((labels < 0) | (labels >= vocab)))
+        raise ValueError(f"labels[{i}] = {v} is outside [0, V = {vocab}) and is not ignore_index ({ignore_index})")
+    if counts[1]:
+        i, v = first_bad(transition_labels, (transition_labels != ignore_index)
+                         & ((transition_labels < 0) | (transition_labels >= vocab)))
+        raise ValueError(f"transition_labels[{i}] = {v} is outside [0, V = {vocab}) and is not ignore_index "
+                         f"({ignore_index})")
+    if counts[2]:
+        i, v = first_bad(cls_index, (cls_index < 0) | (cls_index >= rows))
+        raise ValueError(f"cls_index[{i}] = {v} is outside [0, N = {rows}) rows")
+    if counts[3]:
+        i, v = first_bad(cls_labels, (cls_labels != ignore_index) & ((cls_labels < 0) | (cls_labels >= classes)))
+        raise ValueError(f"cls_labels[{i}] = {v} is outside [0, C = {classes}) and is not ignore_index "
+                         f"({ignore_index})")
+
+
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("scft_fast::safety_loss", mutates_args=())
+def _safety_loss_op(
+    hidden: torch.Tensor,  # (N, H)
+    lm_weight: torch.Tensor,  # (V, H)
+    labels: torch.Tensor,  # (N,)
+    lm_bias: Optional[torch.Tensor],  # (V,)
+    transition_labels: Optional[torch.Tensor],  # (N,)
+    cls_weight: Optional[torch.Tensor],  # (C, H)
+    cls_bias: Optional[torch.Tensor],  # (C,)
+    cls_index: Optional[torch.Tensor],  # (S,)
+    cls_labels: Optional[torch.Tensor],  # (S,)
+    num_items: Optional[torch.Tensor],  # () float32
+    lm_coef: float,
+    transition_coef: float,
+    cls_coef: float,
+    ignore_index: int,
+    softcap: Optional[float],
+    backend: str,
+    chunk_size: int,
+    validate: bool,
+    grad_mask: Sequence[bool],  # needs grad: hidden, lm_weight, lm_bias, cls_weight, cls_bias
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """Returns (loss (), stats (6,) [lm_sum, tr_sum, cls_sum, n_lm, n_tr, n_cls], cls_logits (S, C),
+    grad_hidden (N, H), grad_lm_weight (V, H), grad_lm_bias (V,), grad_cls_weight (C, H),
+    grad_cls_bias (C,)); a gradient not asked for by grad_mask is an empty (0,) tensor."""
+    device = hidden.device
+    rows_total, vocab = hidden.shape[0], lm_weight.shape[0]
+    impl = resolve_backend(backend, device)
+    if transition_labels is None:
+        transition_labels = torch.full_like(labels, ignore_index)
+    lm_valid = labels != ignore_index
+    tr_valid = transition_labels != ignore_index
+    has_target = lm_valid | tr_valid
+    n_lm, n_tr = lm_valid.sum(), tr_valid.sum()
+    classes = cls_weight.shape[0] if cls_weight is not None else 0
+
+    # The one host sync of the call: how many rows to visit, plus the range checks when asked.
+    probes = [has_target.sum()]
+    if validate:
+        probes += [
+            (lm_valid & ((labels < 0) | (labels >= vocab))).sum(),
+            (tr_valid & ((transition_labels < 0) | (transition_labels >= vocab))).sum(),
+        ]
+        if cls_weight is not None:
+            probes += [((cls_index < 0) | (cls_index >= rows_total)).sum(),
+                       ((cls_labels != ignore_index) & ((cls_labels < 0) | (cls_labels >= classes))).sum()]
+    counts = torch.stack(probes).tolist()
+    if validate and any(counts[1:]):
+        _range_errors(counts[1:] + [0, 0], labels, transition_labels, cls_index, cls_labels, vocab,
+                      rows_total, classes, ignore_index)
+    num_rows = counts[0]
+    rows = None if num_rows == rows_total else torch.nonzero_static(has_target, size=num_rows).squeeze(1)
+
+    denom = (n_lm + n_tr).float() if num_items is None else num_items
+    inv = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
+    lm_scale = (lm_coef * inv).float()
+    tr_scale = (transition_coef * inv).float()
+
+    need_h, need_w, need_b, need_cw, need_cb = grad_mask
+    need_b = need_b and lm_bias is not None
+    grad_hidden = None
+    if need_h:
+        # Visited rows are written by the chunk loop; skipped rows keep a zero gradient.
+        grad_hidden = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
+    sums, grad_w, grad_b = chunked_safety_loss(
+        hidden, lm_weight, lm_bias, labels, transition_labels, rows, lm_scale, tr_scale,
+        epilogue=impl.epilogue, softcap=softcap, ignore_index=ignore_index,
+        chunk_size=chunk_size if chunk_size > 0 else None,
+        grad_hidden=grad_hidden, need_grad_weight=need_w, need_grad_bias=need_b)
+    token_loss = lm_scale * sums[0] + tr_scale * sums[1]
+
+    cls_sum = torch.zeros((), dtype=torch.float32, device=device)
+    n_cls = torch.zeros((), dtype=torch.int64, device=device)
+    cls_logits = torch.empty(_EMPTY, dtype=torch.float32, device=device)
+    grad_cw = grad_cb = None
+    loss = token_loss
+    if cls_weight is not None:
+        n_cls = (cls_labels != ignore_index).sum()
+        cls_scale = (cls_coef / n_cls.clamp_min(1).float()).float()
+        need_cls_grad = need_h or need_cw or need_cb
+        ce, cls_logits, grad_pooled, grad_cw, grad_cb = impl.cls_head(
+            hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index, need_cls_grad)
+        cls_sum = ce.sum()
+        loss = loss + cls_scale * cls_sum
+        if need_h and cls_index.numel():
+            grad_hidden.index_add_(0, cls_index, grad_pooled.to(hidden.dtype))
+    stats = torch.stack([sums[0], sums[1], cls_sum, n_lm.float(), n_tr.float(), n_cls.float()])
+
+    def out(grad, needed, like):
+        if not needed or grad is None:
+            return torch.empty(_EMPTY, dtype=like.dtype if like is not None else hidden.dtype, device=device)
+        return grad.to(like.dtype)
+
+    if need_w and grad_w is None:
+        grad_w = torch.zeros_like(lm_weight, dtype=torch.float32)
+    if need_b and grad_b is None:
+        grad_b = torch.zeros_like(lm_bias, dtype=torch.float32)
+    if need_h and grad_hidden is None:
+        grad_hidden = torch.zeros_like(hidden)
+    return (loss.float().reshape(()), stats, cls_logits.contiguous(), out(grad_hidden, need_h, hidden),
+            out(grad_w, need_w, lm_weight), out(grad_b, need_b, lm_bias),
+            out(grad_cw, need_cw and cls_weight is not None, cls_weight),
+            out(grad_cb, need_cb and cls_bias is not None, cls_bias))
+
+
+@_safety_loss_op.register_fake
+def _(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias, cls_index, cls_labels,
+      num_items, lm_coef, transition_coef, cls_coef, ignore_index, softcap, backend, chunk_size, validate,
+      grad_mask):
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+
+    def grad(needed, like):
+        if needed and like is not None:
+            return like.new_empty(like.shape)
+        return hidden.new_empty(_EMPTY) if like is None else like.new_empty(_EMPTY)
+
+    cls_logits = (hidden.new_empty((cls_index.shape[0], cls_weight.shape[0]), dtype=torch.float32)
+                  if cls_weight is not None else hidden.new_empty(_EMPTY, dtype=torch.float32))
+    need_h, need_w, need_b, need_cw, need_cb = grad_mask
+    return (torch.empty((), **f32), torch.empty((6,), **f32), cls_logits, grad(need_h, hidden),
+            grad(need_w, lm_weight), grad(need_b, lm_bias), grad(need_cw, cls_weight), grad(need_cb, cls_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.grad_mask = inputs[-1]
+    ctx.has_bias = (inputs[3] is not None, inputs[6] is not None)
+    ctx.save_for_backward(*output[3:])
+
+
+def _backward(ctx, grad_loss, *unused):
+    grad_h, grad_w, grad_b, grad_cw, grad_cb = ctx.saved_tensors
+    need_h, need_w, need_b, need_cw, need_cb = ctx.grad_mask
+
+    def scaled(grad, needed):
+        return grad * grad_loss.to(grad.dtype) if needed and grad.numel() else None
+
+    return (scaled(grad_h, need_h), scaled(grad_w, need_w), None, scaled(grad_b, need_b), None,
+            scaled(grad_cw, need_cw), scaled(grad_cb, need_cb), None, None, None,
+            None, None, None, None, None, None, None, None, None)
+
+
+_safety_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def safety_loss(
+    hidden: torch.Tensor,  # (N, H) or (B, T, H)
+    lm_weight: torch.Tensor,  # (V, H)
+    labels: torch.Tensor,  # hidden.shape[:-1], already shifted
+    *,
+    lm_bias: torch.Tensor | None = None,  # (V,)
+    transition_labels: torch.Tensor | None = None,  # like labels
+    cls_weight: torch.Tensor | None = None,  # (C, H)
+    cls_bias: torch.Tensor | None = None,  # (C,)
+    cls_index: torch.Tensor | None = None,  # (S,) flat row indices
+    cls_labels: torch.Tensor | None = None,  # (S,)
+    lm_coef: float = 1.0,
+    transition_coef: float = 1.0,
+    cls_coef: float = 1.0,
+    num_items: int | torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    softcap: float | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    validate: bool = True,
+) -> SafetyLossOutput:
+    """LM + RTO transition + SCFT classification loss, never materializing the N x V logits.
+
+    token_loss = (lm_coef * lm_sum + transition_coef * tr_sum) / D, D = num_items or n_lm + n_tr (0 if D = 0)
+    cls_loss   = mean cross-entropy of hidden[cls_index] @ cls_weight.T (+ cls_bias) over labeled rows
+    loss       = token_loss + cls_coef * cls_loss
+    Rows with neither an LM nor a transition target skip the vocabulary entirely. ``validate=False``
+    skips the label range checks (their reductions ride on the op's single host sync anyway).
+    """
+    (hidden2d, weight, labels1d, lm_bias, tr1d, cls_weight, cls_bias, cls_index, cls_labels,
+     num_items) = _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight,
+                                        cls_bias, cls_index, cls_labels, num_items, softcap, backend, chunk_size)
+    grad_on = torch.is_grad_enabled()
+    grad_mask = [bool(grad_on and t is not None and t.requires_grad)
+                 for t in (hidden, lm_weight, lm_bias, cls_weight, cls_bias)]
+    loss, stats, cls_logits, *_ = _safety_loss_op(
+        hidden2d, weight, labels1d, lm_bias, tr1d, cls_weight, cls_bias, cls_index, cls_labels, num_items,
+        float(lm_coef), float(transition_coef), float(cls_coef), int(ignore_index),
+        None if softcap is None else float(softcap), backend, int(chunk_size or 0), bool(validate), grad_mask)
+    stats = stats.detach()
+    n_lm, n_tr, n_cls = stats[3].long(), stats[4].long(), stats[5].long()
+    return SafetyLossOutput(
+        loss=loss,
+        lm_loss=stats[0] / stats[3].clamp_min(1),
+        transition_loss=stats[1] / stats[4].clamp_min(1),
+        cls_loss=stats[2] / stats[5].clamp_min(1),
+        cls_logits=cls_logits.detach() if cls_weight is not None else None,
+        n_lm=n_lm,
+        n_tr=n_tr,
+        n_cls=n_cls,
+    )
