@@ -293,7 +293,7 @@ def _backward(ctx, grad_loss, *unused):
     need_h, need_w, need_b, need_cw, need_cb = ctx.grad_mask
 
     def scaled(grad, needed):
-        return grad * grad_loss.to(grad.dtype) if needed and grad.numel() else None
+        return grad * grad_loss.to(grad.dtype) if needed else None
 
     return (scaled(grad_h, need_h), scaled(grad_w, need_w), None, scaled(grad_b, need_b), None,
             scaled(grad_cw, need_cw), scaled(grad_cb, need_cb), None, None, None,

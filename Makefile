@@ -1,0 +1,38 @@
+# Everything runs from a fresh clone: the first target that needs it creates .venv and installs the
+# package with its pinned dependencies (constraints.txt).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: venv test bench train gpu-check clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	# torch first and on its own, so that no later package resolves torch to a CUDA build.
+	$(PIP) torch==2.13.0
+	# --no-build-isolation: DeepSpeed's source build imports the torch installed above.
+	DS_BUILD_OPS=0 $(PIP) --no-build-isolation -e ".[triton,train,dev]"
+	touch $@
+
+# The whole test suite, on CPU (Triton through its interpreter).
+test: venv
+	$(BIN)/pytest tests
+
+# The main job: train the tiny preset on the embedded dataset (SCFT + DeRTa), on CPU.
+train: venv
+	$(BIN)/scft-fast train
+
+# The op benchmark table on this machine (CPU: torch and C++ backends against the anchors).
+bench: venv
+	$(BIN)/python benchmarks/bench_op.py
+
+# On a CUDA machine: the tests with real Triton, then the op benchmark at the GPU shapes.
+gpu-check: venv
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

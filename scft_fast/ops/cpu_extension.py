@@ -1,0 +1,111 @@
+"""The C++ CPU epilogue (csrc/safety_epilogue.cpp): loaded prebuilt, else built just in time, else None.
+
+Same contract as ``torch_epilogue`` (see torch_epilogue.py); one OpenMP-parallel, vectorized pass per row.
+
+Where the compiled module comes from, first hit wins, once per process:
+1. ``scft_fast._C``, built by ``SCFT_BUILD_OPS=1 pip install ...`` (setup.py),
+2. a just-in-time build with torch.utils.cpp_extension (ninja) into
+   ``$SCFT_FAST_CACHE/cpu_extension/<key>`` (default ``~/.cache/scft_fast``), the key hashing the source, the
+   flags, torch, Python and the machine: the first use in a fresh cache compiles (about 30 s), later ones load,
+3. nothing: ``load_cpu_extension()`` returns None after one warning, and callers use the torch backend.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "safety_epilogue.cpp"
+# No -march: the hot loops are multiversioned in the source (target_clones), so one build runs on any x86-64.
+# -fopenmp: at::parallel_for is a header-only "#pragma omp parallel"; without it the loop runs on one thread.
+CXX_FLAGS = ["-O3", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_loaded = False
+_module: ModuleType | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SCFT_FAST_CACHE") or Path.home() / ".cache" / "scft_fast") / "cpu_extension"
+
+
+def build_key() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*CXX_FLAGS, *LINK_FLAGS, torch.__version__, sys.version, platform.machine()):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _build_just_in_time() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    if not SOURCE.is_file():
+        raise RuntimeError(f"the C++ source {SOURCE} is not there (csrc/ ships with the repository, not the wheel)")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH (set CXX to pick one)")
+    cpp_extension.verify_ninja_availability()
+    key = build_key()
+    build_dir = cache_dir() / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # torch's load() holds a file lock in build_dir, so concurrent first uses (pytest-xdist) build once.
+    return cpp_extension.load(
+        name=f"scft_fast_cpu_{key}",
+        sources=[str(SOURCE)],
+        extra_cflags=CXX_FLAGS,
+        extra_ldflags=LINK_FLAGS,
+        build_directory=str(build_dir),
+        verbose=False,
+    )
+
+
+def load_cpu_extension() -> ModuleType | None:
+    """The compiled module, or None (with a single warning) when it can be neither imported nor built."""
+    global _loaded, _module
+    with _lock:
+        if _loaded:
+            return _module
+        try:
+            _module = importlib.import_module("scft_fast._C")
+        except ImportError:
+            try:
+                _module = _build_just_in_time()
+            except Exception as error:  # a failed build must never break training: the torch backend remains
+                warnings.warn(
+                    f"scft_fast: the C++ CPU epilogue could not be built ({type(error).__name__}: {error}); "
+                    'backend="cpu" is unavailable and "auto" uses the torch backend on CPU.',
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                _module = None
+        _loaded = True
+        return _module
+
+
+def is_cpu_extension_available() -> bool:
+    return load_cpu_extension() is not None
+
+
+def cpu_epilogue(
+    logits: torch.Tensor,  # (c, V) float32 / bfloat16 / float16, contiguous, overwritten with its gradient
+    lm_target: torch.Tensor,  # (c,) int64
+    tr_target: torch.Tensor,  # (c,) int64
+    lm_scale: torch.Tensor,  # () float32
+    tr_scale: torch.Tensor,  # () float32
+    softcap: float | None,
+    ignore_index: int,
+) -> torch.Tensor:  # (2,) float32
+    module = load_cpu_extension()
+    if module is None:
+        raise RuntimeError("the C++ CPU epilogue is unavailable (see the warning above); use backend='torch'")
+    return module.safety_epilogue(logits, lm_target, tr_target, lm_scale, tr_scale, softcap, ignore_index)

@@ -1,0 +1,152 @@
+"""Edge cases that must just work, and bad input that must fail early with a clear message."""
+import re
+import sys
+
+import pytest
+import torch
+
+from backend_matrix import available_backends, device_for
+from scft_fast import safety_loss
+from scft_fast.ops import chunked
+from scft_fast.ops.reference import safety_loss_ref
+from test_safety_loss import IGNORE, check, make_inputs, run_both
+
+BACKENDS = available_backends()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_row_ignored_gives_zero_loss_and_zero_gradients(backend):
+    inputs = make_inputs(20, 16, 32, 1000, head=False, device=device_for(backend))
+    inputs["labels"][:] = IGNORE
+    inputs["transition_labels"][:] = IGNORE
+    h = inputs["hidden"].clone().requires_grad_()
+    w = inputs["lm_weight"].clone().requires_grad_()
+    out = safety_loss(h, w, inputs["labels"], transition_labels=inputs["transition_labels"], backend=backend)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.lm_loss.item() == 0.0 and int(out.n_lm) == 0
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    device = device_for(backend)
+    h = torch.randn(0, 32, device=device, requires_grad=True)
+    w = torch.randn(1000, 32, device=device, requires_grad=True)
+    cw = torch.randn(2, 32, device=device, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    out = safety_loss(h, w, empty, cls_weight=cw, cls_index=empty, cls_labels=empty, backend=backend)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.cls_logits.shape == (0, 2)
+    assert h.grad.shape == (0, 32) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_pooled_rows(backend):
+    inputs = make_inputs(21, 24, 32, 1000, s=0, device=device_for(backend))
+    out, grads, ref, ref_grads = run_both(inputs, backend)
+    check(out, grads, ref, ref_grads)
+    assert out.cls_loss.item() == 0.0 and out.cls_logits.shape == (0, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicate_pooled_rows_add_their_gradients(backend):
+    inputs = make_inputs(22, 24, 32, 1000, s=4, device=device_for(backend))
+    inputs["cls_index"] = torch.tensor([5, 5, 9, 5], device=device_for(backend))
+    inputs["cls_labels"] = torch.tensor([0, 1, 1, 0], device=device_for(backend))
+    check(*run_both(inputs, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_pooled_rows_unlabeled(backend):
+    inputs = make_inputs(23, 24, 32, 1000, s=3, device=device_for(backend))
+    inputs["cls_labels"][:] = IGNORE
+    out, grads, ref, ref_grads = run_both(inputs, backend)
+    check(out, grads, ref, ref_grads)
+    assert out.cls_loss.item() == 0.0 and int(out.n_cls) == 0
+    assert torch.equal(grads["cls_weight"], torch.zeros_like(grads["cls_weight"]))
+
+
+def test_rows_without_a_target_never_reach_the_vocabulary(monkeypatch):
+    """The chunk loop is handed exactly the rows with an LM or a transition target."""
+    seen = []
+    real = chunked.chunked_safety_loss
+
+    def spy(hidden, weight, bias, labels, transition_labels, rows, *args, **kwargs):
+        seen.append(rows.clone() if rows is not None else None)
+        return real(hidden, weight, bias, labels, transition_labels, rows, *args, **kwargs)
+
+    monkeypatch.setattr(sys.modules["scft_fast.ops.safety_loss"], "chunked_safety_loss", spy)
+    inputs = make_inputs(24, 40, 32, 1000, device="cpu")
+    safety_loss(**inputs, backend="torch")
+    has_target = (inputs["labels"] != IGNORE) | (inputs["transition_labels"] != IGNORE)
+    assert 0 < int(has_target.sum()) < 40
+    assert torch.equal(seen[0], torch.nonzero(has_target).squeeze(1))
+
+
+def test_automatic_chunk_size_is_bounded():
+    cpu = torch.device("cpu")
+    rows = chunked.default_chunk_size(8192, 256, 131072, torch.float32, cpu)
+    assert rows * 131072 * 4 <= 256 << 20
+    assert chunked.default_chunk_size(10, 4096, 128256, torch.bfloat16, cpu) == 10
+    assert chunked.default_chunk_size(8192, 4096, 128256, torch.bfloat16, torch.device("cuda")) >= 256
+
+
+def test_explicit_chunk_size_gives_the_same_result():
+    inputs = make_inputs(25, 50, 32, 1000)
+    base = safety_loss(**inputs, backend="torch").loss
+    for chunk_size in (1, 3, 16, 1000):
+        torch.testing.assert_close(safety_loss(**inputs, backend="torch", chunk_size=chunk_size).loss, base,
+                                   rtol=1e-6, atol=1e-6)
+
+
+def bad(**changes):
+    inputs = make_inputs(30, 12, 16, 100, c=3, s=3, bias=True, cls_bias=True)
+    inputs.update(changes)
+    return {k: v for k, v in inputs.items() if v is not None}
+
+
+@pytest.mark.parametrize("changes,error,pattern", [
+    (dict(hidden=torch.randn(12, 16, dtype=torch.float64)), TypeError, "hidden must be float32"),
+    (dict(hidden=torch.randn(12)), ValueError, r"hidden must be \(N, H\)"),
+    (dict(lm_weight=torch.randn(100, 15)), ValueError, "lm_weight must be \\(V, H\\) with H = 16"),
+    (dict(lm_weight=torch.randn(100, 16, dtype=torch.bfloat16)), TypeError, "lm_weight must have hidden's dtype"),
+    (dict(lm_bias=torch.randn(99)), ValueError, r"lm_bias must have shape \(100,\)"),
+    (dict(labels=torch.zeros(11, dtype=torch.long)), ValueError, r"labels must have shape \(12,\)"),
+    (dict(labels=torch.zeros(12)), TypeError, "labels must be an int64 tensor"),
+    (dict(labels=torch.tensor([0] * 11 + [100])), ValueError, r"labels\[11\] = 100 is outside \[0, V = 100\)"),
+    (dict(labels=torch.tensor([-1] + [0] * 11)), ValueError, r"labels\[0\] = -1 is outside"),
+    (dict(transition_labels=torch.tensor([-100] * 5 + [250] + [-100] * 6)), ValueError,
+     r"transition_labels\[5\] = 250 is outside \[0, V = 100\)"),
+    (dict(cls_index=torch.tensor([0, 12, 3])), ValueError, r"cls_index\[1\] = 12 is outside \[0, N = 12\)"),
+    (dict(cls_labels=torch.tensor([0, 3, 1])), ValueError, r"cls_labels\[1\] = 3 is outside \[0, C = 3\)"),
+    (dict(cls_labels=torch.tensor([0, 1])), ValueError, r"cls_labels must have shape \(3,\)"),
+    (dict(cls_weight=torch.randn(1, 16)), ValueError, "2 <= C <= 16 classes, got C = 1"),
+    (dict(cls_weight=torch.randn(17, 16), cls_bias=None), ValueError, "got C = 17"),
+    (dict(cls_index=None), ValueError, "cls_weight, cls_index and cls_labels together.*without cls_index"),
+    (dict(cls_weight=None, cls_bias=None), ValueError, "without cls_weight"),
+    (dict(cls_bias=torch.randn(2)), ValueError, r"cls_bias must have shape \(3,\)"),
+    (dict(num_items=-1), ValueError, "num_items must be >= 0"),
+    (dict(num_items="12"), TypeError, "num_items must be an int or a 0-dim tensor"),
+    (dict(softcap=0.0), ValueError, "softcap must be None or a number > 0"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be None or an int >= 1"),
+])
+def test_bad_input_is_named(changes, error, pattern):
+    with pytest.raises(error, match=pattern):
+        safety_loss(**bad(**changes))
+
+
+def test_validate_false_skips_only_the_range_checks():
+    inputs = bad()
+    torch.testing.assert_close(safety_loss(**inputs, validate=False).loss, safety_loss(**inputs).loss)
+    with pytest.raises(ValueError, match=re.escape("lm_weight must be (V, H)")):
+        safety_loss(**bad(lm_weight=torch.randn(100, 15)), validate=False)
+
+
+def test_reference_agrees_with_hf_style_cross_entropy():
+    """The reference itself: the LM term is torch's cross_entropy on the naive logits."""
+    inputs = make_inputs(31, 20, 16, 300, transition=False, head=False)
+    logits = (inputs["hidden"] @ inputs["lm_weight"].T).double()
+    expected = torch.nn.functional.cross_entropy(logits, inputs["labels"], ignore_index=IGNORE)
+    ref = safety_loss_ref(inputs["hidden"], inputs["lm_weight"], inputs["labels"])
+    torch.testing.assert_close(ref["loss"], expected)
