@@ -19,8 +19,10 @@ Epilogue = Callable[..., torch.Tensor]
 # Largest logits buffer the automatic chunk size allows, by device type.
 _MAX_CHUNK_BYTES = {"cuda": 1 << 30}
 _DEFAULT_MAX_CHUNK_BYTES = 256 << 20
-# Fewest rows per chunk: below this the GEMMs stop being efficient.
-_MIN_CHUNK_ROWS = {"cuda": 512}
+# Fewest rows per chunk. The weight-gradient GEMM dlogits.T @ h has the chunk as its inner dimension
+# and reads + writes the (V, H) float32 accumulator once per chunk: its arithmetic intensity is about
+# rows / 4 FLOP per byte, and an H100 needs ~300 to stay compute-bound, hence >= 2048 rows on GPU.
+_MIN_CHUNK_ROWS = {"cuda": 2048}
 _DEFAULT_MIN_CHUNK_ROWS = 256
 
 
@@ -37,21 +39,36 @@ def default_chunk_size(num_rows: int, hidden_size: int, vocab_size: int, dtype: 
 
 
 def _accumulate_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc += a @ b with a float32 accumulator, whatever the dtype of a and b."""
+    """acc += a @ b with a float32 accumulator, whatever the dtype of a and b (float32 / bf16 / fp16)."""
     if a.dtype == torch.float32:
         return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
-    product = None
-    if a.is_cuda and _CUDA_MM_OUT_DTYPE[0]:
-        try:  # float32 output straight from the GEMM's float32 accumulator (CUDA, torch >= 2.8)
-            product = torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            _CUDA_MM_OUT_DTYPE[0] = False
-    if product is None:
-        product = torch.mm(a, b).float()
+    if a.is_cuda:
+        # cuBLAS reads and writes the float32 accumulator in the GEMM itself (beta = 1); older torch
+        # releases lack one or both out_dtype overloads, so take the first that works, once.
+        for i, step in enumerate(_CUDA_F32_STEPS):
+            if not _CUDA_F32_WORKS[i]:
+                continue
+            try:
+                return step(acc, a, b)
+            except (TypeError, RuntimeError):
+                _CUDA_F32_WORKS[i] = False
+    product = torch.mm(a, b).float()
     return product if acc is None else acc.add_(product)
 
 
-_CUDA_MM_OUT_DTYPE = [True]
+def _addmm_f32_in_place(acc, a, b):
+    if acc is None:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+def _mm_f32_then_add(acc, a, b):
+    product = torch.mm(a, b, out_dtype=torch.float32)
+    return product if acc is None else acc.add_(product)
+
+
+_CUDA_F32_STEPS = (_addmm_f32_in_place, _mm_f32_then_add)
+_CUDA_F32_WORKS = [True, True]
 
 
 def chunked_safety_loss(
