@@ -1,0 +1,131 @@
+"""Collators: lists of dataset rows -> plain dicts of tensors whose keys are the model's forward arguments.
+
+PaddedCollator, B rows padded to T (a multiple of pad_to_multiple_of):
+    input_ids, attention_mask, labels, transition_labels: (B, T) int64
+    position_ids: (B, T) int64, left padding only (positions count real tokens, 0 on padding)
+    cls_labels, cls_index: (B,) int64; cls_index is the flat row b * T + t of each pooled token.
+
+PackedCollator, S rows packed into one row of L = sum of lengths <= max_tokens tokens (no padding, no mask):
+    input_ids, position_ids, labels, transition_labels: (1, L) int64; position_ids restart at 0 per sequence
+    cu_seqlens: (S + 1,) int32, cumulative sequence starts for flash-attn's varlen kernels; max_seqlen: int
+    cls_labels, cls_index: (S,) int64; cls_index is the flat row start_s + cls_pos_s.
+    The first token of every sequence has no label: after the model's shift the last token of a sequence
+    would otherwise be trained to predict the next sequence's first token.
+
+PackedBatchSampler(lengths, max_tokens) yields lists of dataset indices whose lengths sum to <= max_tokens,
+to pass as a DataLoader's batch_sampler alongside PackedCollator:
+
+    loader = DataLoader(dataset, batch_sampler=PackedBatchSampler(dataset["length"], 4096, seed=0),
+                        collate_fn=PackedCollator(4096))
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .constants import IGNORE_INDEX, PAD_TO_MULTIPLE_OF
+
+
+def _tensor(row: dict, key: str) -> torch.Tensor:
+    return torch.as_tensor(row[key], dtype=torch.long)
+
+
+class PaddedCollator:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, padding_side: str = "right",
+                 ignore_index: int = IGNORE_INDEX):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.pad_token_id, self.multiple = pad_token_id, max(1, pad_to_multiple_of)
+        self.padding_side, self.ignore_index = padding_side, ignore_index
+
+    def __call__(self, rows: list[dict]) -> dict:
+        lengths = [len(row["input_ids"]) for row in rows]
+        B, T = len(rows), -(-max(lengths) // self.multiple) * self.multiple
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        labels = torch.full((B, T), self.ignore_index, dtype=torch.long)
+        transition_labels = torch.full((B, T), self.ignore_index, dtype=torch.long)
+        cls_index = torch.empty(B, dtype=torch.long)
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            start = 0 if self.padding_side == "right" else T - n
+            span = slice(start, start + n)
+            input_ids[b, span] = _tensor(row, "input_ids")
+            attention_mask[b, span] = 1
+            labels[b, span] = _tensor(row, "labels")
+            transition_labels[b, span] = _tensor(row, "transition_labels")
+            cls_index[b] = b * T + start + int(row["cls_pos"])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "transition_labels": transition_labels,
+                 "cls_labels": torch.tensor([int(row["cls_label"]) for row in rows], dtype=torch.long),
+                 "cls_index": cls_index}
+        if self.padding_side == "left":
+            batch["position_ids"] = (attention_mask.cumsum(1) - 1).clamp_(min=0)
+        return batch
+
+
+class PackedCollator:
+    def __init__(self, max_tokens: int, ignore_index: int = IGNORE_INDEX):
+        self.max_tokens, self.ignore_index = max_tokens, ignore_index
+
+    def __call__(self, rows: list[dict]) -> dict:
+        lengths = torch.tensor([len(row["input_ids"]) for row in rows], dtype=torch.long)
+        if int(lengths.sum()) > self.max_tokens:
+            raise ValueError(f"{len(rows)} sequences of {int(lengths.sum())} tokens exceed max_tokens="
+                             f"{self.max_tokens}; batch them with PackedBatchSampler")
+        starts = lengths.cumsum(0) - lengths  # (S,)
+        labels = torch.cat([_tensor(row, "labels") for row in rows])
+        transition_labels = torch.cat([_tensor(row, "transition_labels") for row in rows])
+        labels[starts] = self.ignore_index
+        transition_labels[starts] = self.ignore_index
+        position_ids = torch.cat([torch.arange(int(n)) for n in lengths])
+        cu_seqlens = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = lengths.cumsum(0)
+        return {"input_ids": torch.cat([_tensor(row, "input_ids") for row in rows])[None],
+                "position_ids": position_ids[None], "labels": labels[None],
+                "transition_labels": transition_labels[None], "cu_seqlens": cu_seqlens,
+                "max_seqlen": int(lengths.max()),
+                "cls_labels": torch.tensor([int(row["cls_label"]) for row in rows], dtype=torch.long),
+                "cls_index": starts + torch.tensor([int(row["cls_pos"]) for row in rows], dtype=torch.long)}
+
+
+class PackedBatchSampler:
+    """Greedy packing in (seeded, per-epoch shuffled) order: a batch closes when the next sequence would overflow
+    max_tokens. With num_replicas > 1, rank r takes batches r, r + num_replicas, ... of an equal-length prefix, so
+    every rank runs the same number of steps."""
+
+    def __init__(self, lengths, max_tokens: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        too_long = np.flatnonzero(self.lengths > max_tokens)
+        if too_long.size:
+            raise ValueError(f"{too_long.size} sequences are longer than max_tokens={max_tokens} (the first: index "
+                             f"{too_long[0]}, {self.lengths[too_long[0]]} tokens); raise max_tokens or lower "
+                             "max_length")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths)) if self.shuffle
+                 else np.arange(len(self.lengths)))
+        batches, batch, used = [], [], 0
+        for i, n in zip(order.tolist(), self.lengths[order].tolist()):
+            if used + n > self.max_tokens:
+                batches.append(batch)
+                batch, used = [], 0
+            batch.append(i)
+            used += n
+        if batch:
+            batches.append(batch)
+        usable = len(batches) - len(batches) % self.num_replicas
+        return batches[self.rank:usable:self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())

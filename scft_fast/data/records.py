@@ -1,0 +1,240 @@
+"""JSONL records -> samples (prompt text, target text, RTO flag, classification label, kind). No token ids here.
+
+Three record formats, detected per line (field names are the README's):
+
+    DeRTa:   {"prefix": str, "text": str, "safe": "true" | "false"}
+             safe="true" means "train text with RTO" (text is a harmful response), not "text is safe".
+    triples: {"instruction": str, "response": str}                                    helpful
+             {"instruction": str, "harmful_response": str, "safe_response": str}      harmful question
+    chat:    {"messages": [{"role": str, "content": str}, ...], "rto": bool (optional)}
+
+Any record may carry "label": "safe" | "unsafe", which sets the classification label of every sample it makes.
+
+A harmful triple becomes DeRTa's mixture (their generate_training_data.py):
+    - an RTO sample: instruction -> harmful response;
+    - a harmful-prefix sample: instruction + the first k words of the harmful response as context -> safe response,
+      k = 0 when harmful_index % 3 == 0, else uniform in [1, n - 2] (n words, split on single spaces),
+      none when n < 3. harmful_index counts the harmful triples of the whole input in order, as DeRTa's list did;
+    - with vanilla_safety, a vanilla safety sample: instruction -> safe response.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from jinja2 import TemplateError
+
+from .config import DataConfig
+from .constants import (CLS_LABELS, DERTA_CHAT_TEMPLATE, END_OF_TEXT, KIND_HARMFUL_PREFIX, KIND_HELPFUL,
+                        KIND_MLE, KIND_REFUSAL, KIND_RTO, SAFE, UNSAFE)
+
+# Stands in for the assistant's content when a conversation is rendered, to find where the target starts.
+_TARGET_SENTINEL = "SCFTFASTTARGETSENTINEL"
+_USER_SENTINEL = "SCFTFASTUSERSENTINEL"
+# The end of DeRTa's prompt template: a DeRTa prefix ending anywhere else carries a harmful prefix.
+_DERTA_PROMPT_END = "[\\INST]"
+
+FORMAT_FIELDS = {
+    "derta": ("prefix", "text", "safe"),
+    "helpful": ("instruction", "response"),
+    "harmful": ("instruction", "harmful_response", "safe_response"),
+    "chat": ("messages",),
+}
+
+
+class DataError(ValueError):
+    """An invalid JSONL record: names the file, the 1-based line number and the offending field."""
+
+    def __init__(self, source: str, line: int, field: str | None, message: str):
+        self.source, self.line, self.field, self.message = source, line, field, message
+        where = f"{source}:{line}"
+        super().__init__(f"{where}: field {field!r}: {message}" if field else f"{where}: {message}")
+
+    def __reduce__(self):  # keeps the fields across the datasets worker processes
+        return DataError, (self.source, self.line, self.field, self.message)
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str  # context, never carries loss
+    target: str  # carries the loss; any end-of-text string already stripped, the encoder appends EOS
+    rto: bool  # train the target with refusal-token transitions instead of MLE
+    cls_label: int  # SAFE, UNSAFE or ignore_index
+    kind: str
+
+
+class ChatRenderer:
+    """Renders conversations with the tokenizer's chat template (DeRTa's when it has none).
+
+    split(messages) renders messages followed by an assistant turn and returns (prompt, lead, suffix) such that
+    the rendered conversation is prompt + lead + content + suffix: lead is the whitespace the template puts
+    before the content (moved to the target so that " word" stays one pre-token), suffix what it puts after.
+    """
+
+    def __init__(self, tokenizer):
+        template = tokenizer.chat_template or DERTA_CHAT_TEMPLATE
+        if isinstance(template, dict):
+            template = template.get("default") or next(iter(template.values()))
+        self.tokenizer, self.template = tokenizer, template
+        # sorted, not set order: the datasets cache fingerprint hashes this object
+        self.eos_strings = tuple(sorted({END_OF_TEXT, tokenizer.eos_token} - {None, ""}))
+        probe, _, _ = self.split([{"role": "user", "content": _USER_SENTINEL}])
+        self.prompt_ends = tuple(sorted({_DERTA_PROMPT_END, probe.partition(_USER_SENTINEL)[2].rstrip()} - {""}))
+
+    def split(self, messages: list[dict]) -> tuple[str, str, str]:
+        text = self.tokenizer.apply_chat_template(
+            messages + [{"role": "assistant", "content": _TARGET_SENTINEL}], tokenize=False,
+            chat_template=self.template)
+        head, found, suffix = text.partition(_TARGET_SENTINEL)
+        if not found or _TARGET_SENTINEL in suffix:
+            raise ValueError(f"the chat template must render the assistant content exactly once, got {text!r}")
+        prompt = head.rstrip(" ")
+        return prompt, head[len(prompt):], suffix
+
+    def strip_eos(self, target: str) -> str:
+        for eos in self.eos_strings:
+            if target.endswith(eos):
+                return target[: -len(eos)]
+        return target
+
+
+def _require_str(obj: dict, field: str, source: str, line: int, nonempty: bool) -> str:
+    if field not in obj:
+        raise DataError(source, line, field, "missing field")
+    value = obj[field]
+    if not isinstance(value, str):
+        raise DataError(source, line, field, f"expected a string, got {type(value).__name__} {value!r:.80}")
+    if nonempty and not value.strip():
+        raise DataError(source, line, field, f"empty {'target' if field != 'instruction' else 'instruction'}")
+    return value
+
+
+def _explicit_label(obj: dict, source: str, line: int) -> int | None:
+    if "label" not in obj:
+        return None
+    value = obj["label"]
+    if value not in CLS_LABELS:
+        raise DataError(source, line, "label", f"unknown value {value!r}, expected one of {sorted(CLS_LABELS)}")
+    return CLS_LABELS[value]
+
+
+def _target(renderer: ChatRenderer, lead: str, text: str, suffix: str, field: str, source: str, line: int) -> str:
+    content = renderer.strip_eos(text)
+    if not content.strip():
+        raise DataError(source, line, field, f"empty target {text!r:.80}")
+    return renderer.strip_eos(lead + content + suffix)
+
+
+def detect_format(obj, source: str, line: int) -> str:
+    if not isinstance(obj, dict):
+        raise DataError(source, line, None, f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        return "chat"
+    if {"prefix", "text", "safe"} & obj.keys():
+        return "derta"
+    if {"harmful_response", "safe_response"} & obj.keys():
+        return "harmful"
+    if {"instruction", "response"} & obj.keys():
+        return "helpful"
+    raise DataError(source, line, None, f"unknown record format with keys {sorted(obj)}; expected one of "
+                    + ", ".join("{" + ", ".join(f) + "}" for f in FORMAT_FIELDS.values()))
+
+
+def parse_record(raw: str, source: str, line: int, harmful_index: int, renderer: ChatRenderer,
+                 config: DataConfig) -> list[Sample]:
+    """One JSONL line -> its samples. Raises DataError on invalid input."""
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise DataError(source, line, None, f"invalid JSON ({e}): {raw.strip()!r:.120}") from None
+    fmt = detect_format(obj, source, line)
+    label = _explicit_label(obj, source, line)
+
+    def pick(default: int) -> int:
+        return default if label is None else label
+
+    if fmt == "derta":
+        prefix = _require_str(obj, "prefix", source, line, nonempty=False)
+        text = _require_str(obj, "text", source, line, nonempty=False)
+        if "safe" not in obj:
+            raise DataError(source, line, "safe", "missing field")
+        safe = obj["safe"]
+        rto = safe if isinstance(safe, bool) else {"true": True, "false": False}.get(
+            safe.lower() if isinstance(safe, str) else None)
+        if rto is None:
+            raise DataError(source, line, "safe", f"unknown value {safe!r}, expected \"true\" or \"false\"")
+        target = _target(renderer, "", text, "", "text", source, line)
+        if rto:
+            return [Sample(prefix, target, True, pick(UNSAFE), KIND_RTO)]
+        if prefix.rstrip().endswith(renderer.prompt_ends) or not prefix.strip():
+            return [Sample(prefix, target, False, pick(SAFE), KIND_MLE)]
+        return [Sample(prefix, target, False, pick(_prefix_label(config)), KIND_HARMFUL_PREFIX)]
+
+    if fmt == "chat":
+        return [_chat_sample(obj, source, line, renderer, label)]
+
+    instruction = _require_str(obj, "instruction", source, line, nonempty=True)
+    prompt, lead, suffix = renderer.split([{"role": "user", "content": instruction}])
+    if fmt == "helpful":
+        response = _require_str(obj, "response", source, line, nonempty=True)
+        target = _target(renderer, lead, response, suffix, "response", source, line)
+        return [Sample(prompt, target, False, pick(SAFE), KIND_HELPFUL)]
+
+    harmful = _require_str(obj, "harmful_response", source, line, nonempty=True)
+    safe_response = _require_str(obj, "safe_response", source, line, nonempty=True)
+    samples = [Sample(prompt, _target(renderer, lead, harmful, suffix, "harmful_response", source, line),
+                      True, pick(UNSAFE), KIND_RTO)]
+    refusal = _target(renderer, lead, safe_response, suffix, "safe_response", source, line)
+    k = harmful_prefix_words(harmful, harmful_index, config.seed)
+    if k == 0:
+        samples.append(Sample(prompt, refusal, False, pick(_prefix_label(config)), KIND_HARMFUL_PREFIX))
+    elif k is not None:
+        context = prompt + lead + " ".join(harmful.split(" ")[:k])
+        target = _target(renderer, " ", safe_response, suffix, "safe_response", source, line)
+        samples.append(Sample(context, target, False, pick(_prefix_label(config)), KIND_HARMFUL_PREFIX))
+    if config.vanilla_safety:
+        samples.append(Sample(prompt, refusal, False, pick(SAFE), KIND_REFUSAL))
+    return samples
+
+
+def _prefix_label(config: DataConfig) -> int:
+    return config.ignore_index if config.prefix_label is None else CLS_LABELS[config.prefix_label]
+
+
+def harmful_prefix_words(harmful_response: str, harmful_index: int, seed: int) -> int | None:
+    """k, the number of harmful words kept as context; None when the response has fewer than 3 words."""
+    n = len(harmful_response.split(" "))
+    if n < 3:
+        return None
+    if harmful_index % 3 == 0:
+        return 0
+    return int(np.random.default_rng([seed, harmful_index]).integers(1, n - 1))  # [1, n - 2]
+
+
+def _chat_sample(obj: dict, source: str, line: int, renderer: ChatRenderer, label: int | None) -> Sample:
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(source, line, "messages", f"expected a non-empty list of messages, got {messages!r:.80}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(source, line, f"messages[{i}]", f"expected an object, got {message!r:.80}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise DataError(source, line, f"messages[{i}].{key}", "missing field")
+            if not isinstance(message[key], str):
+                raise DataError(source, line, f"messages[{i}].{key}",
+                                f"expected a string, got {type(message[key]).__name__} {message[key]!r:.80}")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError(source, line, "messages", "no assistant turn to train on")
+    rto = obj.get("rto", False)
+    if not isinstance(rto, bool):
+        raise DataError(source, line, "rto", f"expected true or false, got {rto!r:.80}")
+    try:
+        prompt, lead, suffix = renderer.split([dict(role=m["role"], content=m["content"]) for m in messages[:last]])
+    except TemplateError as e:
+        raise DataError(source, line, "messages", f"the chat template rejects them: {e}") from None
+    target = _target(renderer, lead, messages[last]["content"], suffix, f"messages[{last}].content", source, line)
+    default = UNSAFE if rto else SAFE
+    return Sample(prompt, target, rto, default if label is None else label, KIND_RTO if rto else KIND_MLE)
