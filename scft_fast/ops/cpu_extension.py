@@ -3,10 +3,11 @@
 Same contract as ``torch_epilogue`` (see torch_epilogue.py); one OpenMP-parallel, vectorized pass per row.
 
 Where the compiled module comes from, first hit wins, once per process:
-1. ``scft_fast._C``, built by ``SCFT_BUILD_OPS=1 pip install ...`` (setup.py),
+1. ``scft_fast._C``, built by ``SCFT_BUILD_OPS=1 pip install ...`` (setup.py), if built from this source,
 2. a just-in-time build with torch.utils.cpp_extension (ninja) into
    ``$SCFT_FAST_CACHE/cpu_extension/<key>`` (default ``~/.cache/scft_fast``), the key hashing the source, the
-   flags, torch, Python and the machine: the first use in a fresh cache compiles (about 30 s), later ones load,
+   flags, torch, Python and the machine: the first use in a fresh cache compiles (about 30 s on 2 cores),
+   later ones only load,
 3. nothing: ``load_cpu_extension()`` returns None after one warning, and callers use the torch backend.
 """
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "safety_epilogue.cpp"
 # No -march: the hot loops are multiversioned in the source (target_clones), so one build runs on any x86-64.
 # -fopenmp: at::parallel_for is a header-only "#pragma omp parallel"; without it the loop runs on one thread.
-CXX_FLAGS = ["-O3", "-fopenmp"]
-LINK_FLAGS = ["-fopenmp"]
+# -Wno-psabi: the vector-returning helpers are always inlined, so GCC's ABI note about them does not apply.
+CXX_FLAGS = ("-O3", "-fopenmp", "-Wno-psabi")
+LINK_FLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
 _loaded = False
@@ -44,6 +46,18 @@ def build_key() -> str:
     for part in (*CXX_FLAGS, *LINK_FLAGS, torch.__version__, sys.version, platform.machine()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
+
+
+def compile_flags() -> list[str]:
+    """CXX_FLAGS plus the build key the module reports; setup.py builds scft_fast._C with these too."""
+    return [*CXX_FLAGS, f"-DSCFT_BUILD_KEY={build_key()}"]
+
+
+def _import_prebuilt() -> ModuleType:
+    module = importlib.import_module("scft_fast._C")
+    if SOURCE.is_file() and getattr(module, "build_key", None) != build_key():
+        raise ImportError(f"scft_fast._C was not built from the current {SOURCE}")
+    return module
 
 
 def _build_just_in_time() -> ModuleType:
@@ -62,8 +76,8 @@ def _build_just_in_time() -> ModuleType:
     return cpp_extension.load(
         name=f"scft_fast_cpu_{key}",
         sources=[str(SOURCE)],
-        extra_cflags=CXX_FLAGS,
-        extra_ldflags=LINK_FLAGS,
+        extra_cflags=compile_flags(),
+        extra_ldflags=list(LINK_FLAGS),  # a copy: load() appends to the list it is given
         build_directory=str(build_dir),
         verbose=False,
     )
@@ -76,7 +90,7 @@ def load_cpu_extension() -> ModuleType | None:
         if _loaded:
             return _module
         try:
-            _module = importlib.import_module("scft_fast._C")
+            _module = _import_prebuilt()
         except ImportError:
             try:
                 _module = _build_just_in_time()
