@@ -150,3 +150,24 @@ def test_reference_agrees_with_hf_style_cross_entropy():
     expected = torch.nn.functional.cross_entropy(logits, inputs["labels"], ignore_index=IGNORE)
     ref = safety_loss_ref(inputs["hidden"], inputs["lm_weight"], inputs["labels"])
     torch.testing.assert_close(ref["loss"], expected)
+
+
+def test_a_second_backward_through_the_same_forward_is_refused():
+    inputs = make_inputs(32, 12, 16, 100)
+    h = inputs["hidden"].clone().requires_grad_()
+    out = safety_loss(**dict(inputs, hidden=h), backend="torch")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss.backward()
+
+
+def test_autocast_runs_in_the_autocast_dtype_with_float32_master_gradients():
+    inputs = make_inputs(33, 24, 32, 1000, bias=True)
+    h = inputs["hidden"].clone().requires_grad_()
+    w = inputs["lm_weight"].clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = safety_loss(**dict(inputs, hidden=h, lm_weight=w), backend="torch")
+    out.loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    as_bf16 = {k: t.to(torch.bfloat16) if t.is_floating_point() else t for k, t in inputs.items()}
+    torch.testing.assert_close(out.loss, safety_loss(**as_bf16, backend="torch").loss)

@@ -184,6 +184,16 @@ def _safety_loss_op(
     """Returns (loss (), stats (6,) [lm_sum, tr_sum, cls_sum, n_lm, n_tr, n_cls], cls_logits (S, C),
     grad_hidden (N, H), grad_lm_weight (V, H), grad_lm_bias (V,), grad_cls_weight (C, H),
     grad_cls_bias (C,)); a gradient not asked for by grad_mask is an empty (0,) tensor."""
+    # The inputs already carry the dtype to compute in (see _autocast_inputs): no inner op may recast.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias,
+                                 cls_index, cls_labels, num_items, lm_coef, transition_coef, cls_coef,
+                                 ignore_index, softcap, backend, chunk_size, validate, grad_mask)
+
+
+def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias, cls_index,
+                      cls_labels, num_items, lm_coef, transition_coef, cls_coef, ignore_index, softcap, backend,
+                      chunk_size, validate, grad_mask):
     device = hidden.device
     rows_total, vocab = hidden.shape[0], lm_weight.shape[0]
     impl = resolve_backend(backend, device)
@@ -284,16 +294,28 @@ def _(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bia
 
 def _setup_context(ctx, inputs, output):
     ctx.grad_mask = inputs[-1]
-    ctx.has_bias = (inputs[3] is not None, inputs[6] is not None)
+    ctx.backward_done = False
     ctx.save_for_backward(*output[3:])
 
 
 def _backward(ctx, grad_loss, *unused):
+    # The gradients were computed in forward; scaling them in place by the upstream gradient keeps the
+    # peak at one copy of grad_W (as Liger does), at the price of a single backward per forward.
+    if ctx.backward_done:
+        raise RuntimeError("safety_loss: backward ran twice through the same forward (retain_graph=True); "
+                           "its gradients are precomputed in forward and scaled in place, so call the op again")
+    ctx.backward_done = True
     grad_h, grad_w, grad_b, grad_cw, grad_cb = ctx.saved_tensors
     need_h, need_w, need_b, need_cw, need_cb = ctx.grad_mask
 
+    # Traced backward graphs (torch.compile, AOT autograd: tensor subclasses) may not mutate saved outputs.
+    in_place = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
+
     def scaled(grad, needed):
-        return grad * grad_loss.to(grad.dtype) if needed else None
+        if not needed:
+            return None
+        factor = grad_loss.to(grad.dtype)
+        return grad.mul_(factor) if in_place else grad * factor
 
     return (scaled(grad_h, need_h), scaled(grad_w, need_w), None, scaled(grad_b, need_b), None,
             scaled(grad_cw, need_cw), scaled(grad_cb, need_cb), None, None, None,
@@ -301,6 +323,16 @@ def _backward(ctx, grad_loss, *unused):
 
 
 _safety_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_inputs(*tensors):
+    """Under autocast the op runs in the autocast dtype, as the LM head's matmul would (Liger does the
+    same); the casts are differentiable, so float32 master weights still receive float32 gradients."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 def safety_loss(
@@ -332,6 +364,8 @@ def safety_loss(
     Rows with neither an LM nor a transition target skip the vocabulary entirely. ``validate=False``
     skips the label range checks (their reductions ride on the op's single host sync anyway).
     """
+    hidden, lm_weight, lm_bias, cls_weight, cls_bias = _autocast_inputs(hidden, lm_weight, lm_bias, cls_weight,
+                                                                         cls_bias)
     (hidden2d, weight, labels1d, lm_bias, tr1d, cls_weight, cls_bias, cls_index, cls_labels,
      num_items) = _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight,
                                         cls_bias, cls_index, cls_labels, num_items, softcap, backend, chunk_size)
