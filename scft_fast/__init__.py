@@ -6,4 +6,21 @@ one pass over the vocabulary without materializing the logits.
 from .ops import IGNORE_INDEX, SafetyLossOutput, last_token_index, safety_loss
 
 __version__ = "0.1.0"
-__all__ = ["IGNORE_INDEX", "SafetyLossOutput", "last_token_index", "safety_loss"]
+__all__ = ["IGNORE_INDEX", "SafetyLossOutput", "last_token_index", "safety_loss", "SCFTConfig", "SCFTForCausalLM",
+           "generate_safe", "SafeGeneration"]
+
+# Imported on first use: `import scft_fast` stays free of transformers and DeepSpeed.
+_LAZY = {
+    "SCFTConfig": "scft_fast.model",
+    "SCFTForCausalLM": "scft_fast.model",
+    "generate_safe": "scft_fast.generation",
+    "SafeGeneration": "scft_fast.generation",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'scft_fast' has no attribute {name!r}")

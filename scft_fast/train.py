@@ -1,0 +1,138 @@
+"""`scft-fast train` / `python -m scft_fast.train`: argument parsing only; the work is scft_fast.training.train.
+
+One process:       scft-fast train --max-steps 200
+Several ranks:     torchrun --nproc_per_node 8 -m scft_fast.train --deepspeed training/zero3.json ...
+                   deepspeed --num_gpus 8 --module scft_fast.train --deepspeed training/zero3.json ...
+"""
+from __future__ import annotations
+
+import argparse
+
+from .training.config import LOSS_MODES, TINY_PRESET, DataSpec, LossSpec, ModelSpec, OptimSpec, TrainConfig
+
+_D, _O, _T = DataSpec(), OptimSpec(), TrainConfig()
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="scft-fast train", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=TINY_PRESET,
+                   help=f"local HF causal LM or SCFT checkpoint directory, or a preset (default: {TINY_PRESET!r}, a "
+                        "small random-initialized Llama over the embedded tokenizer; 'tiny-tied' ties its embeddings)")
+    p.add_argument("--data", nargs="+", metavar="FILE", default=None,
+                   help="training JSONL files (DeRTa, triple or chat format; default: the embedded dataset)")
+    p.add_argument("--eval-data", nargs="+", metavar="FILE", default=None,
+                   help="held-out JSONL files for the summary (default: the embedded eval split when --data is not "
+                        "given, else none)")
+    p.add_argument("--output-dir", default=_T.output_dir, help="metrics, checkpoints, plot and final model "
+                                                               f"(default: {_T.output_dir})")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"optimizer steps (default: {_T.max_steps} unless --epochs is given); 0: run --epochs")
+    p.add_argument("--epochs", type=int, default=None, help="epochs to run when --max-steps is not given (default: "
+                                                            f"{_T.epochs})")
+    p.add_argument("--deepspeed", metavar="CONFIG", default=None,
+                   help="DeepSpeed JSON config (training/zero1.json, zero2, zero3, zero3_offload, zero3_bf16); "
+                        "\"auto\" fields are filled from these flags. Needed for more than one rank")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute (autocast on one process, DeepSpeed's "
+                                                        "bf16 mode under --deepspeed)")
+    p.add_argument("--lr", type=float, default=_O.lr, help=f"peak learning rate of AdamW (default: {_O.lr})")
+    p.add_argument("--weight-decay", type=float, default=_O.weight_decay, help="AdamW weight decay (default: 0)")
+    p.add_argument("--warmup-steps", type=int, default=_O.warmup_steps, help=f"linear warmup (default: "
+                                                                             f"{_O.warmup_steps})")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default=_O.schedule,
+                   help="LR schedule after warmup (default: cosine down to 10%%)")
+    p.add_argument("--grad-clip", type=float, default=_O.grad_clip, help=f"max gradient norm, 0: off (default: "
+                                                                         f"{_O.grad_clip})")
+    p.add_argument("--micro-batch-size", type=int, default=_D.micro_batch_size,
+                   help=f"sequences per micro-batch and rank (default: {_D.micro_batch_size}); with --packing the "
+                        "token budget is this times the longest sample unless --max-tokens is given")
+    p.add_argument("--grad-accum", type=int, default=_T.grad_accum, help="micro-batches per optimizer step and "
+                                                                         "rank (default: 1)")
+    p.add_argument("--max-length", type=int, default=_D.max_length, help=f"longest sample in tokens; longer ones "
+                                                                          f"lose prompt tokens first (default: "
+                                                                          f"{_D.max_length})")
+    p.add_argument("--packing", action="store_true", help="pack several sequences per row (block-diagonal "
+                                                          "attention, no padding)")
+    p.add_argument("--max-tokens", type=int, default=None, help="token budget of a packed micro-batch")
+    p.add_argument("--loss", choices=LOSS_MODES, default="full",
+                   help="full: LM + RTO + safety head (fused) | fused-lm: the fused LM loss alone | hf: the "
+                        "model's own loss over materialized logits (default: full)")
+    p.add_argument("--lm-coef", type=float, default=1.0, help="weight of the LM term (default: 1)")
+    p.add_argument("--transition-coef", type=float, default=1.0, help="weight of DeRTa's RTO term (default: 1)")
+    p.add_argument("--cls-coef", type=float, default=1.0, help="weight of SCFT's classification term (default: 1)")
+    p.add_argument("--rto-keep", type=float, default=_D.rto_keep,
+                   help="fraction of RTO positions kept per sample (DeRTa's full-parameter recipe: 0.05; default: 1)")
+    p.add_argument("--pool", choices=("eos", "pre_eos"), default="eos",
+                   help="the classifier's token: eos (SCFT) or the one before it (free at inference; default: eos)")
+    p.add_argument("--refusal-string", default=_D.refusal_string, help="its first token is the RTO target "
+                                                                       f"(default: {_D.refusal_string!r})")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the base model's linear layers, the head "
+                                                            "fully trained (default: 0, full fine-tuning)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--backend", choices=("auto", "triton", "torch", "cpu"), default="auto",
+                   help="safety_loss backend (default: auto)")
+    p.add_argument("--seed", type=int, default=_T.seed, help="model init, data order and RTO sampling (default: 0)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--save-every", type=int, default=_T.save_every, help=f"checkpoint every N steps, 0: never "
+                                                                         f"(default: {_T.save_every})")
+    p.add_argument("--keep-checkpoints", type=int, default=_T.keep_checkpoints,
+                   help=f"checkpoints kept (default: {_T.keep_checkpoints})")
+    p.add_argument("--eval-samples", type=int, default=_D.eval_samples,
+                   help=f"held-out samples scored before and after training, 0: no evaluation (default: "
+                        f"{_D.eval_samples})")
+    p.add_argument("--num-proc", type=int, default=1, help="processes for tokenization (default: 1)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    max_steps = args.max_steps
+    if max_steps is None:
+        max_steps = None if args.epochs else _T.max_steps
+    return TrainConfig(
+        model=ModelSpec(name_or_path=args.model, pool=args.pool, lora_rank=args.lora_rank,
+                        gradient_checkpointing=args.gradient_checkpointing),
+        loss=LossSpec(mode=args.loss, lm_coef=args.lm_coef, transition_coef=args.transition_coef,
+                      cls_coef=args.cls_coef, backend=args.backend),
+        data=DataSpec(files=args.data, eval_files=args.eval_data, max_length=args.max_length, packing=args.packing,
+                      max_tokens=args.max_tokens, micro_batch_size=args.micro_batch_size, rto_keep=args.rto_keep,
+                      refusal_string=args.refusal_string, eval_samples=args.eval_samples, num_proc=args.num_proc),
+        optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                        schedule=args.schedule, grad_clip=args.grad_clip),
+        output_dir=args.output_dir, max_steps=max_steps if max_steps and max_steps > 0 else None, epochs=args.epochs or _T.epochs,
+        grad_accum=args.grad_accum, deepspeed=args.deepspeed, bf16=args.bf16, seed=args.seed, resume=args.resume,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
+        summary=args.eval_samples > 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .training import train
+
+    summary = train(config_from_args(args))
+    if summary is not None:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [f"trained {s['steps']} steps ({s['loss_mode']} loss, {s['world_size']} rank(s)); model: {s['model_dir']}"]
+    first, last = s["losses_first_10pct"], s["losses_last_10pct"]
+    for key in first:
+        lines.append(f"  {key:16s} {fmt(first[key])} -> {fmt(last[key])}  (mean of the first / last 10% of steps)")
+    before, after = s.get("eval_before"), s.get("eval_after")
+    if before and after:
+        for key, name in (("head_accuracy", "held-out head accuracy"), ("head_auroc", "held-out head AUROC"),
+                          ("refusal_prob_rto", "P(refusal token) on RTO positions")):
+            lines.append(f"  {name:36s} {fmt(before[key])} -> {fmt(after[key])}")
+    lines.append(f"  tokens/s {s['tokens_per_s']:.0f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

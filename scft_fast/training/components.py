@@ -1,0 +1,135 @@
+"""The pieces the loop composes: tokenizer + model, datasets, and the global order of micro-batches."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ..data import (DataConfig, PackedBatchSampler, PackedCollator, PaddedCollator, build_dataset,
+                    default_data_files, load_default_tokenizer, refusal_token_id)
+from ..model import SCFT_CONFIG_KEY, SCFTConfig, SCFTForCausalLM
+from .config import TrainConfig
+from .presets import PRESETS, build_preset
+
+
+def build_model(config: TrainConfig):
+    """(SCFTForCausalLM, tokenizer, refusal token id) for a preset name or a local HF / SCFT checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec, loss = config.model, config.loss
+    if spec.name_or_path in PRESETS:
+        tokenizer = load_default_tokenizer()
+        causal_lm, saved = build_preset(spec.name_or_path, tokenizer), None
+    elif os.path.isdir(spec.name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(spec.name_or_path)
+        saved = getattr(AutoConfig.from_pretrained(spec.name_or_path), SCFT_CONFIG_KEY, None)
+        causal_lm = None if saved else AutoModelForCausalLM.from_pretrained(spec.name_or_path)
+    else:
+        raise ValueError(f"--model {spec.name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor a local "
+                         f"directory holding a Hugging Face causal LM")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # pooling never reads pad ids, so EOS padding is safe
+    refusal = refusal_token_id(tokenizer, config.data.refusal_string)
+    scft = SCFTConfig(refusal_token_id=refusal, pool=spec.pool, lm_coef=loss.lm_coef,
+                      transition_coef=loss.transition_coef, cls_coef=loss.cls_coef, backend=loss.backend)
+    if saved:
+        model = SCFTForCausalLM.from_pretrained(spec.name_or_path, config=scft)
+    else:
+        if spec.lora_rank > 0:
+            import peft
+
+            causal_lm = peft.get_peft_model(causal_lm, peft.LoraConfig(
+                r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules="all-linear", lora_dropout=0.0))
+        model = SCFTForCausalLM.from_causal_lm(causal_lm, scft)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer, refusal
+
+
+def build_data(config: TrainConfig, tokenizer):
+    """(train dataset, eval dataset or None, train DataStats). The eval set keeps every RTO position."""
+    spec = config.data
+    data_config = DataConfig(refusal_string=spec.refusal_string, rto_keep=spec.rto_keep, pool=config.model.pool,
+                             max_length=spec.max_length, seed=config.seed, num_proc=spec.num_proc)
+    train_files = spec.files or default_data_files("train")
+    eval_files = spec.eval_files or (default_data_files("eval") if spec.files is None else None)
+    train_set, stats = build_dataset(train_files, tokenizer, data_config)
+    eval_set = None
+    if eval_files and spec.eval_samples > 0:
+        eval_set, _ = build_dataset(eval_files, tokenizer, replace(data_config, rto_keep=1.0))
+        eval_set = eval_set.select(range(min(spec.eval_samples, len(eval_set))))
+    return train_set, eval_set, stats
+
+
+class BatchPlan:
+    """The global order of micro-batches, a pure function of (seed, epoch): resuming at step s needs no sampler
+    state. Step s takes micro-batches [s * gas * world, (s + 1) * gas * world) of the run's stream; rank r the
+    slice [r * gas, (r + 1) * gas) of those. A single process with gas * world accumulation steps therefore sees
+    exactly the batches of a world-rank run."""
+
+    def __init__(self, dataset, config: TrainConfig, pad_token_id: int, world_size: int):
+        spec = config.data
+        self.dataset, self.seed = dataset, config.seed
+        self.lengths = np.asarray(dataset["length"], dtype=np.int64)
+        self.micro_per_step = config.grad_accum * world_size
+        self.gas = config.grad_accum
+        self.micro_batch_size = spec.micro_batch_size
+        self.packing = spec.packing
+        if spec.packing:
+            self.max_tokens = spec.max_tokens or spec.micro_batch_size * int(self.lengths.max())
+            self.collate = PackedCollator(self.max_tokens)
+        else:
+            self.collate = PaddedCollator(pad_token_id)
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            if self.packing:
+                sampler = PackedBatchSampler(self.lengths, self.max_tokens, shuffle=True, seed=self.seed)
+                sampler.set_epoch(epoch)
+                batches = list(sampler)
+            else:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths)).tolist()
+                size = self.micro_batch_size
+                batches = [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
+            self._epochs = {epoch: batches}
+        return self._epochs[epoch]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return len(self.epoch_batches(epoch)) // self.micro_per_step
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of a global step."""
+        epoch = 0
+        while step >= self.steps_in_epoch(epoch):
+            if self.steps_in_epoch(epoch) == 0:
+                raise ValueError(f"an epoch has fewer micro-batches ({len(self.epoch_batches(epoch))}) than one "
+                                 f"step needs ({self.micro_per_step}): lower --micro-batch-size or --grad-accum")
+            step -= self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, step
+
+    def micro_batches(self, step: int, rank: int) -> list[dict]:
+        epoch, within = self.locate(step)
+        first = within * self.micro_per_step + rank * self.gas
+        return [self.fetch(indices) for indices in self.epoch_batches(epoch)[first:first + self.gas]]
+
+    def fetch(self, indices: list[int]) -> dict:
+        columns = self.dataset[indices]
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return self.collate(rows)
+
+
+def padded_batches(dataset, pad_token_id: int, micro_batch_size: int) -> list[dict]:
+    collate = PaddedCollator(pad_token_id)
+    batches = []
+    for start in range(0, len(dataset), micro_batch_size):
+        columns = dataset[start:start + micro_batch_size]
+        batches.append(collate([dict(zip(columns, values)) for values in zip(*columns.values())]))
+    return batches
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

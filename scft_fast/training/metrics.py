@@ -1,0 +1,111 @@
+"""Per-step metrics (JSONL), the loss-curve plot, and the held-out evaluation of the summary."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+LOSS_CURVES = ("loss", "lm_loss", "transition_loss", "cls_loss")
+
+
+class MetricsLog:
+    """metrics.jsonl, one object per optimizer step. On resume the lines after the checkpoint's step are dropped,
+    so the file always reads as one run."""
+
+    def __init__(self, path: str, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if resume_step > 0 and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curves(metrics_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, axes = plt.subplots(1, len(LOSS_CURVES), figsize=(4 * len(LOSS_CURVES), 3.2))
+    for ax, key in zip(axes, LOSS_CURVES):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0")
+            window = max(1, len(values) // 20)
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, color="C0")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN with a single class."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    positives, negatives = labels.sum(), (~labels).sum()
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+@torch.no_grad()
+def evaluate(engine, batches, ignore_index: int, unsafe: int = 1) -> dict:
+    """Held-out head accuracy and AUROC (P(unsafe) vs. the label), and the mean probability of the refusal token
+    at the RTO positions (where transition_labels, shifted, names it). Every rank runs every batch (ZeRO-3's
+    gathers are collective); the results are identical on all ranks."""
+    engine.train(False)
+    scores, labels, predictions, refusal_probs = [], [], [], []
+    for batch in batches:
+        out = engine.eval_forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                  position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"),
+                                  cls_index=batch["cls_index"])
+        cls_labels = batch["cls_labels"]
+        labeled = cls_labels != ignore_index
+        scores.append(out.cls_logits.float().softmax(-1)[labeled, unsafe].cpu())
+        predictions.append(out.cls_logits[labeled].argmax(-1).cpu())
+        labels.append(cls_labels[labeled].cpu())
+        targets = batch["transition_labels"][:, 1:]
+        rows = targets != ignore_index
+        if rows.any():
+            logits = out.logits[:, :-1][rows].float()
+            refusal_probs.append(logits.softmax(-1).gather(1, targets[rows][:, None])[:, 0].cpu())
+    engine.train(True)
+    scores, labels = torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    predictions = torch.cat(predictions).numpy()
+    return {
+        "head_accuracy": float((predictions == labels).mean()) if len(labels) else float("nan"),
+        "head_auroc": auroc(scores, labels == unsafe),
+        "head_samples": int(len(labels)),
+        "refusal_prob_rto": float(torch.cat(refusal_probs).mean()) if refusal_probs else float("nan"),
+        "rto_positions": int(sum(len(p) for p in refusal_probs)),
+    }

@@ -1,0 +1,143 @@
+"""`scft-fast train`: the CLI, every output file, exact resume, the loss modes the benchmark switches between."""
+import json
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("transformers")
+from scft_fast.cli import SUBCOMMANDS, main  # noqa: E402
+from scft_fast.data import default_data_files  # noqa: E402
+from scft_fast.training import DataSpec, LossSpec, TrainConfig, train  # noqa: E402
+from scft_fast.training.checkpoint import latest_checkpoint  # noqa: E402
+from scft_fast.training.metrics import auroc  # noqa: E402
+
+REQUIRED_FLAGS = ["--model", "--data", "--output-dir", "--max-steps", "--epochs", "--deepspeed", "--bf16", "--lr",
+                  "--micro-batch-size", "--grad-accum", "--max-length", "--packing", "--lm-coef",
+                  "--transition-coef", "--cls-coef", "--rto-keep", "--pool", "--seed", "--resume"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(default_data_files("train")[0]) as f:
+        path.write_text("".join(next(f) for _ in range(48)))
+    return str(path)
+
+
+def read_metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in REQUIRED_FLAGS:
+        assert flag in text, flag
+    assert main(["no-such-command"]) == 2
+    assert "train" in SUBCOMMANDS
+
+
+def test_train_writes_everything_and_resumes_exactly(tmp_path, small_data):
+    run = str(tmp_path / "run")
+    args = ["train", "--data", small_data, "--eval-data", small_data, "--eval-samples", "8", "--output-dir", run,
+            "--max-steps", "6", "--save-every", "3", "--micro-batch-size", "4", "--grad-accum", "2", "--no-progress"]
+    assert main(args) == 0
+    for name in ("metrics.jsonl", "loss_curves.png", "summary.json", "train_config.json", "eval_before.json",
+                 "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
+        assert os.path.exists(os.path.join(run, name)), name
+    first = read_metrics(run)
+    assert [r["step"] for r in first] == list(range(1, 7))
+    for key in ("loss", "lm_loss", "transition_loss", "cls_loss", "tokens_per_s", "step_time_s", "head_accuracy"):
+        assert all(key in r for r in first) and any(r[key] is not None for r in first), key
+    with open(os.path.join(run, "summary.json")) as f:
+        summary = json.load(f)
+    for key in ("head_accuracy", "head_auroc", "refusal_prob_rto"):
+        assert summary["eval_before"][key] is not None and summary["eval_after"][key] is not None
+    assert summary["tokens_per_s"] > 0
+    assert latest_checkpoint(run).endswith("checkpoint-6")
+
+    # A crash after step 3: checkpoint-6 never finished (a .tmp directory is never loaded).
+    checkpoints = os.path.join(run, "checkpoints")
+    os.rename(os.path.join(checkpoints, "checkpoint-6"), os.path.join(checkpoints, "checkpoint-6.tmp"))
+    os.remove(os.path.join(checkpoints, "latest"))
+    assert latest_checkpoint(run).endswith("checkpoint-3")
+    shutil.rmtree(os.path.join(run, "model"))
+    assert main(args + ["--resume"]) == 0
+    resumed = read_metrics(run)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for before, after in zip(first[3:], resumed[3:]):
+        for key in ("loss", "lm_loss", "transition_loss", "cls_loss", "grad_norm", "lr"):
+            assert after[key] == before[key], (after["step"], key)
+
+    # The final directory is a model the CLI (and generate / eval) takes as --model.
+    assert main(["train", "--model", os.path.join(run, "model"), "--data", small_data, "--output-dir",
+                 str(tmp_path / "again"), "--max-steps", "1", "--micro-batch-size", "4", "--eval-samples", "0",
+                 "--no-progress"]) == 0
+
+
+def test_loss_modes_agree_on_the_lm_loss(tmp_path, small_data):
+    """The benchmark's three modes: the fused LM loss equals the model's own HF loss on the same first batch."""
+    first = {}
+    for mode in ("hf", "fused-lm", "full"):
+        config = TrainConfig(loss=LossSpec(mode=mode), data=DataSpec(files=[small_data], micro_batch_size=4,
+                                                                     eval_samples=0),
+                             output_dir=str(tmp_path / mode), max_steps=2, save_every=0, progress=False,
+                             summary=False)
+        train(config)
+        first[mode] = read_metrics(tmp_path / mode)[0]
+    assert first["fused-lm"]["loss"] == pytest.approx(first["hf"]["loss"], rel=1e-5)
+    assert first["full"]["lm_loss"] == pytest.approx(first["hf"]["lm_loss"], rel=1e-5)
+    assert first["fused-lm"]["transition_loss"] is None and first["full"]["transition_loss"] > 0
+
+
+def test_packed_training_runs(tmp_path, small_data):
+    config = TrainConfig(data=DataSpec(files=[small_data], packing=True, max_tokens=512, eval_samples=0),
+                         output_dir=str(tmp_path / "packed"), max_steps=2, save_every=0, progress=False,
+                         summary=False)
+    train(config)
+    rows = read_metrics(tmp_path / "packed")
+    assert len(rows) == 2 and rows[0]["tokens"] <= 512 and rows[0]["cls_loss"] > 0
+
+
+def test_epochs_without_max_steps(tmp_path, small_data):
+    config = TrainConfig(data=DataSpec(files=[small_data], micro_batch_size=16, eval_samples=0), max_steps=None,
+                         epochs=2, output_dir=str(tmp_path / "epochs"), save_every=0, progress=False, summary=False)
+    train(config)
+    rows = read_metrics(tmp_path / "epochs")
+    per_epoch = len(rows) // 2  # full micro-batches of 16 in one epoch of the small file's samples
+    assert per_epoch > 0 and [r["epoch"] for r in rows] == [0] * per_epoch + [1] * per_epoch
+    assert all(r["peak_memory_mb"] > 0 for r in rows)
+
+
+def test_auroc():
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+
+
+def test_deepspeed_config_fills_auto_and_refuses_contradictions(tmp_path):
+    from scft_fast.training.engine import deepspeed_config
+
+    config = TrainConfig(grad_accum=3, data=DataSpec(micro_batch_size=5))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    filled = deepspeed_config(os.path.join(repo, "training", "zero3_offload.json"), config, world_size=2)
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
+            filled["train_batch_size"], filled["gradient_clipping"]) == (5, 3, 30, 1.0)
+    assert filled["bf16"]["enabled"] is False and filled["zero_force_ds_cpu_optimizer"] is False
+    contradiction = tmp_path / "ds.json"
+    contradiction.write_text(json.dumps({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 1}}))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps = 8 disagrees"):
+        deepspeed_config(str(contradiction), config, world_size=1)
+
+
+@pytest.mark.parametrize("argv, max_steps, epochs", [([], 200, 1), (["--epochs", "3"], None, 3),
+                                                    (["--max-steps", "50"], 50, 1),
+                                                    (["--max-steps", "0", "--epochs", "2"], None, 2)])
+def test_steps_or_epochs(argv, max_steps, epochs):
+    from scft_fast.train import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(argv))
+    assert (config.max_steps, config.epochs) == (max_steps, epochs)
