@@ -142,25 +142,16 @@ class SafetyHead(nn.Module):
         if lm_head is None:
             return F.linear(hidden[cls_index], self.weight, self.bias).float()
         config = config or SCFTConfig()
-        lm_weight = lm_head.weight
         lm_bias = getattr(lm_head, "bias", None)
-        device_type = hidden.device.type
-        # Under autocast the loss runs in the autocast dtype, with autocast off inside: the op picks its own
-        # precisions (float32 accumulation) and must not see its matmuls recast behind its back.
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        hidden = hidden.to(dtype)
         head = {}
         if cls_labels is not None:  # without labels the head is skipped: plain (fused) instruction tuning
-            head = dict(cls_weight=self.weight.to(dtype), cls_bias=None if self.bias is None else self.bias.to(dtype),
-                        cls_index=cls_index, cls_labels=cls_labels)
-        with torch.autocast(device_type, enabled=False):
-            out = safety_loss(
-                hidden, lm_weight.to(dtype), labels,
-                lm_bias=None if lm_bias is None else lm_bias.to(dtype),
-                transition_labels=transition_labels, **head,
-                lm_coef=config.lm_coef, transition_coef=config.transition_coef, cls_coef=config.cls_coef,
-                num_items=num_items, ignore_index=config.ignore_index, softcap=softcap,
-                backend=config.backend, chunk_size=config.chunk_size)
+            head = dict(cls_weight=self.weight, cls_bias=self.bias, cls_index=cls_index, cls_labels=cls_labels)
+        # Under autocast the op itself runs in the autocast dtype (safety_loss casts its inputs).
+        out = safety_loss(
+            hidden, lm_head.weight, labels, lm_bias=lm_bias, transition_labels=transition_labels, **head,
+            lm_coef=config.lm_coef, transition_coef=config.transition_coef, cls_coef=config.cls_coef,
+            num_items=num_items, ignore_index=config.ignore_index, softcap=softcap,
+            backend=config.backend, chunk_size=config.chunk_size)
         # A dict, not the dataclass: ZeRO-3 finds the tensors its backward hooks attach to only inside tuples,
         # lists and dicts, and without those hooks the weights are not re-gathered for the backward.
         return vars(out)
