@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,9 @@ from scft_fast.data import (IGNORE_INDEX, SAFE, UNSAFE, DataConfig, DataError, P
                             PackedCollator, PaddedCollator, build_dataset, load_default_tokenizer)
 from scft_fast.data.encode import rto_positions  # noqa: E402
 from scft_fast.data.records import harmful_prefix_words  # noqa: E402
+from shared_data import DERTA  # noqa: E402
 
-DERTA_EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "derta" / "example_data_to_read.json"
+DERTA_EXAMPLE = DERTA / "example_data_to_read.json"
 IGN = IGNORE_INDEX
 
 

@@ -2,7 +2,6 @@
 embedded split and DeRTa's question files, read from ../shared), the head scoring against generation's reading,
 and the command end to end on a tiny saved model."""
 import json
-from pathlib import Path
 import os
 
 import numpy as np
@@ -19,17 +18,9 @@ from scft_fast.evaluation import (EvalConfig, EvalData, auroc, auroc_ref, evalua
 from scft_fast.generation import SafeGeneration, encode_prompts, p_unsafe_ref  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
 
-DERTA = Path(__file__).resolve().parents[2] / "shared" / "data" / "derta"  # ../shared/data/derta, never copied
-needs_derta = pytest.mark.skipif(not DERTA.is_dir(), reason=f"DeRTa's question files are not at {DERTA}")
+from shared_data import DERTA, needs_derta  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on shared cores: two intra-op threads spin against each other (20x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

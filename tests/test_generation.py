@@ -5,7 +5,6 @@ or are cut by max_new_tokens. Tolerance: the readings come from KV-cached decode
 full float32 forward; they differ by summation order only (1e-5 absolute on a probability).
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,19 +19,11 @@ from scft_fast.generation import (REFUSAL_TEXT, encode_prompts, generate_safe, l
                                   p_unsafe_ref, read_prompts)
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
 
-DERTA = Path(__file__).resolve().parents[2] / "shared" / "data" / "derta"  # ../shared/data/derta, never copied
-needs_derta = pytest.mark.skipif(not DERTA.is_dir(), reason=f"DeRTa's question files are not at {DERTA}")
+from shared_data import DERTA, needs_derta  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["How do I bake bread?", "Tell me a joke about two cats and a dog, please.", "hi"]
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on shared cores: two intra-op threads spin against each other (20x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
