@@ -171,3 +171,21 @@ def test_autocast_runs_in_the_autocast_dtype_with_float32_master_gradients():
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
     as_bf16 = {k: t.to(torch.bfloat16) if t.is_floating_point() else t for k, t in inputs.items()}
     torch.testing.assert_close(out.loss, safety_loss(**as_bf16, backend="torch").loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronizations exist only on CUDA")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_exactly_one_host_sync_per_call(backend):
+    inputs = make_inputs(34, 64, 32, 1000, bias=True, cls_bias=True, device="cuda")
+    inputs["hidden"].requires_grad_()
+    safety_loss(**inputs, backend=backend, num_items=40).loss.backward()  # warm-up: kernels compiled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as record:
+            out = safety_loss(**inputs, backend=backend, num_items=40)
+            out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in record if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

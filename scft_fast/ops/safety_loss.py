@@ -113,7 +113,7 @@ def _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels,
         elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
             if num_items < 0:
                 raise ValueError(f"num_items must be >= 0, got {num_items}")
-            num_items = torch.tensor(float(num_items), device=device)
+            num_items = torch.full((), float(num_items), dtype=torch.float32, device=device)  # a fill: no copy
         else:
             raise TypeError(f"num_items must be an int or a 0-dim tensor, got {type(num_items).__name__}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
