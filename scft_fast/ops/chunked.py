@@ -96,7 +96,14 @@ def chunked_safety_loss(
     grad_weight = grad_bias = None
     if num_rows == 0:
         return sums, grad_weight, grad_bias
-    chunk = chunk_size or default_chunk_size(num_rows, hidden_size, vocab, hidden.dtype, hidden.device)
+    if chunk_size:  # an explicit size is a maximum
+        num_chunks = -(-num_rows // chunk_size)
+    else:
+        # Every chunk reads all of W three times: the automatic size is a target, rounded to the nearest
+        # number of equal chunks (518 rows at 256 go as 259 + 259, not 256 + 256 + 6).
+        target = default_chunk_size(num_rows, hidden_size, vocab, hidden.dtype, hidden.device)
+        num_chunks = max(1, round(num_rows / target))
+    chunk = -(-num_rows // num_chunks)
     buffer = torch.empty(min(chunk, num_rows), vocab, dtype=hidden.dtype, device=hidden.device)
     weight_t = weight.T
     for start in range(0, num_rows, chunk):
