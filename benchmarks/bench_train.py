@@ -1,0 +1,438 @@
+"""Proof that safety costs nothing (issue 4): one model, one data order, one step count, trained three ways.
+
+    hf        plain instruction tuning, the model's own HF loss (the N x V logits materialized)
+    fused-lm  plain instruction tuning, scft_fast's fused loss with the safety terms off
+    full      SCFT head + DeRTa RTO transition loss + LM loss, scft_fast's fused loss
+    rto-rows  control: fused-lm with every RTO target relabeled as an LM target, i.e. full's LM-head rows
+
+Each run is `scft_fast.training.train` in a fresh subprocess (same seed, same model weights loaded from one
+directory, same micro-batches); runs are interleaved and repeated (ABCD BCDA CDAB ...) so that load on a shared
+machine hits every mode alike, and each figure is the median over repetitions of a run's median over its timed
+steps. Targets: full / fused-lm step time <= 1.01 (CUDA) or 1.03 (CPU); full faster than hf and with less memory.
+
+The model is a random-initialized Llama whose vocabulary (32k on CPU, 128k on CUDA) is large against its hidden
+size, as in real LLMs, so that the LM head is where the loss costs. The embedded tokenizer has ~2.4k tokens: its
+ids stay in range of the larger embedding, the remaining rows are simply never a target.
+
+    python benchmarks/bench_train.py              # CPU preset, 3 repetitions
+    python benchmarks/bench_train.py --quick      # smoke run, under a minute
+    python benchmarks/bench_train.py --preset cuda  # bf16, Llama-1B-like shape, V=128256
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+# "rto-rows" is a control, not one of issue 4's three ways: the fused LM loss over the rows full mode visits.
+# DeRTa's RTO targets sit on harmful-response tokens that have no LM target, so full mode sends more rows
+# through the LM head than plain tuning (2.3x on the embedded data); with RTO targets relabeled as LM
+# targets, full / rto-rows is the cost of the safety terms themselves at equal LM-head work.
+MODES = ("hf", "fused-lm", "full", "rto-rows")
+MODE_TITLES = {"hf": "plain IT, HF loss (logits materialized)", "fused-lm": "plain IT, scft_fast fused loss",
+               "full": "SCFT + DeRTa, scft_fast fused loss",
+               "rto-rows": "control: fused LM loss, RTO targets relabeled as LM targets (full's rows)"}
+# full / fused-lm step-time ceiling per device type (issue 4)
+FULL_OVER_FUSED_TARGET = {"cpu": 1.03, "cuda": 1.01}
+
+# Model and batch per preset; every field can be overridden by its flag. CPU: a step of ~1 s on 2 cores with
+# the LM head (V x H = 32000 x 256) ~85% of a token's matmul FLOPs (8.2M of 9.6M weights it multiplies); packed
+# rows, so every step has ~2k tokens. CUDA: Llama-3.2-1B's vocabulary and width, 4 layers; padded batches of
+# 64 sequences (~9k tokens), because a packed 16k-token row would go through SDPA with a dense 16k x 16k mask
+# (no flash-attn varlen here) and the quadratic attention would dilute what the loss costs.
+PRESETS = {
+    "cpu": dict(hidden=256, intermediate=688, layers=2, heads=4, kv_heads=2, vocab=32000, packing=True,
+                max_tokens=2048, micro_batch_size=16, steps=20, warmup=4, repeats=3, bf16=False),
+    "cuda": dict(hidden=2048, intermediate=8192, layers=4, heads=32, kv_heads=8, vocab=128256, packing=False,
+                 max_tokens=16384, micro_batch_size=64, steps=30, warmup=5, repeats=3, bf16=True),
+    "quick": dict(hidden=128, intermediate=344, layers=2, heads=4, kv_heads=2, vocab=8192, packing=True,
+                  max_tokens=256, micro_batch_size=16, steps=4, warmup=1, repeats=1, bf16=False),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=("cpu", "cuda"), default=None,
+                   help="shape and step defaults (default: cuda when torch sees a GPU, else cpu)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: H=128, V=8192, 256 tokens/step, 4 steps (1 dropped), one repetition, "
+                        "the three modes of issue 4")
+    p.add_argument("--hidden", type=int, help="hidden size (cpu 256, cuda 2048)")
+    p.add_argument("--intermediate", type=int, help="MLP width (cpu 688, cuda 8192)")
+    p.add_argument("--layers", type=int, help="decoder layers (cpu 2, cuda 4)")
+    p.add_argument("--heads", type=int, help="attention heads (cpu 4, cuda 32)")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (cpu 2, cuda 8)")
+    p.add_argument("--vocab", type=int, help="vocabulary size of the model, >= the tokenizer's (cpu 32000, "
+                                             "cuda 128256)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="one packed row of <= --max-tokens tokens per step (default: on for cpu), or with "
+                        "--no-packing --micro-batch-size padded sequences per step (default for cuda)")
+    p.add_argument("--max-tokens", type=int, help="tokens per packed micro-batch, one micro-batch per step "
+                                                  "(cpu 2048)")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per padded micro-batch, one per step "
+                                                        "(with --no-packing; cuda 64)")
+    p.add_argument("--rto-keep", type=float, default=1.0,
+                   help="fraction of RTO positions kept per harmful sample (DataSpec.rto_keep; default 1.0, the "
+                        "training default; DeRTa's full-parameter recipe uses 0.05)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (cpu 20, cuda 30)")
+    p.add_argument("--warmup", type=int, help="first steps of each run left out of the figures (cpu 4, cuda 5)")
+    p.add_argument("--repeats", type=int, help="runs per mode, interleaved and rotated (default 3; --quick 1)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for the cuda preset, off for cpu)")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "cpu"),
+                   help="safety_loss backend of the fused modes (default auto)")
+    p.add_argument("--modes", default=None,
+                   help=f"comma-separated subset of {','.join(MODES)} (default: all; --quick: all but the "
+                        f"rto-rows control)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each run (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="model init and data order seed (default 0)")
+    p.add_argument("--out", default=RESULTS, help="directory for train_<device>_<date>.json/.md "
+                                                  "(default benchmarks/results)")
+    p.add_argument("--no-save", action="store_true", help="print only, write no result files")
+    p.add_argument("--note", default="", help="free text recorded with the results (e.g. machine load)")
+    p.add_argument("--worker", nargs=3, metavar=("MODE", "MODEL_DIR", "RESULT_JSON"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is None:
+        import torch
+
+        preset = "quick" if args.quick else args.preset or ("cuda" if torch.cuda.is_available() else "cpu")
+        args.preset = preset
+        for key, value in PRESETS[preset].items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        if not args.warmup < args.steps:
+            p.error(f"--warmup ({args.warmup}) must leave timed steps out of --steps ({args.steps})")
+        modes = (args.modes or ",".join(MODES[:3] if args.quick else MODES)).split(",")
+        unknown = set(modes) - set(MODES)
+        if unknown:
+            p.error(f"--modes: unknown {sorted(unknown)}; expected a subset of {MODES}")
+        args.modes = [m for m in MODES if m in modes]
+    return args
+
+
+def build_model_dir(args, directory: str) -> dict:
+    """Saves the random-initialized Llama + the embedded tokenizer, so every run loads the same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scft_fast.data import load_default_tokenizer
+
+    tokenizer = load_default_tokenizer()
+    if args.vocab < len(tokenizer):
+        raise ValueError(f"--vocab {args.vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+                         attn_implementation="sdpa")
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    params = sum(p.numel() for p in model.parameters())
+    head = args.vocab * args.hidden
+    return {"params": params, "lm_head_params": head, "tokenizer_vocab": len(tokenizer)}
+
+
+def worker(mode: str, model_dir: str, result_path: str, args) -> None:
+    """One training run in this (fresh) process; writes its per-step metrics and peak memory as JSON."""
+    import torch
+
+    from scft_fast.training import train
+    from scft_fast.training.config import DataSpec, LossSpec, ModelSpec, OptimSpec, TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_mode = mode
+    if mode == "rto-rows":
+        _relabel_rto_targets_as_lm()
+        train_mode = "fused-lm"
+    rss_before = _proc_status_mb("VmRSS")
+    with tempfile.TemporaryDirectory(prefix=f"bench_train_{mode}_") as output_dir:
+        config = TrainConfig(
+            model=ModelSpec(name_or_path=model_dir),
+            loss=LossSpec(mode=train_mode, backend=args.backend),
+            data=DataSpec(packing=args.packing, max_tokens=args.max_tokens if args.packing else None,
+                          micro_batch_size=args.micro_batch_size, rto_keep=args.rto_keep, eval_samples=0),
+            optim=OptimSpec(warmup_steps=0, schedule="constant"),
+            output_dir=output_dir, max_steps=args.steps, bf16=args.bf16, seed=args.seed,
+            save_every=0, progress=False, summary=False)
+        train(config)
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    # The loop records peak memory after every step (CUDA: max_memory_allocated; CPU: ru_maxrss); the last
+    # step's is the training peak, read before the final save (which copies the weights) inflates the RSS.
+    with open(result_path, "w") as f:
+        json.dump({"mode": mode, "rows": rows, "rss_before_train_mb": rss_before,
+                   "threads": torch.get_num_threads(),
+                   "device": "cuda" if torch.cuda.is_available() else "cpu",
+                   "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name()}, f)
+
+
+def _relabel_rto_targets_as_lm() -> None:
+    """The control's batches: every transition target becomes an LM target (the two never share a row in
+    DeRTa data), so fused-lm visits exactly full mode's rows. The loop's BatchPlan is swapped in this process."""
+    import torch
+
+    from scft_fast.data import IGNORE_INDEX
+    from scft_fast.training import loop
+
+    class RtoAsLmPlan(loop.BatchPlan):
+        def micro_batches(self, step: int, rank: int) -> list[dict]:
+            batches = super().micro_batches(step, rank)
+            for b in batches:
+                b["labels"] = torch.where(b["labels"] != IGNORE_INDEX, b["labels"], b["transition_labels"])
+            return batches
+
+    loop.BatchPlan = RtoAsLmPlan
+
+
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run_once(mode: str, model_dir: str, args, argv: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = f.name
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", mode, model_dir, result_path]
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    with open(result_path) as f:
+        result = json.load(f)
+    os.unlink(result_path)
+    result["wall_s"] = time.perf_counter() - began
+    return result
+
+
+def summarize_run(result: dict, warmup: int) -> dict:
+    """A run's figures over its steps after the warm-up: medians, so a step hit by another job's burst on a
+    shared machine moves them little; the quartiles of the step time say how steady the run was."""
+    timed = result["rows"][warmup:]
+    times = sorted(r["step_time_s"] for r in timed)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_step_s": statistics.median(times), "step_iqr_s": quartiles[2] - quartiles[0],
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+            "peak_memory_mb": result["rows"][-1]["peak_memory_mb"],
+            "tokens_per_step": statistics.median(r["tokens"] for r in timed),
+            "loss_targets_per_step": statistics.median(r["lm_tokens"] + r["rto_tokens"] for r in timed),
+            "final_loss": result["rows"][-1]["loss"], "step_times_s": [r["step_time_s"] for r in result["rows"]]}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        worker(*args.worker, args)
+        return 0
+
+    import torch
+
+    # Runs inherit every flag but the preset-resolved ones are passed explicitly, so a worker needs no preset.
+    worker_argv = [f"--hidden={args.hidden}", f"--intermediate={args.intermediate}", f"--layers={args.layers}",
+                   f"--heads={args.heads}", f"--kv-heads={args.kv_heads}", f"--vocab={args.vocab}",
+                   f"--max-tokens={args.max_tokens}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+                   f"--micro-batch-size={args.micro_batch_size}", f"--backend={args.backend}",
+                   f"--seed={args.seed}", f"--rto-keep={args.rto_keep}", "--bf16" if args.bf16 else "--no-bf16",
+                   "--packing" if args.packing else "--no-packing"]
+    if args.threads:
+        worker_argv.append(f"--threads={args.threads}")
+
+    started = dt.datetime.now(dt.timezone.utc)
+    load_start, commit_start = _load_average(), _git_commit()
+    command = "python benchmarks/bench_train.py " + " ".join(shlex.quote(a) for a in argv)
+    runs: dict[str, list[dict]] = {m: [] for m in args.modes}
+    orders = [args.modes[r % len(args.modes):] + args.modes[:r % len(args.modes)] for r in range(args.repeats)]
+    letters = {m: "ABCD"[i] for i, m in enumerate(args.modes)}
+    with tempfile.TemporaryDirectory(prefix="bench_train_model_") as model_dir:
+        model_info = build_model_dir(args, model_dir)
+        print(f"model: Llama H={args.hidden}, I={args.intermediate}, L={args.layers}, heads={args.heads}/"
+              f"{args.kv_heads}, V={args.vocab} ({model_info['params'] / 1e6:.1f}M params, LM head "
+              f"{model_info['lm_head_params'] / 1e6:.1f}M); tokenizer {model_info['tokenizer_vocab']} tokens",
+              flush=True)
+        for rep in range(args.repeats):
+            order = orders[rep]
+            for mode in order:
+                load_before = _load_average()
+                result = run_once(mode, model_dir, args, worker_argv)
+                summary = summarize_run(result, args.warmup)
+                summary.update(rep=rep, wall_s=result["wall_s"], rss_before_train_mb=result["rss_before_train_mb"],
+                               load_before=load_before, load_after=_load_average())
+                runs[mode].append(summary)
+                device, device_name, threads = result["device"], result["device_name"], result["threads"]
+                print(f"  rep {rep} {mode:>8}: median step {summary['median_step_s'] * 1e3:8.1f} ms "
+                      f"(IQR {summary['step_iqr_s'] * 1e3:6.1f}), "
+                      f"{summary['tokens_per_s']:9.0f} tok/s, peak {summary['peak_memory_mb']:8.0f} MiB "
+                      f"(run {result['wall_s']:.0f} s, load {load_before} -> {summary['load_after']})", flush=True)
+    finished = dt.datetime.now(dt.timezone.utc)
+    context = dict(command=command, started=started, finished=finished, load_start=load_start,
+                   commit_start=commit_start,
+                   model_info=model_info, device=device, device_name=device_name, threads=threads,
+                   orders=orders, letters=letters)
+    report(args, runs, **context)
+    return 0
+
+
+def report(args, runs: dict[str, list[dict]], command, started, finished, load_start, commit_start, model_info,
+           device, device_name, threads, orders, letters) -> None:
+    """Prints the table and the PASS/MISS lines; writes them (and every run's step times) under --out."""
+    import torch
+
+    table = {}
+    for mode, rs in runs.items():
+        table[mode] = {key: statistics.median(r[key] for r in rs)
+                       for key in ("median_step_s", "tokens_per_s", "peak_memory_mb", "tokens_per_step",
+                                   "loss_targets_per_step")}
+        table[mode]["step_spread_s"] = (min(r["median_step_s"] for r in rs), max(r["median_step_s"] for r in rs))
+
+    def ratios(a: str, b: str) -> list[float]:
+        return [x["median_step_s"] / y["median_step_s"] for x, y in zip(runs[a], runs[b])]
+
+    def versus(a: str, b: str) -> str:
+        x, y = table[a]["median_step_s"], table[b]["median_step_s"]
+        return (f"{x / y:.3f}x ({x * 1e3:.1f} ms vs {y * 1e3:.1f} ms; per repetition "
+                f"{', '.join(f'{r:.3f}' for r in ratios(a, b))})")
+
+    per_rep_ratio, checks = {}, []
+    target = FULL_OVER_FUSED_TARGET[device]
+    if {"full", "fused-lm"} <= set(runs):
+        per_rep_ratio["full/fused-lm"] = ratios("full", "fused-lm")
+        ratio = table["full"]["median_step_s"] / table["fused-lm"]["median_step_s"]
+        checks.append((ratio <= target, f"full / fused-lm step time <= {target:.2f}: {versus('full', 'fused-lm')}"))
+    if {"full", "rto-rows"} <= set(runs):
+        per_rep_ratio["full/rto-rows"] = ratios("full", "rto-rows")
+        checks.append((None, f"full / rto-rows (the safety terms at equal LM-head rows): "
+                             f"{versus('full', 'rto-rows')}; LM+RTO targets per step: full "
+                             f"{table['full']['loss_targets_per_step']:.0f}, fused-lm "
+                             + (f"{table['fused-lm']['loss_targets_per_step']:.0f}" if "fused-lm" in table
+                                else "not run")))
+    if {"full", "fused-lm"} <= set(runs):
+        f, p = table["full"], table["fused-lm"]
+        checks.append((None, f"full / fused-lm peak memory: {f['peak_memory_mb'] / p['peak_memory_mb']:.3f}x "
+                             f"({f['peak_memory_mb']:.0f} MiB vs {p['peak_memory_mb']:.0f} MiB)"))
+    if {"full", "hf"} <= set(runs):
+        per_rep_ratio["full/hf"] = ratios("full", "hf")
+        f, h = table["full"], table["hf"]
+        ratio = f["median_step_s"] / h["median_step_s"]
+        checks.append((ratio < 1.0, f"full faster than hf: step time {versus('full', 'hf')}"))
+        mem = f["peak_memory_mb"] / h["peak_memory_mb"]
+        checks.append((mem < 1.0, f"full less memory than hf: {mem:.3f}x ({f['peak_memory_mb']:.0f} MiB vs "
+                                  f"{h['peak_memory_mb']:.0f} MiB)"))
+
+    dtype = "bfloat16 autocast over float32 weights" if args.bf16 else "float32"
+    memory_how = ("torch.cuda.max_memory_allocated after the last step (weights, AdamW state, activations)"
+                  if device == "cuda" else
+                  "peak RSS of the run's fresh process (ru_maxrss) after the last step: includes python, torch, "
+                  "transformers and the tokenized dataset, the same in every mode (RSS before train(): "
+                  + ", ".join(f"{m} {statistics.median(r['rss_before_train_mb'] for r in rs):.0f} MiB"
+                              for m, rs in runs.items()) + ")")
+    batch = (f"packed rows of <= {args.max_tokens} tokens, 1 micro-batch per step" if args.packing
+             else f"{args.micro_batch_size} padded sequences per step, 1 micro-batch per step")
+    commit_end = _git_commit()
+    commit = commit_start if commit_end == commit_start else f"{commit_start} at the start, {commit_end} at the end"
+    header = [
+        f"- date: {started:%Y-%m-%d %H:%M:%S} UTC to {finished:%H:%M:%S}; commit: {commit}; "
+        f"torch {torch.__version__}; transformers {__import__('transformers').__version__}; "
+        f"python {platform.python_version()}",
+        f"- command: `{command}`",
+        f"- device: {device} ({device_name}, torch threads {threads}); dtype: {dtype}",
+        f"- model: random-initialized Llama, H={args.hidden}, intermediate={args.intermediate}, "
+        f"layers={args.layers}, heads={args.heads} (kv {args.kv_heads}), V={args.vocab} "
+        f"({model_info['params'] / 1e6:.1f}M parameters, LM head {model_info['lm_head_params'] / 1e6:.1f}M, "
+        f"untied); the embedded tokenizer has {model_info['tokenizer_vocab']} tokens, so ids stay in range of "
+        f"the larger vocabulary",
+        f"- data: the embedded DeRTa-format set, rto_keep {args.rto_keep}, seed {args.seed}, {batch}; "
+        f"{statistics.median(table[m]['tokens_per_step'] for m in table):.0f} tokens per step (median)"
+        + (f", {table['full']['loss_targets_per_step']:.0f} LM+RTO targets in full mode"
+           if "full" in table else ""),
+        f"- steps: {args.steps} per run, the first {args.warmup} dropped (warm-up), the median of the other "
+        f"{args.steps - args.warmup}; tokens/s = the median over those steps of input tokens (the same in every "
+        f"mode) / step time; step time = the loop's own clock (batch fetch to optimizer step, incl. logging); "
+        f"AdamW, constant LR",
+        f"- repetitions: {args.repeats} per mode, each run a fresh subprocess, the order rotated each "
+        f"repetition ({' '.join(''.join(letters[m] for m in o) for o in orders)}); figures are medians over "
+        f"repetitions",
+        f"- memory: {memory_how}",
+        f"- load average (1, 5, 15 min): start {load_start}, end {_load_average()}",
+    ]
+    if args.note:
+        header.append(f"- note: {args.note}")
+    rows = ["| mode | what | median step ms (min-max over reps) | tokens/s | LM+RTO targets/step | peak MiB "
+            "| step vs full |", "|---|---|---:|---:|---:|---:|---:|"]
+    for mode, t in table.items():
+        rel = (t["median_step_s"] / table["full"]["median_step_s"]) if "full" in table else float("nan")
+        lo, hi = t["step_spread_s"]
+        rows.append(f"| {mode} ({letters[mode]}) | {MODE_TITLES[mode]} | {t['median_step_s'] * 1e3:,.1f} "
+                    f"({lo * 1e3:,.1f}-{hi * 1e3:,.1f}) | {t['tokens_per_s']:,.0f} | "
+                    f"{t['loss_targets_per_step']:,.0f} | {t['peak_memory_mb']:,.0f} | {rel:.3f}x |")
+    verdicts = [f"- {'PASS' if ok else 'MISS'}: {text}" if ok is not None else f"- info: {text}"
+                for ok, text in checks]
+    title = f"# Training benchmark: plain IT vs SCFT + DeRTa ({device}: {device_name})"
+    markdown = "\n".join([title, "", *header, "", *rows, "", "## Targets (issue 4)", "", *verdicts, ""])
+    print()
+    print(markdown)
+
+    if not args.no_save:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"train_{device}_{started:%Y%m%dT%H%MZ}")
+        with open(stem + ".md", "w") as f:
+            f.write(markdown)
+        with open(stem + ".json", "w") as f:
+            json.dump({"command": command, "header": header, "args": {k: v for k, v in vars(args).items()
+                                                                       if k != "worker"},
+                       "model": model_info, "device": device, "device_name": device_name, "threads": threads,
+                       "table": table, "per_rep_ratio": per_rep_ratio, "runs": runs,
+                       "checks": [{"pass": ok, "text": text} for ok, text in checks]}, f, indent=1)
+        print(f"wrote {stem}.md and {stem}.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
