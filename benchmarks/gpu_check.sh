@@ -56,7 +56,9 @@ if ! "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then
   echo "# pytest-timeout is not installed: running without pytest.ini's addopts" | tee -a "$log"
   pytest_args+=(-o addopts= -q)
 fi
-"$PY" -m pytest "${pytest_args[@]}" 2>&1 | tee -a "$log"
+# -P: the repository root must not go on sys.path, or its kernels/ folder would pose as the `kernels`
+# library that transformers looks for.
+"$PY" -P -m pytest "${pytest_args[@]}" 2>&1 | tee -a "$log"
 tests_rc=${PIPESTATUS[0]}
 
 "$PY" benchmarks/bench_op.py --device cuda --dtype bfloat16 --rows 8192 --hidden 4096 --vocab 128256 \
