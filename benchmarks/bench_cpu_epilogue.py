@@ -67,8 +67,8 @@ def main() -> None:
     print(f"device:  {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"chunk:   ({args.rows}, {args.vocab}) logits, median of {args.reps} repetitions\n")
-    print(f"| dtype    | softcap | torch (ms) | cpu (ms) | speedup | cpu ns/element |")
-    print(f"|----------|---------|-----------:|---------:|--------:|---------------:|")
+    print("| dtype    | softcap | torch (ms) | cpu (ms) | speedup | cpu ns/element |")
+    print("|----------|---------|-----------:|---------:|--------:|---------------:|")
     for dtype in (torch.float32, torch.bfloat16):
         for softcap in (None, 30.0):
             median = time_epilogues(args.rows, args.vocab, dtype, softcap, args.reps)

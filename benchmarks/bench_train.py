@@ -274,8 +274,6 @@ def main(argv=None) -> int:
         worker(*args.worker, args)
         return 0
 
-    import torch
-
     # Runs inherit every flag but the preset-resolved ones are passed explicitly, so a worker needs no preset.
     worker_argv = [f"--hidden={args.hidden}", f"--intermediate={args.intermediate}", f"--layers={args.layers}",
                    f"--heads={args.heads}", f"--kv-heads={args.kv_heads}", f"--vocab={args.vocab}",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -136,6 +136,7 @@ class SafetyHead(nn.Module):
         transition_labels: torch.Tensor | None = None,  # (N,) already shifted
         cls_labels: torch.Tensor | None = None,  # (S,); None: no classification term, no cls_logits
         num_items: torch.Tensor | int | None = None,
+        num_cls: torch.Tensor | int | None = None,  # labeled sequences over the accumulated batch
         softcap: float | None = None,
         config: SCFTConfig | None = None,  # coefficients, backend, ignore_index (default: SCFTConfig())
     ) -> dict | torch.Tensor:  # SafetyLossOutput's fields, or (S, C) float32 logits without lm_head
@@ -150,7 +151,7 @@ class SafetyHead(nn.Module):
         out = safety_loss(
             hidden, lm_head.weight, labels, lm_bias=lm_bias, transition_labels=transition_labels, **head,
             lm_coef=config.lm_coef, transition_coef=config.transition_coef, cls_coef=config.cls_coef,
-            num_items=num_items, ignore_index=config.ignore_index, softcap=softcap,
+            num_items=num_items, num_cls=num_cls, ignore_index=config.ignore_index, softcap=softcap,
             backend=config.backend, chunk_size=config.chunk_size)
         # A dict, not the dataclass: ZeRO-3 finds the tensors its backward hooks attach to only inside tuples,
         # lists and dicts, and without those hooks the weights are not re-gathered for the backward.
@@ -310,8 +311,7 @@ class SCFTForCausalLM(nn.Module):
     ) -> SCFTOutput:
         """With any of labels / transition_labels / cls_labels: the fused loss, no logits. ``num_items_in_batch``
         and ``num_cls_in_batch`` make the token and classification terms sums over this micro-batch divided by
-        batch-wide counts, so accumulated gradients equal the large batch's (the classification term's rescale
-        reads this micro-batch's labeled count: one host sync)."""
+        batch-wide counts, so accumulated gradients equal the large batch's."""
         reference = input_ids if input_ids is not None else kwargs["inputs_embeds"]
         batch, length = reference.shape[:2]
         ignore = self.scft_config.ignore_index
@@ -335,17 +335,13 @@ class SCFTForCausalLM(nn.Module):
         if labels is None:
             labels = torch.full((batch, length), ignore, dtype=torch.long, device=hidden.device)
         index = self.pooled_index(batch, length, attention_mask, position_ids, cu_seqlens, cls_index)
-        config = self.scft_config
-        if cls_labels is not None and num_cls_in_batch is not None:
-            labeled = int((cls_labels != ignore).sum())
-            config = replace(config, cls_coef=config.cls_coef * labeled / max(float(num_cls_in_batch), 1e-30))
         out = self.score(
             hidden.reshape(batch * length, -1), index, self.lm_head,
             labels=shift_labels(labels, position_ids, ignore).reshape(-1),
             transition_labels=None if transition_labels is None
             else shift_labels(transition_labels, position_ids, ignore).reshape(-1),
-            cls_labels=cls_labels, num_items=num_items_in_batch, softcap=self.softcap,
-            config=config)
+            cls_labels=cls_labels, num_items=num_items_in_batch, num_cls=num_cls_in_batch, softcap=self.softcap,
+            config=self.scft_config)
         return SCFTOutput(**out)
 
     def _hf_loss(self, input_ids, attention_mask, position_ids, labels, num_items_in_batch, **kwargs) -> SCFTOutput:

@@ -119,11 +119,13 @@ def test_upstream_gradient_is_applied(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_num_items_overrides_the_normalizer(backend):
+def test_num_items_and_num_cls_override_the_normalizers(backend):
     inputs = make_inputs(6, 30, 40, 1100, device=device_for(backend))
     for num_items in (17, torch.tensor(55)):
         out, grads, ref, ref_grads = run_both(inputs, backend, num_items=num_items)
         check(out, grads, ref, ref_grads)
+    for num_cls in (7, torch.tensor(2)):
+        check(*run_both(inputs, backend, num_items=33, num_cls=num_cls))
     out = safety_loss(**inputs, num_items=0, backend=backend)
     cls_only = safety_loss_ref(**{k: t.double() if t.is_floating_point() else t for k, t in inputs.items()})
     close(out.loss, cls_only["cls_loss"], 2e-5, 2e-5, "num_items=0 leaves only the cls term")

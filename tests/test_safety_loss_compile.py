@@ -10,7 +10,7 @@ def test_custom_op_passes_torch_library_checks():
     flat = dict(inputs)
     args = (flat["hidden"].requires_grad_(), flat["lm_weight"].requires_grad_(), flat["labels"], flat["lm_bias"],
             flat["transition_labels"], flat["cls_weight"], flat["cls_bias"], flat["cls_index"], flat["cls_labels"],
-            None, 1.0, 1.0, 0.5, -100, 10.0, "torch", 0, True, [True, True, False, False, False])
+            None, None, 1.0, 1.0, 0.5, -100, 10.0, "torch", 0, True, [True, True, False, False, False])
     torch.library.opcheck(torch.ops.scft_fast.safety_loss.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 

@@ -127,6 +127,7 @@ def bad(**changes):
     (dict(cls_bias=torch.randn(2)), ValueError, r"cls_bias must have shape \(3,\)"),
     (dict(num_items=-1), ValueError, "num_items must be >= 0"),
     (dict(num_items="12"), TypeError, "num_items must be an int or a 0-dim tensor"),
+    (dict(num_cls=torch.ones(2)), ValueError, r"num_cls must be an int or a 0-dim tensor, got shape \(2,\)"),
     (dict(softcap=0.0), ValueError, "softcap must be None or a number > 0"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(chunk_size=0), ValueError, "chunk_size must be None or an int >= 1"),

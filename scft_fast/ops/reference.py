@@ -22,6 +22,7 @@ def safety_loss_ref(
     transition_coef: float = 1.0,
     cls_coef: float = 1.0,
     num_items: float | None = None,
+    num_cls: float | None = None,
     ignore_index: int = -100,
     softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -44,7 +45,7 @@ def safety_loss_ref(
     tr_sum, n_tr = term(transition_labels) if transition_labels is not None else (z.new_zeros(()), 0)
     denom = float(num_items) if num_items is not None else float(n_lm + n_tr)
     token_loss = (lm_coef * lm_sum + transition_coef * tr_sum) / denom if denom > 0 else z.new_zeros(())
-    cls_loss = z.new_zeros(())
+    cls_loss = cls_term = z.new_zeros(())
     cls_logits = None
     if cls_weight is not None:
         u = h[cls_index] @ cls_weight.double().T
@@ -53,9 +54,11 @@ def safety_loss_ref(
         cls_logits = u
         valid = cls_labels != ignore_index
         if valid.any():
-            cls_loss = torch.nn.functional.cross_entropy(u[valid], cls_labels[valid])
+            cls_sum = torch.nn.functional.cross_entropy(u[valid], cls_labels[valid], reduction="sum")
+            cls_loss = cls_sum / int(valid.sum())
+            cls_term = cls_sum / float(num_cls) if num_cls is not None else cls_loss
     return {
-        "loss": token_loss + cls_coef * cls_loss,
+        "loss": token_loss + cls_coef * cls_term,
         "lm_loss": lm_sum / max(n_lm, 1),
         "transition_loss": tr_sum / max(n_tr, 1),
         "cls_loss": cls_loss,

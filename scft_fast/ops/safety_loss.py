@@ -45,8 +45,23 @@ def _check_int(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
     return t.long()
 
 
+def _normalizer(name: str, value, device: torch.device) -> torch.Tensor | None:
+    """An int or a 0-dim tensor -> a float32 device scalar (an int becomes a fill: no host-to-device copy)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be an int or a 0-dim tensor, got shape {tuple(value.shape)}")
+        return value.reshape(()).to(device=device, dtype=torch.float32)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+        return torch.full((), float(value), dtype=torch.float32, device=device)
+    raise TypeError(f"{name} must be an int or a 0-dim tensor, got {type(value).__name__}")
+
+
 def _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias,
-                          cls_index, cls_labels, num_items, softcap, backend, chunk_size):
+                          cls_index, cls_labels, num_items, num_cls, softcap, backend, chunk_size):
     for name, t in (("hidden", hidden), ("lm_weight", lm_weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -105,17 +120,8 @@ def _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels,
             raise ValueError(f"cls_index must be 1-D (S,), got shape {tuple(cls_index.shape)}")
         same_kind("cls_index", cls_index, None)
         same_kind("cls_labels", cls_labels, cls_index.shape)
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            if num_items.numel() != 1:
-                raise ValueError(f"num_items must be an int or a 0-dim tensor, got shape {tuple(num_items.shape)}")
-            num_items = num_items.reshape(()).to(device=device, dtype=torch.float32)
-        elif isinstance(num_items, (int, float)) and not isinstance(num_items, bool):
-            if num_items < 0:
-                raise ValueError(f"num_items must be >= 0, got {num_items}")
-            num_items = torch.full((), float(num_items), dtype=torch.float32, device=device)  # a fill: no copy
-        else:
-            raise TypeError(f"num_items must be an int or a 0-dim tensor, got {type(num_items).__name__}")
+    num_items = _normalizer("num_items", num_items, device)
+    num_cls = _normalizer("num_cls", num_cls, device)
     if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
         raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
     if backend not in BACKENDS:
@@ -128,7 +134,7 @@ def _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels,
     if transition_labels is not None:
         transition_labels = transition_labels.reshape(-1).contiguous()
     return (hidden, lm_weight.contiguous(), labels, lm_bias, transition_labels,
-            None if cls_weight is None else cls_weight.contiguous(), cls_bias, cls_index, cls_labels, num_items)
+            None if cls_weight is None else cls_weight.contiguous(), cls_bias, cls_index, cls_labels, num_items, num_cls)
 
 
 def _range_errors(counts: Sequence[int], labels, transition_labels, cls_index, cls_labels, vocab, rows,
@@ -170,6 +176,7 @@ def _safety_loss_op(
     cls_index: Optional[torch.Tensor],  # (S,)
     cls_labels: Optional[torch.Tensor],  # (S,)
     num_items: Optional[torch.Tensor],  # () float32
+    num_cls: Optional[torch.Tensor],  # () float32
     lm_coef: float,
     transition_coef: float,
     cls_coef: float,
@@ -187,12 +194,12 @@ def _safety_loss_op(
     # The inputs already carry the dtype to compute in (see _autocast_inputs): no inner op may recast.
     with torch.autocast(hidden.device.type, enabled=False):
         return _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias,
-                                 cls_index, cls_labels, num_items, lm_coef, transition_coef, cls_coef,
+                                 cls_index, cls_labels, num_items, num_cls, lm_coef, transition_coef, cls_coef,
                                  ignore_index, softcap, backend, chunk_size, validate, grad_mask)
 
 
 def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias, cls_index,
-                      cls_labels, num_items, lm_coef, transition_coef, cls_coef, ignore_index, softcap, backend,
+                      cls_labels, num_items, num_cls, lm_coef, transition_coef, cls_coef, ignore_index, softcap, backend,
                       chunk_size, validate, grad_mask):
     device = hidden.device
     rows_total, vocab = hidden.shape[0], lm_weight.shape[0]
@@ -247,7 +254,8 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
     loss = token_loss
     if cls_weight is not None:
         n_cls = (cls_labels != ignore_index).sum()
-        cls_scale = (cls_coef / n_cls.clamp_min(1).float()).float()
+        cls_denom = n_cls.clamp_min(1).float() if num_cls is None else num_cls.clamp_min(1e-30)
+        cls_scale = (cls_coef / cls_denom).float()
         need_cls_grad = need_h or need_cw or need_cb
         ce, cls_logits, grad_pooled, grad_cw, grad_cb = impl.cls_head(
             hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index, need_cls_grad)
@@ -276,8 +284,8 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
 
 @_safety_loss_op.register_fake
 def _(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias, cls_index, cls_labels,
-      num_items, lm_coef, transition_coef, cls_coef, ignore_index, softcap, backend, chunk_size, validate,
-      grad_mask):
+      num_items, num_cls, lm_coef, transition_coef, cls_coef, ignore_index, softcap, backend, chunk_size,
+      validate, grad_mask):
     f32 = dict(dtype=torch.float32, device=hidden.device)
 
     def grad(needed, like):
@@ -318,7 +326,7 @@ def _backward(ctx, grad_loss, *unused):
         return grad.mul_(factor) if in_place else grad * factor
 
     return (scaled(grad_h, need_h), scaled(grad_w, need_w), None, scaled(grad_b, need_b), None,
-            scaled(grad_cw, need_cw), scaled(grad_cb, need_cb), None, None, None,
+            scaled(grad_cw, need_cw), scaled(grad_cb, need_cb), None, None, None, None,
             None, None, None, None, None, None, None, None, None)
 
 
@@ -355,6 +363,7 @@ def safety_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
     validate: bool = True,
+    num_cls: int | torch.Tensor | None = None,
 ) -> SafetyLossOutput:
     """LM + RTO transition + SCFT classification loss, never materializing the N x V logits.
 
@@ -363,17 +372,20 @@ def safety_loss(
     loss       = token_loss + cls_coef * cls_loss
     Rows with neither an LM nor a transition target skip the vocabulary entirely. ``validate=False``
     skips the label range checks (their reductions ride on the op's single host sync anyway).
+    ``num_cls`` overrides the classification term's normalizer (the labeled pooled rows) the way
+    ``num_items`` overrides the token term's, so that accumulated micro-batches equal one large batch.
     """
     hidden, lm_weight, lm_bias, cls_weight, cls_bias = _autocast_inputs(hidden, lm_weight, lm_bias, cls_weight,
                                                                          cls_bias)
     (hidden2d, weight, labels1d, lm_bias, tr1d, cls_weight, cls_bias, cls_index, cls_labels,
-     num_items) = _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight,
-                                        cls_bias, cls_index, cls_labels, num_items, softcap, backend, chunk_size)
+     num_items, num_cls) = _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels,
+                                                 cls_weight, cls_bias, cls_index, cls_labels, num_items, num_cls,
+                                                 softcap, backend, chunk_size)
     grad_on = torch.is_grad_enabled()
     grad_mask = [bool(grad_on and t is not None and t.requires_grad)
                  for t in (hidden, lm_weight, lm_bias, cls_weight, cls_bias)]
     loss, stats, cls_logits, *_ = _safety_loss_op(
-        hidden2d, weight, labels1d, lm_bias, tr1d, cls_weight, cls_bias, cls_index, cls_labels, num_items,
+        hidden2d, weight, labels1d, lm_bias, tr1d, cls_weight, cls_bias, cls_index, cls_labels, num_items, num_cls,
         float(lm_coef), float(transition_coef), float(cls_coef), int(ignore_index),
         None if softcap is None else float(softcap), backend, int(chunk_size or 0), bool(validate), grad_mask)
     stats = stats.detach()
