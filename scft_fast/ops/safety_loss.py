@@ -234,8 +234,7 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
     lm_scale = (lm_coef * inv).float()
     tr_scale = (transition_coef * inv).float()
 
-    need_h, need_w, need_b, need_cw, need_cb = grad_mask
-    need_b = need_b and lm_bias is not None
+    need_h, need_w, need_b, need_cw, need_cb = grad_mask  # False for an input that is None
     grad_hidden = None
     if need_h:
         # Visited rows are written by the chunk loop; skipped rows keep a zero gradient.
@@ -278,8 +277,7 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
         grad_hidden = torch.zeros_like(hidden)
     return (loss.float().reshape(()), stats, cls_logits.contiguous(), out(grad_hidden, need_h, hidden),
             out(grad_w, need_w, lm_weight), out(grad_b, need_b, lm_bias),
-            out(grad_cw, need_cw and cls_weight is not None, cls_weight),
-            out(grad_cb, need_cb and cls_bias is not None, cls_bias))
+            out(grad_cw, need_cw, cls_weight), out(grad_cb, need_cb, cls_bias))
 
 
 @_safety_loss_op.register_fake
