@@ -44,6 +44,7 @@ class SCFTTrainerMixin:
         self._train_stats: torch.Tensor | None = None  # (len(STEP_STATS),) since the last training log
         self._eval_stats: torch.Tensor | None = None
         self._eval_scores: list[torch.Tensor] = []  # (n, 2) [p_unsafe, label] of labeled evaluation sequences
+        self._zero3_registered = False
 
     # -- the SCFT model under the wrappers ------------------------------------------------------------------------
     def _scft_model(self):
@@ -59,6 +60,16 @@ class SCFTTrainerMixin:
         if config is None:
             return {}
         return dict(lm_coef=config.lm_coef, transition_coef=config.transition_coef, cls_coef=config.cls_coef)
+
+    def _register_zero3_external_parameters(self) -> None:
+        """Under ZeRO-3 the head's fused loss reads the LM head weight outside the LM head's own forward:
+        DeepSpeed must be told, once its partitions exist (after Trainer's deepspeed_init, before a forward)."""
+        if self._zero3_registered:
+            return
+        self._zero3_registered = True
+        model = self._scft_model()
+        if any(hasattr(p, "ds_id") for p in model.parameters()) and hasattr(model, "register_zero3_external_parameters"):
+            model.register_zero3_external_parameters()
 
     # -- columns --------------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
@@ -85,6 +96,7 @@ class SCFTTrainerMixin:
         return batch_samples, counts[0]
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        self._register_zero3_external_parameters()
         if num_items_in_batch is not None and self._num_cls_in_batch is not None:
             inputs = {**inputs, "num_cls_in_batch": self._num_cls_in_batch}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
@@ -109,6 +121,7 @@ class SCFTTrainerMixin:
         ``evaluation_loop`` reports. Returns no logits: the fused loss never builds them."""
         if all(inputs.get(k) is None for k in ("labels", "transition_labels", "cls_labels")):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        self._register_zero3_external_parameters()
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
