@@ -47,7 +47,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.1"],
         "train": ["transformers>=4.46", "datasets", "tokenizers", "jinja2", "safetensors", "deepspeed",
-                  "accelerate", "peft", "matplotlib"],
+                  "accelerate", "peft", "matplotlib", "tensorboard"],
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist"],
     },
     entry_points={"console_scripts": ["scft-fast=scft_fast.cli:main"]},

@@ -23,6 +23,7 @@ from .config import TrainConfig
 from .engine import DeepSpeedEngine, TorchEngine
 from .export import full_state_dict, save_scft_model
 from .metrics import MetricsLog, evaluate, plot_loss_curves
+from .reporting import Reporter
 
 _STATS = STEP_STATS + ("tokens",)
 
@@ -102,6 +103,7 @@ def train(config: TrainConfig) -> dict:
                     json.dump(before, f)
 
     log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), start, enabled=rank == 0)
+    reporter = Reporter(config.report_to, config.output_dir, total_steps, model=engine.module, enabled=rank == 0)
     progress = None
     if rank == 0 and config.progress:
         from tqdm.auto import tqdm
@@ -133,6 +135,7 @@ def train(config: TrainConfig) -> dict:
         record["peak_memory_mb"] = _peak_memory_mb(device)
         throughput.append(record["tokens_per_s"])
         log.write(record)
+        reporter.log(record)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", cls_acc=record["head_accuracy"])
@@ -140,6 +143,7 @@ def train(config: TrainConfig) -> dict:
             save_checkpoint(engine, config.output_dir, step + 1, config.keep_checkpoints, rank)
     if progress is not None:
         progress.close()
+    reporter.close()
 
     after = evaluate(engine, eval_batches, ignore) if eval_batches else None
     model_dir = os.path.join(config.output_dir, "model")
