@@ -15,7 +15,9 @@ it too: ``class SCFTSFTTrainer(SCFTTrainerMixin, trl.SFTTrainer)``.
 - Logs: ``lm_loss``, ``transition_loss``, ``cls_loss``, ``head_accuracy``, sums over the logging window and ranks.
 - Evaluation: ``eval_loss`` over the whole evaluation set taken as one batch (not a mean of batch means), the
   three terms, ``eval_head_accuracy`` and ``eval_head_auroc`` (``training/metrics.auroc``).
-- Saving: ``save_model`` writes what ``SCFTForCausalLM.from_pretrained`` loads (``training/export.py``).
+- Saving: ``save_model`` writes what ``SCFTForCausalLM.from_pretrained`` loads (``training/export.py``): the
+  full model, ZeRO-3 partitions gathered, LoRA merged under PEFT. A PEFT run's checkpoints stay Trainer's
+  adapter checkpoints (adapters + the head, which ``apply_scft_fast`` adds to ``modules_to_save``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .data.constants import UNSAFE
-from .model import _unwrap
+from .model import unwrap
 from .ops import IGNORE_INDEX
 from .training.accounting import STEP_STATS, output_stats, pooled_loss, stat_means, step_targets
 from .training.export import full_state_dict, save_scft_model
@@ -44,11 +46,10 @@ class SCFTTrainerMixin:
         self._train_stats: torch.Tensor | None = None  # (len(STEP_STATS),) since the last training log
         self._eval_stats: torch.Tensor | None = None
         self._eval_scores: list[torch.Tensor] = []  # (n, 2) [p_unsafe, label] of labeled evaluation sequences
-        self._zero3_registered = False
 
     # -- the SCFT model under the wrappers ------------------------------------------------------------------------
     def _scft_model(self):
-        return _unwrap(self.accelerator.unwrap_model(self.model))
+        return unwrap(self.accelerator.unwrap_model(self.model))
 
     @property
     def scft_ignore_index(self) -> int:
@@ -60,16 +61,6 @@ class SCFTTrainerMixin:
         if config is None:
             return {}
         return dict(lm_coef=config.lm_coef, transition_coef=config.transition_coef, cls_coef=config.cls_coef)
-
-    def _register_zero3_external_parameters(self) -> None:
-        """Under ZeRO-3 the head's fused loss reads the LM head weight outside the LM head's own forward:
-        DeepSpeed must be told, once its partitions exist (after Trainer's deepspeed_init, before a forward)."""
-        if self._zero3_registered:
-            return
-        self._zero3_registered = True
-        model = self._scft_model()
-        if any(hasattr(p, "ds_id") for p in model.parameters()) and hasattr(model, "register_zero3_external_parameters"):
-            model.register_zero3_external_parameters()
 
     # -- columns --------------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
@@ -96,7 +87,6 @@ class SCFTTrainerMixin:
         return batch_samples, counts[0]
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        self._register_zero3_external_parameters()
         if num_items_in_batch is not None and self._num_cls_in_batch is not None:
             inputs = {**inputs, "num_cls_in_batch": self._num_cls_in_batch}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
@@ -121,7 +111,6 @@ class SCFTTrainerMixin:
         ``evaluation_loop`` reports. Returns no logits: the fused loss never builds them."""
         if all(inputs.get(k) is None for k in ("labels", "transition_labels", "cls_labels")):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        self._register_zero3_external_parameters()
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
@@ -162,8 +151,12 @@ class SCFTTrainerMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """What ``SCFTForCausalLM.from_pretrained`` loads, with the tokenizer and the training arguments. Every rank
         calls it (Trainer does): ZeRO-3 partitions are gathered, then the main process writes."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
+        if _internal_call and unwrap(model) is not model:
+            # A PEFT run's checkpoints stay PEFT's adapter files (the head is among its modules_to_save): what
+            # Trainer resumes from. The final save_model() writes the merged model.
+            return super().save_model(output_dir, _internal_call=True)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
         state = full_state_dict(model)
         if self.args.should_save:
             tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 from transformers.trainer_callback import TrainerCallback
 
-from scft_fast import SCFTConfig, SCFTDataCollator, SCFTForCausalLM, SCFTTrainer, safety_dataset
+from scft_fast import SCFTConfig, SCFTDataCollator, SCFTTrainer, apply_scft_fast, safety_dataset
 from scft_fast.data import load_default_tokenizer, refusal_token_id
 
 # ZeRO-3 with every parameter partitioned: DeepSpeed's default persistence threshold (1e5 elements) would keep
@@ -45,7 +45,7 @@ def model(tok, seed: int = 0, tied: bool = False, lora: bool = False):
 
         lm = peft.get_peft_model(lm, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                      lora_dropout=0.0))
-    return SCFTForCausalLM.from_causal_lm(lm, SCFTConfig(refusal_token_id=refusal_token_id(tok, "Sorry")))
+    return apply_scft_fast(lm, SCFTConfig(refusal_token_id=refusal_token_id(tok, "Sorry")))
 
 
 def arguments(output_dir: str, **overrides) -> TrainingArguments:

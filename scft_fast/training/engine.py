@@ -14,7 +14,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..model import SCFTForCausalLM
 from .config import OptimSpec, TrainConfig
 
 
@@ -43,7 +42,7 @@ class TorchEngine:
 
     world_size, rank = 1, 0
 
-    def __init__(self, model: SCFTForCausalLM, config: TrainConfig, total_steps: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
         self.module = model.to(device)
         self.device = device
         self.config = config
@@ -118,7 +117,7 @@ def deepspeed_config(path: str, config: TrainConfig, world_size: int) -> dict:
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 1/2/3 (+ offload) with our AdamW and schedule as client optimizer and scheduler."""
 
-    def __init__(self, model: SCFTForCausalLM, config: TrainConfig, total_steps: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
         import deepspeed
 
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
@@ -128,9 +127,7 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad])
-        self.module: SCFTForCausalLM = self.engine.module
-        if self.zero_stage == 3:
-            self.module.register_zero3_external_parameters()
+        self.module = self.engine.module
         self.device = device
 
     def forward(self, **batch):

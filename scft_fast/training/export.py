@@ -1,9 +1,9 @@
 """Saving the trained model: one implementation for ``SCFTTrainer.save_model`` and ``scft-fast train``.
 
 ``full_state_dict`` is collective under ZeRO-3 (every rank gathers the partitions; rank 0 keeps full-shape CPU
-copies); ``save_scft_model`` then writes, on one rank, a normal HF checkpoint that
-``SCFTForCausalLM.from_pretrained`` loads: the causal LM with LoRA deltas merged, ``score.*`` and the SCFT
-settings under config.json's "scft" key.
+copies); ``save_scft_model`` then writes, on one rank, what ``SCFTForCausalLM.from_pretrained`` (and
+``AutoModelForCausalLM``) load: ``model.save_merged``'s checkpoint (LoRA deltas merged, ``score.*``, the SCFT
+settings under config.json's "scft" key) and the tokenizer.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+
+from ..model import merged_state_dict, save_merged
 
 
 def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -25,7 +27,7 @@ def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The merged state dict (``model.merged_state_dict()``) as full-shape CPU tensors on rank 0, an empty dict on
+    """``merged_state_dict(model)`` as full-shape CPU tensors on rank 0, an empty dict on
     the other ranks. Every rank must call it: ZeRO-3 partitions (parameters with a ``ds_id``) are gathered."""
     params = list(model.parameters())
     gather = contextlib.nullcontext()
@@ -34,7 +36,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     with gather:
-        state = cpu_copy(model.merged_state_dict())
+        state = cpu_copy(merged_state_dict(model))
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return state if rank == 0 else {}
 
@@ -42,6 +44,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_scft_model(model: torch.nn.Module, path: str, state_dict: dict[str, torch.Tensor],
                     tokenizer=None) -> None:
     """Writes ``state_dict`` (from ``full_state_dict``) as what ``SCFTForCausalLM.from_pretrained`` loads."""
-    model.save_pretrained(path, state_dict=state_dict)
+    save_merged(model, path, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
