@@ -14,10 +14,10 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
 from safetensors.torch import load_file  # noqa: E402
 from transformers.trainer_callback import TrainerCallback  # noqa: E402
 
-import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
 from scft_fast import SCFTDataCollator, SCFTForCausalLM  # noqa: E402
 from scft_fast.data import default_data_files  # noqa: E402
 from scft_fast.training.metrics import auroc  # noqa: E402
@@ -142,6 +142,39 @@ def test_accumulation_equals_twice_the_batch(tok, rows, tmp_path, kind):
         assert "lm_loss" not in ref_logs[0] and ref_logs[0]["transition_loss"] > 0
     if kind == "head_only":
         assert ref_logs[0]["loss"] == pytest.approx(ref_logs[0]["cls_loss"], rel=1e-5)
+
+
+def test_plain_trainer_with_apply_scft_fast(tok, rows, tmp_path):
+    """Ordinary SFT: transformers.Trainer itself over apply_scft_fast(model) (no head), Trainer's own
+    num_items_in_batch: 2 accumulated micro-batches of 2 == 1 batch of 4, loss and every gradient."""
+    from torch.nn.utils.rnn import pad_sequence
+    from transformers import Trainer
+
+    from scft_fast import apply_scft_fast
+
+    def collate(batch):
+        ids = [torch.tensor(r["input_ids"]) for r in batch]
+        return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=tok.pad_token_id),
+                "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True),
+                "labels": pad_sequence([torch.tensor(r["labels"]) for r in batch], batch_first=True,
+                                       padding_value=IGNORE)}
+
+    data = rows.filter(lambda k: k != "rto", input_columns="kind").select(range(8))
+    runs = {}
+    for name, (size, accumulation) in {"accumulated": (2, 2), "large": (4, 1)}.items():
+        model = apply_scft_fast(w.causal_lm(tok))
+        assert model.scft_config is None
+        grads = Gradients()
+        trainer = Trainer(model=model, args=w.arguments(str(tmp_path / name), per_device_train_batch_size=size,
+                                                        gradient_accumulation_steps=accumulation,
+                                                        max_grad_norm=0.0),
+                          train_dataset=data, data_collator=collate, callbacks=[grads])
+        trainer.train()
+        runs[name] = [r["loss"] for r in trainer.state.log_history if "loss" in r], grads.steps
+    (losses, grads), (ref_losses, ref_grads) = runs["accumulated"], runs["large"]
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for ours, ref in zip(grads, ref_grads):
+        assert_grads_close(ours, ref)
 
 
 def test_checkpoint_resume_gives_identical_losses(tok, rows, tmp_path):
