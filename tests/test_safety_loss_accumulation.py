@@ -28,7 +28,7 @@ def test_chunks_accumulate_in_float32_and_the_path_is_recorded(device, fresh_cho
     b = torch.randn(3 * 64, 40, generator=g).to(device, torch.bfloat16)  # (rows, H): h
     acc = None
     for start in range(0, a.shape[0], 64):
-        acc = chunked._accumulate_f32(acc, a[start:start + 64].T, b[start:start + 64])
+        acc = chunked.accumulate_f32(acc, a[start:start + 64].T, b[start:start + 64])
     expected = a.double().T @ b.double()
     path = chunked.accumulation_path(torch.device(device), torch.bfloat16)
     tolerance = 3 * 2.0 ** -8 if path == "mm + float() + add_" else 2e-5
@@ -51,7 +51,7 @@ def test_an_out_of_memory_error_is_raised_and_does_not_change_the_path(monkeypat
 
     monkeypatch.setitem(chunked.FP32_ACCUMULATION_PATHS, first, out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
-        chunked._accumulate_f32(None, a, a.T)
+        chunked.accumulate_f32(None, a, a.T)
     assert chunked.accumulation_path(a.device, a.dtype) == first
 
 
@@ -66,6 +66,6 @@ def test_a_missing_overload_is_skipped_once_by_the_probe(monkeypatch, fresh_choi
     monkeypatch.setattr(chunked, "FP32_ACCUMULATION_PATHS", paths)
     a = torch.randn(8, 4).to(torch.float16)
     for _ in range(3):
-        chunked._accumulate_f32(None, a, a.T)
+        chunked.accumulate_f32(None, a, a.T)
     assert calls == [(2, 2)]
     assert chunked.accumulation_paths_run()["cpu float16"] != "missing"
