@@ -12,7 +12,7 @@
 #                           (when this torch has it), Liger (default, accum_dtype=float32), CCE (cce, torch_compile)
 #   6. summary.md/.json     steps, tests, ceilings, op rows, the issue's targets met / missed
 # A step that fails is recorded (steps.tsv, its log) and the run goes on; a missing optional piece is a line saying
-# so. Exit status: 0 when every step exited 0.
+# so. Exit status: 0 when every step exited 0. GPU_RUN_BUDGET_S caps the whole run (default 330 s).
 #
 #   bash benchmarks/gpu_run.sh OUT_DIR            # on a CUDA machine
 #   bash benchmarks/gpu_run.sh --smoke OUT_DIR    # on CPU, tiny shapes, seconds: the plumbing only (the test suite
@@ -48,11 +48,21 @@ else
   }
 fi
 
+# The whole run stays under GPU_RUN_BUDGET_S (default 330 s: a lent GPU comes for minutes): each step's own limit is
+# cut to what is left, and a step with under 10 s left is skipped with a line saying so.
+budget=${GPU_RUN_BUDGET_S:-330}
+
 # step NAME LIMIT_S NOTE COMMAND...: runs COMMAND under a time limit, output to OUT_DIR/NAME.log, one steps.tsv row.
 step() {
   local name=$1 limit=$2 note=$3
   shift 3
-  local start=$SECONDS
+  local start=$SECONDS left=$((budget - SECONDS))
+  if [ "$left" -lt 10 ]; then
+    printf '%s\t125\t0\t%s\n' "$name" "skipped: the run's ${budget} s budget is spent" >> "$out/steps.tsv"
+    echo "gpu_run: $name skipped: the run's ${budget} s budget is spent"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "gpu_run: $name ..."
   timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
   local rc=$?
@@ -114,25 +124,27 @@ if [ "$smoke" = 1 ]; then
 fi
 # -P: the repository root must not go on sys.path, or its kernels/ folder would pose as the `kernels` library that
 # transformers looks for.
-step tests 240 "$tests_note" "$PY" -P -m pytest "${tests[@]}" "${pytest_args[@]}"
+step tests 180 "$tests_note" "$PY" -P -m pytest "${tests[@]}" "${pytest_args[@]}"
 
 if [ "$smoke" = 1 ]; then
   ceilings=(--device cpu --quick --backend torch --reps 3 --warmup 1)
   op=(--device cpu --quick --dtype float32 --hidden 32 --vocab 512 --backends torch --chunk-sizes 32,64 --reps 2
       --warmup 0 --only gemm,naive,lce_ref,scft_)
-  shapes=("main 96" "small 48 --no-memory")
+  shapes=("main 96 60" "small 48 60 --no-memory")
 else
   ceilings=(--device cuda)
   op=(--device cuda --dtype bfloat16 --hidden 4096 --vocab 128256 --backends triton --chunk-sizes 2048,4096
       --reps 30 --warmup 3)
-  shapes=("main 8192" "small 4096")  # tag, N, extra bench_op.py flags
+  # tag, N, time limit (s), extra bench_op.py flags. The limits leave room for first calls that compile or autotune
+  # (Triton JIT, CCE's autotuned kernels, torch.compile for CCE's torch_compile rows), in each process again.
+  shapes=("main 8192 180" "small 4096 120")
 fi
-step ceilings 120 "copy, GEMMs at the chunk shapes, epilogue" "$PY" benchmarks/bench_ceilings.py "${ceilings[@]}" \
+step ceilings 90 "copy, GEMMs at the chunk shapes, epilogue" "$PY" benchmarks/bench_ceilings.py "${ceilings[@]}" \
   --out-dir "$out"
 for shape in "${shapes[@]}"; do
-  read -r tag rows extra <<< "$shape"
+  read -r tag rows limit extra <<< "$shape"
   # shellcheck disable=SC2086  # $extra: zero or more flags
-  step "op_$tag" 150 "bench_op.py, N=$rows" "$PY" benchmarks/bench_op.py "${op[@]}" --rows "$rows" --tag "$tag" \
+  step "op_$tag" "$limit" "bench_op.py, N=$rows" "$PY" benchmarks/bench_op.py "${op[@]}" --rows "$rows" --tag "$tag" \
     --out-dir "$out" --no-progress $extra
 done
 step versions_end 30 "clocks at the end" "$PY" benchmarks/gpu_run.py versions "$out" --end

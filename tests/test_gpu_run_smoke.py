@@ -98,3 +98,17 @@ def test_the_op_benchmark_skips_what_an_older_torch_lacks(monkeypatch):
     rows, skipped = build_rows(p, make_inputs(p), ["torch"], [])
     assert not [r for r in rows if r.family == "lce"]
     assert f"F.linear_cross_entropy: not in torch {torch.__version__}" in skipped
+
+
+def test_a_spent_budget_skips_every_step_and_still_prints_the_table(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_RUN_BUDGET_S="0")
+    done = subprocess.run(["bash", str(SCRIPT), "--smoke", str(out)], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=REPO)
+    assert done.returncode == 1
+    table = (out / "summary.md").read_text()
+    assert done.stdout.endswith(table)
+    assert "| tests | 125 | 0 | skipped: the run's 0 s budget is spent |" in table
+    for line in ("- tests: no tests.xml", "- ceilings: no ceilings_*.json", "- op benchmark main: no op_*_main.json",
+                 "- none evaluated (the N=8192 op run is missing)"):
+        assert line in table, line

@@ -22,6 +22,9 @@ _DEFAULT_MAX_CHUNK_BYTES = 256 << 20
 # Fewest rows per chunk. The weight-gradient GEMM dlogits.T @ h has the chunk as its inner dimension
 # and reads + writes the (V, H) float32 accumulator once per chunk: its arithmetic intensity is about
 # rows / 4 FLOP per byte, and an H100 needs ~300 to stay compute-bound, hence >= 2048 rows on GPU.
+# The CUDA figures here are that model, not a measurement: no GPU figure exists yet. benchmarks/gpu_run.sh
+# times the automatic size beside chunks of 2048 and 4096 rows (and the dW GEMM at beta 0 and 1), and those
+# figures decide this policy once a GPU run has produced them.
 _MIN_CHUNK_ROWS = {"cuda": 2048}
 _DEFAULT_MIN_CHUNK_ROWS = 256
 
@@ -97,7 +100,7 @@ def accumulation_paths_run() -> dict[str, str]:
     return dict(_ran)
 
 
-def _accumulate_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def accumulate_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """acc += a @ b with a float32 accumulator, whatever the dtype of a and b (float32 / bf16 / fp16)."""
     name = accumulation_path(a.device, a.dtype)
     _ran[f"{a.device.type} {str(a.dtype).removeprefix('torch.')}"] = name
@@ -160,7 +163,7 @@ def chunked_safety_loss(
             else:
                 grad_hidden.index_copy_(0, index, torch.mm(logits, weight))
         if need_grad_weight:
-            grad_weight = _accumulate_f32(grad_weight, logits.T, h)
+            grad_weight = accumulate_f32(grad_weight, logits.T, h)
         if need_grad_bias:
             part = logits.sum(0, dtype=torch.float32)
             grad_bias = part if grad_bias is None else grad_bias.add_(part)
