@@ -225,8 +225,8 @@ def build_rows(p: Problem, x: Inputs, backends: list[str], chunk_sizes: list[int
         return rows, skipped
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-    except ImportError as e:
-        skipped.append(f"Liger-Kernel: not importable ({e})")
+    except Exception as e:  # an optional peer that fails to import (ImportError, or a triton mismatch) is skipped
+        skipped.append(f"Liger-Kernel: not importable ({type(e).__name__}: {e})")
     else:
         for key, label, accum in (("liger", "Liger FLCE (LM-only, default)", None),
                                   ("liger:fp32", "Liger FLCE (LM-only, accum_dtype=float32)", torch.float32)):
@@ -234,8 +234,8 @@ def build_rows(p: Problem, x: Inputs, backends: list[str], chunk_sizes: list[int
             rows.append(Row(key, label, "liger", lambda fn=liger: _backward(fn(w, h, labels))))
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
-    except ImportError as e:
-        skipped.append(f"Cut Cross-Entropy: not importable ({e})")
+    except Exception as e:  # an optional peer that fails to import (ImportError, or a triton mismatch) is skipped
+        skipped.append(f"Cut Cross-Entropy: not importable ({type(e).__name__}: {e})")
     else:
         # impl="cce" skips gradient blocks below its filter_eps ("high" by default); filter_eps=None is exact.
         for key, label, kwargs in (("cce:cce", "CCE cce (LM-only)", dict(impl="cce")),

@@ -36,7 +36,7 @@ def test_smoke_run_writes_every_result_and_prints_the_table_last(smoke):
     out, done = smoke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
-    assert [s[0] for s in steps] == ["versions", "install", "tests", "ceilings", "op_main", "op_small",
+    assert [s[0] for s in steps] == ["install", "versions", "tests", "ceilings", "op_main", "op_small",
                                      "versions_end"]
     assert all(s[1] == "0" for s in steps), steps
 
