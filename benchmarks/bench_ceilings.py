@@ -63,62 +63,74 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
     return times
 
 
-def measure(args) -> dict:
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    kw = dict(device=device, generator=gen)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = []
+class Rows(list):
+    """The result rows; add() appends one from its times and returns the median."""
 
-    def add(name, times, work, unit, **extra):
+    def add(self, name: str, times: list[float], work: float, unit: str, **extra) -> float:
         med = statistics.median(times)
-        rows.append(dict(row=name, median_s=med, min_s=min(times), max_s=max(times), rate=work / med / 1e12
-                         if unit == "TFLOP/s" else work / med / 1e9, unit=unit, reps=len(times), **extra))
+        rate = work / med / (1e12 if unit == "TFLOP/s" else 1e9)
+        self.append(dict(row=name, median_s=med, min_s=min(times), max_s=max(times), rate=rate, unit=unit,
+                         reps=len(times), **extra))
         return med
 
+
+def measure_copy(rows: Rows, args, kw: dict, dtype: torch.dtype) -> float:
+    """Returns the copy rate in GB/s."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
     numel = args.copy_mib * 2**20 // itemsize
     src = torch.randn(numel, **kw).to(dtype)
     dst = torch.empty_like(src)
-    copy_s = add("copy", timed(lambda: dst.copy_(src), device, args.reps, args.warmup), 2 * numel * itemsize,
-                 "GB/s", bytes=2 * numel * itemsize)
-    copy_rate = 2 * numel * itemsize / copy_s / 1e9
-    del src, dst
+    moved = 2 * numel * itemsize
+    seconds = rows.add("copy", timed(lambda: dst.copy_(src), kw["device"], args.reps, args.warmup), moved, "GB/s",
+                       bytes=moved)
+    return moved / seconds / 1e9
 
-    h_size, vocab = args.hidden, args.vocab
-    weight = (torch.randn(vocab, h_size, **kw) * (2.0 / math.sqrt(h_size))).to(dtype)
+
+def measure_chunk(rows: Rows, args, kw: dict, dtype: torch.dtype, chunk: int, weight: torch.Tensor, backend,
+                  path: str, copy_rate: float) -> None:
+    device, (vocab, h_size) = kw["device"], weight.shape
+    itemsize = weight.element_size()
+    flops = 2.0 * chunk * h_size * vocab
+    hidden = torch.randn(chunk, h_size, **kw).to(dtype)
+    logits = torch.empty(chunk, vocab, dtype=dtype, device=device)
+    pristine = (2.0 * torch.randn(chunk, vocab, **kw)).to(dtype)
+    grad_h = torch.empty(chunk, h_size, dtype=dtype, device=device)
+    acc = accumulate_f32(None, pristine.T, hidden)
+    shape = dict(c=chunk, H=h_size, V=vocab)
+
+    def gemm(name, fn, **extra):
+        return rows.add(f"gemm {name} c={chunk}", timed(fn, device, args.reps, args.warmup), flops, "TFLOP/s",
+                        **extra, **shape)
+
+    t_logits = gemm("logits", lambda: torch.mm(hidden, weight.T, out=logits))
+    t_grad_h = gemm("grad_h", lambda: torch.mm(pristine, weight, out=grad_h))
+    gemm("dW beta=0", lambda: accumulate_f32(None, pristine.T, hidden), path=path)
+    t_dw = gemm("dW beta=1", lambda: accumulate_f32(acc, pristine.T, hidden), path=path)
+    three = t_logits + t_grad_h + t_dw
+    rows.append(dict(row=f"chunk: 3 GEMMs c={chunk}", median_s=three, rate=3 * flops / three / 1e12,
+                     unit="TFLOP/s", note="sum of the three medians above", **shape))
+
+    targets = torch.randint(0, vocab, (chunk,), **kw)  # every row has a target, as in the op's chunks
+    no_transition = torch.full_like(targets, IGNORE_INDEX)
+    scale = torch.full((), 1.0 / chunk, dtype=torch.float32, device=device)
+    moved = 3 * chunk * vocab * itemsize
+    seconds = rows.add(f"epilogue [{backend.name}] c={chunk}", timed(
+        lambda: backend.epilogue(logits, targets, no_transition, scale, scale, None, IGNORE_INDEX), device,
+        args.reps, args.warmup, setup=lambda: logits.copy_(pristine)), moved, "GB/s", bytes=moved, **shape)
+    rows[-1]["share_of_copy"] = moved / seconds / 1e9 / copy_rate
+
+
+def measure(args) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    kw = dict(device=device, generator=torch.Generator(device=device).manual_seed(args.seed))
+    rows = Rows()
+    copy_rate = measure_copy(rows, args, kw, dtype)
+    weight = (torch.randn(args.vocab, args.hidden, **kw) * (2.0 / math.sqrt(args.hidden))).to(dtype)
     backend = resolve_backend(args.backend, device)
     path = accumulation_path(device, dtype)
-    for chunk in args.chunks:
-        flops = 2.0 * chunk * h_size * vocab
-        hidden = torch.randn(chunk, h_size, **kw).to(dtype)
-        logits = torch.empty(chunk, vocab, dtype=dtype, device=device)
-        pristine = (2.0 * torch.randn(chunk, vocab, **kw)).to(dtype)
-        grad_h = torch.empty(chunk, h_size, dtype=dtype, device=device)
-        acc = accumulate_f32(None, pristine.T, hidden)
-        shape = dict(c=chunk, H=h_size, V=vocab)
-        t_logits = add(f"gemm logits c={chunk}", timed(lambda: torch.mm(hidden, weight.T, out=logits), device,
-                                                       args.reps, args.warmup), flops, "TFLOP/s", **shape)
-        t_grad_h = add(f"gemm grad_h c={chunk}", timed(lambda: torch.mm(pristine, weight, out=grad_h), device,
-                                                       args.reps, args.warmup), flops, "TFLOP/s", **shape)
-        add(f"gemm dW beta=0 c={chunk}", timed(lambda: accumulate_f32(None, pristine.T, hidden), device,
-                                               args.reps, args.warmup), flops, "TFLOP/s", path=path, **shape)
-        t_dw = add(f"gemm dW beta=1 c={chunk}", timed(lambda: accumulate_f32(acc, pristine.T, hidden), device,
-                                                      args.reps, args.warmup), flops, "TFLOP/s", path=path, **shape)
-        three = t_logits + t_grad_h + t_dw
-        rows.append(dict(row=f"chunk: 3 GEMMs c={chunk}", median_s=three, rate=3 * flops / three / 1e12,
-                         unit="TFLOP/s", note="sum of the three medians above", **shape))
-        targets = torch.randint(0, vocab, (chunk,), **kw)  # every row has a target, as in the op's chunks
-        no_transition = torch.full_like(targets, IGNORE_INDEX)
-        scale = torch.full((), 1.0 / chunk, dtype=torch.float32, device=device)
-        work = logits  # reused: the logits GEMM is done with it
-        epilogue_bytes = 3 * chunk * vocab * itemsize
-        t_epi = add(f"epilogue [{backend.name}] c={chunk}",
-                    timed(lambda: backend.epilogue(work, targets, no_transition, scale, scale, None, IGNORE_INDEX),
-                          device, args.reps, args.warmup, setup=lambda: work.copy_(pristine)),
-                    epilogue_bytes, "GB/s", bytes=epilogue_bytes, **shape)
-        rows[-1]["share_of_copy"] = epilogue_bytes / t_epi / 1e9 / copy_rate
-        del hidden, logits, pristine, grad_h, acc, work
-    return {"rows": rows, "fp32_accumulation_path": path, "epilogue_backend": backend.name}
+    for chunk in args.chunks:  # each chunk's buffers are freed when measure_chunk returns
+        measure_chunk(rows, args, kw, dtype, chunk, weight, backend, path, copy_rate)
+    return {"rows": list(rows), "fp32_accumulation_path": path, "epilogue_backend": backend.name}
 
 
 def render(result: dict) -> str:

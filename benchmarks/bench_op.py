@@ -780,8 +780,9 @@ def main(argv=None) -> int:
         f"'~' marks IQR > {args.noise_threshold:.0%} of the median",
         f"- memory: {meta['memory_method'] or 'not measured'}; workspace = peak minus the gradients returned",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v is not None),
-        "- float32 accumulation of grad_W: " + ("; ".join(f"{k}: {v}" for k, v in meta["fp32_accumulation_paths"].items())
-                                              or "not run (no scft row computed a weight gradient)"),
+        "- float32 accumulation of grad_W: "
+        + ("; ".join(f"{k}: {v}" for k, v in meta["fp32_accumulation_paths"].items())
+           or "not run (no scft row computed a weight gradient)"),
         f"- load average (1, 5, 15 min): start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, "
         f"end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}"
         + (" (shared machine: other jobs may run beside this one)" if device.type == "cpu" else ""),

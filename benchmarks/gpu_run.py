@@ -1,6 +1,7 @@
 """The Python half of ``benchmarks/gpu_run.sh``: what the machine is, and the short table printed last.
 
-    python benchmarks/gpu_run.py versions OUT_DIR [--end]   # versions.json: libraries, device, clocks (--end: clocks again)
+    python benchmarks/gpu_run.py versions OUT_DIR [--end]   # versions.json: libraries, device, clocks
+                                                             # (--end: the clocks again, at the end)
     python benchmarks/gpu_run.py summary OUT_DIR            # summary.md + summary.json from every file in OUT_DIR
 
 The summary reads only what the run wrote into OUT_DIR (steps.tsv, tests.xml, ceilings_*.json, op_*.json), so it
@@ -44,7 +45,8 @@ def versions(out_dir: Path, end: bool) -> int:
         found = json.loads(path.read_text()) if path.exists() else {}
         found["end"] = {"date_utc": now, "nvidia_smi": _nvidia_smi()}
         path.write_text(json.dumps(found, indent=1) + "\n")
-        print(f"clocks at the end: {found['end']['nvidia_smi'].get('fields') or found['end']['nvidia_smi'].get('note')}")
+        smi = found["end"]["nvidia_smi"]
+        print(f"clocks at the end: {smi.get('fields') or smi.get('note')}")
         return 0
     import torch
     import torch.nn.functional as F
@@ -159,7 +161,8 @@ def summary(out_dir: Path, smoke: bool) -> int:
             lines.append(f"| {name} | {st['chunk']} | {st['median_s'] * 1e3:,.3f} | {st['tflops']:,.4g} | {peak} | "
                          f"{ratio} |")
         paths = op["meta"].get("fp32_accumulation_paths") or {}
-        lines.append(f"- float32 accumulation path that ran: {'; '.join(f'{k}: {p}' for k, p in paths.items()) or 'none'}")
+        ran = "; ".join(f"{k}: {p}" for k, p in paths.items()) or "none"
+        lines.append(f"- float32 accumulation path that ran: {ran}")
         if op["meta"]["skipped"]:
             lines.append(f"- not run: {'; '.join(op['meta']['skipped'])}")
         if tag == OP_RUNS[0]:

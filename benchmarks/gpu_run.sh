@@ -2,8 +2,8 @@
 # The GPU run (`make gpu-check OUT=DIR`): one command, a few minutes on an H200, against the lent image as it is
 # (torch 2.11, triton 3.6, no package index). Everything it measures and logs goes under OUT_DIR; the short table
 # (OUT_DIR/summary.md) is printed last. In order:
-#   0. install.log          wheels from .whl/ into a temporary target and the project, only where not importable
-#   1. versions.json        python, torch, triton, transformers, Liger-Kernel, CCE, the device, nvidia-smi clocks
+#   1. install.log          wheels from .whl/ into a temporary target and the project, only where not importable
+#   2. versions.json        python, torch, triton, transformers, Liger-Kernel, CCE, the device, nvidia-smi clocks
 #   3. tests.log/tests.xml  the CUDA-relevant tests only (kernels, op, one host sync, float32 accumulation path),
 #                           each under a timeout
 #   4. ceilings_*.json/.md  copy GB/s, the op's GEMMs at its chunk shapes (dW with beta 0 and 1), epilogue GB/s
