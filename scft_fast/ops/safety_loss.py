@@ -321,8 +321,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *unused):
-    # The gradients were computed in forward; scaling them in place by the upstream gradient keeps the
-    # peak at one copy of grad_W (as Liger does), at the price of a single backward per forward.
+    # The gradients were computed in forward; scaling them in place by the upstream gradient (or, for a
+    # low-precision parameter, into its dtype straight from the float32 accumulator) keeps the peak at one
+    # accumulator plus one grad_W (as Liger does), at the price of a single backward per forward.
     if grad_loss is None:
         return (None,) * 20
     if ctx.backward_done:
