@@ -18,7 +18,7 @@ import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
 from safetensors.torch import load_file  # noqa: E402
 from transformers.trainer_callback import TrainerCallback  # noqa: E402
 
-from scft_fast import SCFTDataCollator, SCFTForCausalLM  # noqa: E402
+from scft_fast import SCFTDataCollator, SCFTForCausalLM, SCFTTrainer  # noqa: E402
 from scft_fast.data import default_data_files  # noqa: E402
 from scft_fast.training.metrics import auroc  # noqa: E402
 
@@ -177,11 +177,19 @@ def test_plain_trainer_with_apply_scft_fast(tok, rows, tmp_path):
         assert_grads_close(ours, ref)
 
 
-def test_checkpoint_resume_gives_identical_losses(tok, rows, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_checkpoint_resume_gives_identical_losses(tok, rows, tmp_path, lora):
+    """Full fine-tuning resumes from our save_model's checkpoint, started from other random weights (so all of
+    them are reloaded); LoRA from Trainer's adapter checkpoint (adapters and the head, among modules_to_save) over
+    the same base model, whose adapters and head have moved by step 2."""
     args = dict(max_steps=4, save_strategy="steps", save_steps=2)
-    trainer, trace = w.trainer(tok, rows, w.arguments(str(tmp_path), **args))
+    trainer, trace = w.trainer(tok, rows, w.arguments(str(tmp_path), **args), lora=lora)
     trainer.train()
-    resumed, resumed_trace = w.trainer(tok, rows, w.arguments(str(tmp_path), **args), seed=1)
+    if lora:
+        adapter = load_file(str(tmp_path / "checkpoint-2" / "adapter_model.safetensors"))
+        assert any(".score." in k for k in adapter) and any("lora_" in k for k in adapter)
+    resumed, resumed_trace = w.trainer(tok, rows, w.arguments(str(tmp_path), **args), seed=0 if lora else 1,
+                                       lora=lora)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert len(resumed_trace.logs) == 2
     for ours, ref in zip(resumed_trace.logs, trace.logs[2:]):
@@ -238,6 +246,15 @@ def test_packed_collator_gives_the_padded_loss(tok, rows):
         ours, ref = model(**packed), model(**SCFTDataCollator(tok)(picked))
     torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(ours.cls_logits, ref.cls_logits, rtol=1e-5, atol=1e-6)
+
+
+
+def test_trainer_trains_packed_batches(tok, rows, tmp_path):
+    trainer = SCFTTrainer(model=w.model(tok), args=w.arguments(str(tmp_path)), train_dataset=rows,
+                          data_collator=SCFTDataCollator(tok, packing=True))
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logs) == 2 and logs[0]["lm_loss"] > 0 and logs[0]["cls_loss"] > 0
 
 
 @pytest.fixture(scope="module")
