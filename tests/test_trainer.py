@@ -249,6 +249,26 @@ def test_packed_collator_gives_the_padded_loss(tok, rows):
 
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed_cu_seqlens_only"])
+def test_loss_targets_count_what_the_model_counts(tok, rows, layout):
+    from scft_fast.data import PackedCollator
+    from scft_fast.training.accounting import loss_targets
+
+    picked = [rows[i] for i in range(6)]
+    batch = (SCFTDataCollator(tok) if layout == "padded" else PackedCollator(10 ** 6))(picked)
+    if layout != "padded":
+        # Labels on every sequence's first token too (PackedCollator leaves them out): the model then drops the
+        # targets that would cross a boundary, and the count must drop them as well.
+        starts = batch["cu_seqlens"][:-1].long()
+        batch["labels"][0, starts] = batch["input_ids"][0, starts]
+    if layout == "packed_cu_seqlens_only":
+        del batch["position_ids"]  # the model derives the positions from cu_seqlens; so must the count
+    with torch.no_grad():
+        out = w.model(tok)(**batch)
+    tokens, labeled = loss_targets(batch).tolist()
+    assert (tokens, labeled) == (int(out.n_lm + out.n_tr), int(out.n_cls)) and tokens > 0 and labeled > 0
+
+
 def test_trainer_trains_packed_batches(tok, rows, tmp_path):
     trainer = SCFTTrainer(model=w.model(tok), args=w.arguments(str(tmp_path)), train_dataset=rows,
                           data_collator=SCFTDataCollator(tok, packing=True))
