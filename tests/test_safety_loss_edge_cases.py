@@ -69,13 +69,13 @@ def test_all_pooled_rows_unlabeled(backend):
 def test_rows_without_a_target_never_reach_the_vocabulary(monkeypatch):
     """The chunk loop is handed exactly the rows with an LM or a transition target."""
     seen = []
-    real = chunked.chunked_safety_loss
+    real = chunked.chunked_token_loss
 
     def spy(hidden, weight, bias, labels, transition_labels, rows, *args, **kwargs):
         seen.append(rows.clone() if rows is not None else None)
         return real(hidden, weight, bias, labels, transition_labels, rows, *args, **kwargs)
 
-    monkeypatch.setattr(sys.modules["scft_fast.ops.safety_loss"], "chunked_safety_loss", spy)
+    monkeypatch.setattr(sys.modules["scft_fast.ops.safety_loss"], "chunked_token_loss", spy)
     inputs = make_inputs(24, 40, 32, 1000, device="cpu")
     safety_loss(**inputs, backend="torch")
     has_target = (inputs["labels"] != IGNORE) | (inputs["transition_labels"] != IGNORE)
