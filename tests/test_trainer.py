@@ -14,10 +14,10 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
 from safetensors.torch import load_file  # noqa: E402
 from transformers.trainer_callback import TrainerCallback  # noqa: E402
 
+import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
 from scft_fast import SCFTDataCollator, SCFTForCausalLM, SCFTTrainer  # noqa: E402
 from scft_fast.data import default_data_files  # noqa: E402
 from scft_fast.training.metrics import auroc  # noqa: E402
