@@ -1,0 +1,121 @@
+"""SCFTSFTTrainer: TRL's SFTTrainer training the LM loss, DeRTa's RTO transition loss and SCFT's head in one pass.
+
+    trainer = SCFTSFTTrainer(model=apply_scft_fast(model, SCFTConfig()), args=SFTConfig(...),
+                             train_dataset=dataset, processing_class=tokenizer)
+
+The dataset is in TRL's own forms: prompt/completion (standard or conversational) or messages, plus two optional
+columns, a safety label (``label_column``, default "label": "safe" | "unsafe" | a class id | -100 for none) and an
+RTO flag (``rto_column``, default "rto": a bool), the same fields scft_fast.data's chat records carry. TRL tokenizes
+the rows exactly as SFTTrainer does (chat template, completion_mask, assistant masks, max_length truncation); each
+tokenized row then becomes a scft_fast.data row:
+
+    labels             TRL's labels (completion_only_loss / assistant_only_loss decide, as in SFTTrainer);
+                       all ignored on an RTO row
+    transition_labels  on an RTO row, the refusal token (first token of DataConfig.refusal_string, "Sorry") at
+                       ceil(rto_keep * m) of the m completion positions (the last assistant turn of a messages
+                       row; its EOS included, as DeRTa's); ignored elsewhere
+    cls_pos, cls_label the row's last EOS (pool="eos") or the token before it (pool="pre_eos"), and its class:
+                       the label column, else unsafe for RTO rows and safe otherwise (scft_fast.data's
+                       defaults); a row whose EOS max_length cut off has no class (its head term is dropped)
+
+A dataset that already holds scft_fast.data rows (``transition_labels`` among its columns, e.g. from
+``scft_fast.data.build_dataset``) is used as is. Batches are padded by scft_fast.data's collator.
+
+TRL's ``packing`` and ``padding_free`` are refused: TRL's packing keeps only input_ids and labels, and
+padding-free batches are built by TRL's own collator, which drops the safety targets.
+"""
+from __future__ import annotations
+
+import logging
+
+from .data.config import DataConfig
+from .data.constants import CLS_LABELS, IGNORE_INDEX, SAFE, UNSAFE
+from .data.encode import refusal_token_id, rto_positions
+
+logger = logging.getLogger(__name__)
+
+# The columns of a scft_fast.data row that the collator reads.
+SCFT_COLUMNS = ("input_ids", "labels", "transition_labels", "cls_pos", "cls_label")
+
+
+def _cls_label(value, column: str, index: int, rto: bool) -> int:
+    if value is None:
+        return UNSAFE if rto else SAFE
+    if isinstance(value, str) and value in CLS_LABELS:
+        return CLS_LABELS[value]
+    if isinstance(value, int) and not isinstance(value, bool) and (value >= 0 or value == IGNORE_INDEX):
+        return value
+    raise ValueError(f"column {column!r}, row {index}: unknown safety label {value!r}; expected one of "
+                     f"{sorted(CLS_LABELS)}, a class id >= 0, {IGNORE_INDEX} (no label) or None (the default)")
+
+
+def _rto_flag(value, column: str, index: int) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise ValueError(f"column {column!r}, row {index}: expected true, false or null, got {value!r}")
+
+
+def _completion_start(example: dict, processing_class, chat_template) -> int:
+    """The first completion token of a TRL-tokenized row: where its completion_mask starts, or, for a messages row,
+    where the last assistant turn starts (TRL's prompt/completion rule: the common prefix of the tokenized prompt,
+    rendered with the generation prompt, and the whole conversation); else the first labeled token."""
+    from trl.data_utils import common_prefix_length
+
+    if "completion_mask" in example:
+        return example["completion_mask"].index(1) if 1 in example["completion_mask"] else len(example["input_ids"])
+    messages = example.get("messages")
+    if messages:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = processing_class.apply_chat_template(messages[:last], tokenize=True, return_dict=True,
+                                                      add_generation_prompt=True, chat_template=chat_template,
+                                                      tools=example.get("tools"))["input_ids"]
+        return common_prefix_length(prompt, example["input_ids"])
+    labels = example["labels"]
+    return next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+def safety_row(example: dict, index: int, *, refusal_id: int, eos_id: int, data_config: DataConfig,
+               label_column: str, rto_column: str, processing_class, chat_template=None) -> dict:
+    """One TRL-tokenized row (input_ids, labels, the dataset's own columns) -> a scft_fast.data row."""
+    ignore = data_config.ignore_index
+    input_ids, labels = list(example["input_ids"]), list(example["labels"])
+    n = len(input_ids)
+    rto = _rto_flag(example.get(rto_column), rto_column, index)
+    transition = [ignore] * n
+    if rto:
+        start = _completion_start(example, processing_class, chat_template)
+        for j in rto_positions(n - start, data_config.rto_keep, [data_config.seed, index]) if start < n else ():
+            transition[start + int(j)] = refusal_id
+        labels = [ignore] * n
+    cls_label = _cls_label(example.get(label_column), label_column, index, rto)
+    eos = next((t for t in range(n - 1, -1, -1) if input_ids[t] == eos_id), None)
+    if eos is None or (data_config.pool == "pre_eos" and eos == 0):
+        cls_pos, cls_label = n - 1, ignore
+    else:
+        cls_pos = eos if data_config.pool == "eos" else eos - 1
+    return {"input_ids": input_ids, "labels": labels, "transition_labels": transition, "cls_pos": cls_pos,
+            "cls_label": cls_label}
+
+
+def to_safety_rows(dataset, processing_class, data_config: DataConfig, *, label_column: str, rto_column: str,
+                   chat_template=None, num_proc: int | None = None, name: str = "train"):
+    """A TRL-prepared dataset -> scft_fast.data rows (SCFT_COLUMNS only)."""
+    from datasets import Dataset
+
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token: the classification head pools on each row's EOS")
+    kwargs = dict(with_indices=True, remove_columns=[c for c in dataset.column_names if c not in SCFT_COLUMNS],
+                  fn_kwargs=dict(refusal_id=refusal_token_id(tokenizer, data_config.refusal_string),
+                                 eos_id=tokenizer.eos_token_id, data_config=data_config, label_column=label_column,
+                                 rto_column=rto_column, processing_class=processing_class,
+                                 chat_template=chat_template))
+    if isinstance(dataset, Dataset):  # IterableDataset.map takes neither
+        kwargs.update(num_proc=num_proc, desc=f"Adding safety targets to {name} dataset")
+    rows = dataset.map(safety_row, **kwargs)
+    if isinstance(rows, Dataset) and len(rows):
+        unpooled = sum(1 for c in rows["cls_label"] if c == data_config.ignore_index)
+        if unpooled:
+            logger.warning("%s dataset: %d of %d rows carry no classification label (no EOS left after "
+                           "truncation, or labeled %d)", name, unpooled, len(rows), data_config.ignore_index)
+    return rows
