@@ -141,7 +141,8 @@ def step_clock():
     return StepClock()
 
 
-def worker(mode: str, model_dir: str, result_path: str, args) -> None:
+def build_trainer(mode: str, model_dir: str, args, output_dir: str, callbacks=()):
+    """The mode's trainer over the saved model and sft_rows(args), max_steps=args.steps."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
     from trl import SFTConfig, SFTTrainer
@@ -149,32 +150,38 @@ def worker(mode: str, model_dir: str, result_path: str, args) -> None:
 
     import scft_fast
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     if mode in ("scft", "trl-scft"):
         model = scft_fast.apply_scft_fast(model)
-    rows = sft_rows(args)
-    common = dict(output_dir=tempfile.mkdtemp(prefix=f"bench_sft_{mode}_"), max_steps=args.steps,
-                  per_device_train_batch_size=args.batch_size, learning_rate=1e-4, lr_scheduler_type="constant",
-                  optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
-                  bf16=args.bf16, gradient_checkpointing=False, dataloader_num_workers=0,
-                  use_cpu=device == "cpu")
-    clock = step_clock()
+    common = dict(output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                  learning_rate=1e-4, lr_scheduler_type="constant", optim="adamw_torch", logging_steps=1,
+                  save_strategy="no", report_to="none", seed=args.seed, bf16=args.bf16,
+                  gradient_checkpointing=False, dataloader_num_workers=0, use_cpu=device == "cpu",
+                  disable_tqdm=True)
     if mode in ("hf", "scft"):
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=rows,
-                          data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
-                          callbacks=[clock])
-    else:
-        trainer_cls = SFTTrainer if mode == "trl" else scft_fast.SCFTSFTTrainer
-        trainer = trainer_cls(model=model, args=SFTConfig(**common, max_length=args.seq_len), train_dataset=rows,
-                              processing_class=tokenizer, callbacks=[clock])
-    rss_before = _proc_status_mb("VmRSS")
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+        return Trainer(model=model, args=TrainingArguments(**common), train_dataset=sft_rows(args),
+                       data_collator=DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id),
+                       callbacks=list(callbacks))
+    trainer_cls = SFTTrainer if mode == "trl" else scft_fast.SCFTSFTTrainer
+    return trainer_cls(model=model, args=SFTConfig(**common, max_length=args.seq_len), train_dataset=sft_rows(args),
+                       processing_class=tokenizer, callbacks=list(callbacks))
+
+
+def worker(mode: str, model_dir: str, result_path: str, args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    clock = step_clock()
+    with tempfile.TemporaryDirectory(prefix=f"bench_sft_{mode}_") as output_dir:
+        trainer = build_trainer(mode, model_dir, args, output_dir, callbacks=[clock])
+        rss_before = _proc_status_mb("VmRSS")
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -277,7 +284,7 @@ def report(args, table: dict, command, started, load_start, commit_start, model_
                                                        for m, t in table.items()) + ")"),
         f"- load average (1, 5, 15 min): start {load_start}, end {_load_average()}; per run: "
         + ", ".join(f"{m} {t['load_before']} -> {t['load_after']}" for m, t in table.items()),
-        f"- first-step loss (same weights, same batch): "
+        "- first-step loss (same weights, same batch): "
         + ", ".join(f"{m} {t['first_loss']:.6f}" for m, t in table.items()) + f"; relative spread {spread:.1e}",
     ]
     if args.note:

@@ -7,7 +7,7 @@ from .ops import IGNORE_INDEX, SafetyLossOutput, last_token_index, safety_loss
 
 __version__ = "0.1.0"
 __all__ = ["IGNORE_INDEX", "SafetyLossOutput", "last_token_index", "safety_loss", "SCFTConfig", "SCFTForCausalLM",
-           "generate_safe", "SafeGeneration"]
+           "generate_safe", "SafeGeneration", "SCFTSFTTrainer"]
 
 # Imported on first use: `import scft_fast` stays free of transformers and DeepSpeed.
 _LAZY = {
@@ -15,6 +15,7 @@ _LAZY = {
     "SCFTForCausalLM": "scft_fast.model",
     "generate_safe": "scft_fast.generation",
     "SafeGeneration": "scft_fast.generation",
+    "SCFTSFTTrainer": "scft_fast.trl",  # needs the trl extra
 }
 
 

@@ -28,11 +28,23 @@ from __future__ import annotations
 
 import logging
 
+import torch
+from transformers import Trainer
+from trl import SFTTrainer
+from trl.data_utils import common_prefix_length, get_dataset_column_names
+
+from .data import SCFTDataCollator
 from .data.config import DataConfig
 from .data.constants import CLS_LABELS, IGNORE_INDEX, SAFE, UNSAFE
 from .data.encode import refusal_token_id, rto_positions
+from .model import SCFTForCausalLM, unwrap
+from .trainer import SCFTTrainerMixin
 
 logger = logging.getLogger(__name__)
+
+# Default dataset columns: the fields scft_fast.data's chat records carry.
+LABEL_COLUMN = "label"
+RTO_COLUMN = "rto"
 
 # The columns of a scft_fast.data row that the collator reads.
 SCFT_COLUMNS = ("input_ids", "labels", "transition_labels", "cls_pos", "cls_label")
@@ -59,8 +71,6 @@ def _completion_start(example: dict, processing_class, chat_template) -> int:
     """The first completion token of a TRL-tokenized row: where its completion_mask starts, or, for a messages row,
     where the last assistant turn starts (TRL's prompt/completion rule: the common prefix of the tokenized prompt,
     rendered with the generation prompt, and the whole conversation); else the first labeled token."""
-    from trl.data_utils import common_prefix_length
-
     if "completion_mask" in example:
         return example["completion_mask"].index(1) if 1 in example["completion_mask"] else len(example["input_ids"])
     messages = example.get("messages")
@@ -119,3 +129,76 @@ def to_safety_rows(dataset, processing_class, data_config: DataConfig, *, label_
             logger.warning("%s dataset: %d of %d rows carry no classification label (no EOS left after "
                            "truncation, or labeled %d)", name, unpooled, len(rows), data_config.ignore_index)
     return rows
+
+
+class _ModelLossSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is the model's own forward with labels (scft_fast's fused op), as in Trainer: SFTTrainer's
+    compute_loss asks the LM head it patches in for per-token log-probabilities of the LM labels, which knows no
+    transition or classification target. TRL's num_tokens metric is kept; entropy and mean_token_accuracy need the
+    logits, which the fused loss never builds, so they are not logged."""
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":  # as TRL counts: real tokens, or a padding-free row's length
+            mask = inputs.get("attention_mask")
+            local = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1),
+                                                                     device=inputs["position_ids"].device)
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(local).sum()) // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+
+class SCFTSFTTrainer(SCFTTrainerMixin, _ModelLossSFTTrainer):
+    """``trl.SFTTrainer`` (same constructor) whose loss is the forward of a model ``apply_scft_fast`` patched: with an
+    ``SCFTConfig``, LM + RTO + the SCFT head from TRL's dataset forms and the safety columns (see the module doc);
+    without one, plain SFT, TRL's data preparation and collator unchanged (packing and padding-free included).
+    Keyword-only extras: ``data_config`` (scft_fast.data's DataConfig: refusal string, rto_keep, seed; ``pool``
+    defaults to the model's), ``label_column``, ``rto_column``."""
+
+    _tag_names = ["trl", "sft", "scft_fast"]
+
+    def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, *trl_args, data_config: DataConfig | None = None,
+                 label_column: str = LABEL_COLUMN, rto_column: str = RTO_COLUMN, **trl_kwargs):
+        base = unwrap(model)
+        if not isinstance(base, SCFTForCausalLM):
+            raise ValueError(f"model: SCFTSFTTrainer trains through scft_fast's fused loss; pass "
+                             f"apply_scft_fast(model, SCFTConfig(...)) (or apply_scft_fast(model) for plain SFT), "
+                             f"got an unpatched {type(base).__name__}")
+        self.scft_config = base.scft_config
+        self.label_column, self.rto_column = label_column, rto_column
+        self.data_config = None
+        if self.scft_config is not None:
+            self.data_config = data_config or DataConfig(pool=self.scft_config.pool)
+            data_collator = self._safety_collator(args, data_collator, processing_class)
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *trl_args,
+                         **trl_kwargs)
+
+    def _safety_collator(self, args, data_collator, processing_class):
+        for flag in ("packing", "padding_free"):
+            if getattr(args, flag, False):
+                raise ValueError(f"args.{flag}=True is not supported with an SCFT head: TRL's {flag} keeps only "
+                                 f"input_ids and labels, the safety targets would be dropped")
+        if processing_class is None:
+            raise ValueError("processing_class: SCFTSFTTrainer needs the tokenizer (each row's EOS is its pooled "
+                             "token, its pad id pads the batches)")
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        refusal = refusal_token_id(tokenizer, self.data_config.refusal_string)
+        if self.scft_config.refusal_token_id not in (None, refusal):
+            raise ValueError(f"data_config.refusal_string {self.data_config.refusal_string!r} is token {refusal}, "
+                             f"but the model's SCFTConfig.refusal_token_id is {self.scft_config.refusal_token_id}")
+        if data_collator is not None:
+            return data_collator
+        return SCFTDataCollator(tokenizer, ignore_index=self.data_config.ignore_index)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if self.data_config is None:  # plain SFT
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if "transition_labels" in get_dataset_column_names(dataset):
+            return dataset  # scft_fast.data rows already
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        return to_safety_rows(prepared, processing_class, self.data_config, label_column=self.label_column,
+                              rto_column=self.rto_column, chat_template=self.chat_template,
+                              num_proc=args.dataset_num_proc, name=dataset_name)
