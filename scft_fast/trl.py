@@ -1,13 +1,21 @@
-"""SCFTSFTTrainer: TRL's SFTTrainer training the LM loss, DeRTa's RTO transition loss and SCFT's head in one pass.
+"""SCFTSFTTrainer: TRL's SFTTrainer with its loss computed by the model's forward, that is by scft_fast's fused op.
 
     trainer = SCFTSFTTrainer(model=apply_scft_fast(model, SCFTConfig()), args=SFTConfig(...),
-                             train_dataset=dataset, processing_class=tokenizer)
+                             train_dataset=dataset, processing_class=tokenizer)   # LM + RTO + SCFT head
+    trainer = SCFTSFTTrainer(model=apply_scft_fast(model), ...)                    # plain SFT
 
-The dataset is in TRL's own forms: prompt/completion (standard or conversational) or messages, plus two optional
-columns, a safety label (``label_column``, default "label": "safe" | "unsafe" | a class id | -100 for none) and an
-RTO flag (``rto_column``, default "rto": a bool), the same fields scft_fast.data's chat records carry. TRL tokenizes
-the rows exactly as SFTTrainer does (chat template, completion_mask, assistant masks, max_length truncation); each
-tokenized row then becomes a scft_fast.data row:
+Why a trainer at all: trl 1.16's SFTTrainer patches its own fused LM head onto every model
+(trl.trainer.utils.add_fused_lm_head) and computes its loss from that head's per-token log-probabilities of the LM
+labels, never from the model's forward; that head knows no transition or classification target. An unmodified
+SFTTrainer trains an apply_scft_fast model correctly, with TRL's head. Here the loss is the model's forward, with
+SCFTTrainer's normalizers, logs, evaluation and saving (SCFTTrainerMixin). TRL's num_tokens metric is kept;
+entropy and mean_token_accuracy need the logits, which the fused loss never builds, and are not logged.
+
+With an SCFTConfig the dataset is in TRL's own forms: prompt/completion (standard or conversational) or messages,
+plus two optional columns, a safety label (``label_column``, default "label": "safe" | "unsafe" | a class id |
+-100 for none) and an RTO flag (``rto_column``, default "rto": a bool), the fields scft_fast.data's chat records
+carry. TRL tokenizes the rows exactly as SFTTrainer does (chat template, completion_mask, assistant masks,
+max_length truncation); each tokenized row then becomes a scft_fast.data row:
 
     labels             TRL's labels (completion_only_loss / assistant_only_loss decide, as in SFTTrainer);
                        all ignored on an RTO row
@@ -19,10 +27,9 @@ tokenized row then becomes a scft_fast.data row:
                        defaults); a row whose EOS max_length cut off has no class (its head term is dropped)
 
 A dataset that already holds scft_fast.data rows (``transition_labels`` among its columns, e.g. from
-``scft_fast.data.build_dataset``) is used as is. Batches are padded by scft_fast.data's collator.
-
-TRL's ``packing`` and ``padding_free`` are refused: TRL's packing keeps only input_ids and labels, and
-padding-free batches are built by TRL's own collator, which drops the safety targets.
+``scft_fast.data.build_dataset``) is used as is. Batches are padded by SCFTDataCollator. TRL's ``packing`` and
+``padding_free`` are refused with a head (TRL's packing keeps only input_ids and labels, and its padding-free
+collator drops the safety targets). Without an SCFTConfig, TRL's data preparation and collator run unchanged.
 """
 from __future__ import annotations
 
@@ -132,10 +139,8 @@ def to_safety_rows(dataset, processing_class, data_config: DataConfig, *, label_
 
 
 class _ModelLossSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss is the model's own forward with labels (scft_fast's fused op), as in Trainer: SFTTrainer's
-    compute_loss asks the LM head it patches in for per-token log-probabilities of the LM labels, which knows no
-    transition or classification target. TRL's num_tokens metric is kept; entropy and mean_token_accuracy need the
-    logits, which the fused loss never builds, so they are not logged."""
+    """SFTTrainer whose loss is the model's forward with labels, as in Trainer, not SFTTrainer's own LM head (see
+    the module doc); TRL's num_tokens metric is kept."""
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,

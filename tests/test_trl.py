@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from scft_fast import SCFTConfig, SCFTSFTTrainer, apply_scft_fast
+from scft_fast import SCFTConfig, SCFTForCausalLM, SCFTSFTTrainer, apply_scft_fast
 from scft_fast.data import IGNORE_INDEX, REFUSAL_STRING, SAFE, UNSAFE, default_data_files, load_default_tokenizer
 from scft_fast.data.config import DataConfig
 from scft_fast.data.encode import refusal_token_id
@@ -94,6 +94,21 @@ def test_scft_sft_trainer_trains_lm_rto_and_head(tmp_path, form):
     for key in ("loss", "lm_loss", "transition_loss", "cls_loss"):
         assert logs[-1][key] < logs[0][key], (key, [r[key] for r in logs])
     assert all(r["transition_loss"] > 0 and r["cls_loss"] > 0 for r in logs)
+    if form != "prompt_completion":
+        return
+    # evaluate() prepares a raw TRL dataset the same way; save_model writes what from_pretrained loads
+    metrics = trainer.evaluate(trl_dataset(form))
+    for key in ("eval_loss", "eval_lm_loss", "eval_transition_loss", "eval_cls_loss", "eval_head_accuracy",
+                "eval_head_auroc"):
+        assert math.isfinite(metrics[key]), (key, metrics)
+    trainer.save_model(str(tmp_path / "model"))
+    loaded = SCFTForCausalLM.from_pretrained(str(tmp_path / "model"))
+    batch = next(iter(trainer.get_eval_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        expected, got = trainer.model(**batch), loaded(**batch)
+    for key in ("loss", "lm_loss", "transition_loss", "cls_loss", "cls_logits"):
+        torch.testing.assert_close(getattr(got, key), getattr(expected, key), rtol=1e-5, atol=1e-6)
 
 
 def prepared_rows(form: str, tmp_path, **trainer_kwargs) -> list[dict]:
