@@ -74,7 +74,7 @@ def _rto_flag(value, column: str, index: int) -> bool:
     raise ValueError(f"column {column!r}, row {index}: expected true, false or null, got {value!r}")
 
 
-def _completion_start(example: dict, processing_class, chat_template) -> int:
+def _completion_start(example: dict, index: int, processing_class, chat_template) -> int:
     """The first completion token of a TRL-tokenized row: where its completion_mask starts, or, for a messages row,
     where the last assistant turn starts (TRL's prompt/completion rule: the common prefix of the tokenized prompt,
     rendered with the generation prompt, and the whole conversation); else the first labeled token."""
@@ -82,7 +82,9 @@ def _completion_start(example: dict, processing_class, chat_template) -> int:
         return example["completion_mask"].index(1) if 1 in example["completion_mask"] else len(example["input_ids"])
     messages = example.get("messages")
     if messages:
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise ValueError(f"column 'messages', row {index}: an RTO row needs an assistant turn to train")
         prompt = processing_class.apply_chat_template(messages[:last], tokenize=True, return_dict=True,
                                                       add_generation_prompt=True, chat_template=chat_template,
                                                       tools=example.get("tools"))["input_ids"]
@@ -100,7 +102,7 @@ def safety_row(example: dict, index: int, *, refusal_id: int, eos_id: int, data_
     rto = _rto_flag(example.get(rto_column), rto_column, index)
     transition = [ignore] * n
     if rto:
-        start = _completion_start(example, processing_class, chat_template)
+        start = _completion_start(example, index, processing_class, chat_template)
         for j in rto_positions(n - start, data_config.rto_keep, [data_config.seed, index]) if start < n else ():
             transition[start + int(j)] = refusal_id
         labels = [ignore] * n
@@ -177,6 +179,9 @@ class SCFTSFTTrainer(SCFTTrainerMixin, _ModelLossSFTTrainer):
         self.data_config = None
         if self.scft_config is not None:
             self.data_config = data_config or DataConfig(pool=self.scft_config.pool)
+            if self.data_config.pool != self.scft_config.pool:
+                raise ValueError(f"data_config.pool={self.data_config.pool!r} but the model's head pools "
+                                 f"{self.scft_config.pool!r} at inference; make them equal")
             data_collator = self._safety_collator(args, data_collator, processing_class)
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *trl_args,
                          **trl_kwargs)
