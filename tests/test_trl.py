@@ -103,7 +103,7 @@ def test_scft_sft_trainer_trains_lm_rto_and_head(tmp_path, form):
         assert math.isfinite(metrics[key]), (key, metrics)
     trainer.save_model(str(tmp_path / "model"))
     loaded = SCFTForCausalLM.from_pretrained(str(tmp_path / "model"))
-    batch = next(iter(trainer.get_eval_dataloader()))
+    batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.eval()
     with torch.no_grad():
         expected, got = trainer.model(**batch), loaded(**batch)
