@@ -45,10 +45,10 @@ MODE_TITLES = {"hf": "transformers.Trainer, the model's own loss (logits materia
                "trl": "trl.SFTTrainer as shipped: TRL's chunked fused LM head",
                "trl-scft": "scft_fast.SCFTSFTTrainer, apply_scft_fast(model): scft_fast fused loss"}
 # CPU: the LM head (V x H = 32000 x 256) is most of a token's matmul work, as in bench_train.py; 2 x 1024 tokens
-# per step, ~1-2 s per step on 2 cores. CUDA: Llama-3.2-1B's vocabulary and width, 4 layers.
+# per step: a few seconds per step and about a minute per mode on 2 shared cores. CUDA: Llama-3.2-1B's vocabulary and width, 4 layers.
 PRESETS = {
     "cpu": dict(hidden=256, intermediate=688, layers=2, heads=4, kv_heads=2, vocab=32000, seq_len=1024,
-                batch_size=2, steps=12, warmup=3, bf16=False),
+                batch_size=2, steps=8, warmup=2, bf16=False),
     "cuda": dict(hidden=2048, intermediate=8192, layers=4, heads=32, kv_heads=8, vocab=128256, seq_len=2048,
                  batch_size=8, steps=30, warmup=5, bf16=True),
     "quick": dict(hidden=64, intermediate=172, layers=2, heads=4, kv_heads=2, vocab=4096, seq_len=128,
@@ -72,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="sequences per step, one micro-batch (cpu 2, cuda 8)")
     p.add_argument("--prompt-frac", type=float, default=0.25,
                    help="leading fraction of each sequence with no LM label, the prompt (default 0.25)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (cpu 12, cuda 30)")
-    p.add_argument("--warmup", type=int, help="first steps left out of the figures (cpu 3, cuda 5)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (cpu 8, cuda 30)")
+    p.add_argument("--warmup", type=int, help="first steps left out of the figures (cpu 2, cuda 5)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for the cuda preset, off for cpu)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
