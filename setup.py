@@ -47,7 +47,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.1"],
         "train": ["transformers>=4.46", "datasets", "tokenizers", "jinja2", "safetensors", "deepspeed",
-                  "accelerate", "peft", "matplotlib"],
+                  "accelerate", "peft", "matplotlib", "tensorboard"],
         # SCFTSFTTrainer builds on SFTTrainer internals (_prepare_dataset, the fused LM head it patches in).
         "trl": ["trl>=1.16,<1.17"],
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .training.config import LOSS_MODES, TINY_PRESET, DataSpec, LossSpec, ModelSpec, OptimSpec, TrainConfig
+from .training.reporting import REPORT_TO
 
 _D, _O, _T = DataSpec(), OptimSpec(), TrainConfig()
 
@@ -82,6 +83,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         f"{_D.eval_samples})")
     p.add_argument("--num-proc", type=int, default=1, help="processes for tokenization (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--report-to", choices=REPORT_TO, default="none",
+                   help="also log every step through transformers' integration: tensorboard (under "
+                        "OUTPUT_DIR/runs) or wandb (WANDB_MODE=offline for no account; untested) (default: none)")
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -104,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         output_dir=args.output_dir, max_steps=max_steps if max_steps and max_steps > 0 else None, epochs=args.epochs or _T.epochs,
         grad_accum=args.grad_accum, deepspeed=args.deepspeed, bf16=args.bf16, seed=args.seed, resume=args.resume,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
-        summary=args.eval_samples > 0)
+        summary=args.eval_samples > 0, report_to=args.report_to)
 
 
 def main(argv: list[str] | None = None) -> int:

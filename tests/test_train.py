@@ -103,6 +103,22 @@ def test_packed_training_runs(tmp_path, small_data):
     assert len(rows) == 2 and rows[0]["tokens"] <= 512 and rows[0]["cls_loss"] > 0
 
 
+def test_report_to_tensorboard_logs_every_record(tmp_path, small_data, one_thread):
+    """--report-to tensorboard: transformers' TensorBoardCallback writes each metrics.jsonl record as Trainer's
+    runs name them (train/<key>), at its step."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    main(["train", "--data", small_data, "--micro-batch-size", "4", "--max-steps", "2", "--eval-samples", "0",
+          "--save-every", "0", "--no-progress", "--report-to", "tensorboard", "--output-dir", str(tmp_path)])
+    (run,) = os.listdir(tmp_path / "runs")
+    events = event_accumulator.EventAccumulator(str(tmp_path / "runs" / run))
+    events.Reload()
+    records = read_metrics(tmp_path)
+    for key in ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy", "lr", "grad_norm"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [e.step for e in scalars] == [1, 2], key
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in records], rel=1e-6), key
+
+
 def test_epochs_without_max_steps(tmp_path, small_data):
     config = TrainConfig(data=DataSpec(files=[small_data], micro_batch_size=16, eval_samples=0), max_steps=None,
                          epochs=2, output_dir=str(tmp_path / "epochs"), save_every=0, progress=False, summary=False)

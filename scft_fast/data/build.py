@@ -183,3 +183,17 @@ def build_dataset(files, tokenizer, config: DataConfig | None = None):
     else:
         logger.info("safety data from %s:\n%s", files, stats.summary())
     return dataset, stats
+
+
+def safety_dataset(tokenizer, files=None, *, split: str = "train", config: DataConfig | None = None,
+                   **config_fields):
+    """The tokenized dataset ``SCFTTrainer`` and ``SCFTDataCollator`` take: ``build_dataset`` of JSONL ``files``
+    or, when ``files`` is None, of the embedded dataset's ``split`` ("train" | "eval"). DataConfig fields may be
+    passed as keywords (``rto_keep=0.05``) instead of ``config``."""
+    from .embedded import default_data_files
+
+    if config is not None and config_fields:
+        raise ValueError(f"pass either config or DataConfig fields, not both (got {sorted(config_fields)})")
+    config = config or DataConfig(**config_fields)
+    dataset, _ = build_dataset(default_data_files(split) if files is None else files, tokenizer, config)
+    return dataset

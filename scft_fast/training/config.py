@@ -73,6 +73,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True  # tqdm bar on rank 0
     summary: bool = True  # held-out evaluation before and after training
+    report_to: str = "none"  # transformers' logging integration: "none" | "tensorboard" | "wandb"
 
     def to_dict(self) -> dict:
         return asdict(self)

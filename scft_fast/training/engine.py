@@ -14,19 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..model import merged_state_dict
 from .config import OptimSpec, TrainConfig
-
-
-def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU copies that keep tied tensors tied (one copy per storage), so that the HF save drops the tied key."""
-    copies, out = {}, {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if key not in copies:
-            copies[key] = tensor.detach().to("cpu", copy=True)
-        out[name] = copies[key]
-    return out
 
 
 def lr_lambda(optim: OptimSpec, total_steps: int):
@@ -92,9 +80,6 @@ class TorchEngine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return cpu_copy(merged_state_dict(self.module))
 
     def eval_forward(self, **batch):
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
@@ -173,18 +158,6 @@ class DeepSpeedEngine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/engine")
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every rank must call this; rank 0 gets full-shape CPU tensors (others an empty dict)."""
-        import deepspeed
-
-        params = list(self.module.parameters())
-        if self.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = cpu_copy(merged_state_dict(self.module))
-        else:
-            state = cpu_copy(merged_state_dict(self.module))
-        return state if self.rank == 0 else {}
 
     def eval_forward(self, **batch):
         with torch.no_grad():

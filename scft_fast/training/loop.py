@@ -16,14 +16,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..model import save_merged, shift_labels
+from .accounting import STEP_STATS, output_stats, stat_means, step_targets
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .components import BatchPlan, build_data, build_model, padded_batches, to_device
 from .config import TrainConfig
 from .engine import DeepSpeedEngine, TorchEngine
+from .export import full_state_dict, save_scft_model
 from .metrics import MetricsLog, evaluate, plot_loss_curves
+from .reporting import Reporter
 
-_STATS = ("loss", "lm_sum", "n_lm", "tr_sum", "n_tr", "cls_sum", "n_cls", "cls_correct", "tokens")
+_STATS = STEP_STATS + ("tokens",)
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
@@ -61,18 +63,6 @@ def _model_inputs(batch: dict, mode: str) -> dict:
     if mode == "hf":
         inputs["hf_loss"] = True
     return inputs
-
-
-def _step_counts(batches: list[dict], mode: str, ignore: int) -> torch.Tensor:
-    """(token targets, labeled sequences) of this rank's micro-batches, counted as the model will count them."""
-    tokens = labeled = 0
-    for b in batches:
-        position_ids = b.get("position_ids")
-        tokens += int((shift_labels(b["labels"], position_ids, ignore) != ignore).sum())
-        if mode == "full":
-            tokens += int((shift_labels(b["transition_labels"], position_ids, ignore) != ignore).sum())
-            labeled += int((b["cls_labels"] != ignore).sum())
-    return torch.tensor([tokens, labeled], dtype=torch.float64)
 
 
 def train(config: TrainConfig) -> dict:
@@ -113,6 +103,7 @@ def train(config: TrainConfig) -> dict:
                     json.dump(before, f)
 
     log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), start, enabled=rank == 0)
+    reporter = Reporter(config.report_to, config.output_dir, total_steps, model=engine.module, enabled=rank == 0)
     progress = None
     if rank == 0 and config.progress:
         from tqdm.auto import tqdm
@@ -123,23 +114,28 @@ def train(config: TrainConfig) -> dict:
     for step in range(start, total_steps):
         began = time.perf_counter()
         batches = plan.micro_batches(step, rank)
-        tokens, labeled = _all_reduce(_step_counts(batches, mode, ignore), world).tolist()
-        stats = torch.zeros(len(_STATS), dtype=torch.float64)
+        # Step-wide normalizers, counted as the model counts; kept on the device (no host sync per step).
+        counts = step_targets([_model_inputs(b, mode) for b in batches], ignore).to(device, torch.float64)
+        tokens, labeled = _all_reduce(counts, world) / world
+        stats = torch.zeros(len(_STATS), dtype=torch.float64, device=device)
         for i, batch in enumerate(batches):
             batch = to_device(batch, device)
-            out = engine.forward(**_model_inputs(batch, mode), num_items_in_batch=tokens / world,
-                                 **({"num_cls_in_batch": labeled / world} if mode == "full" else {}))
+            out = engine.forward(**_model_inputs(batch, mode), num_items_in_batch=tokens,
+                                 **({"num_cls_in_batch": labeled} if mode == "full" else {}))
             engine.backward(out.loss)
             if i + 1 < len(batches):
                 engine.micro_step()
-            stats += _micro_stats(out, batch, ignore)
+            mask = batch.get("attention_mask")
+            seen = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=device)
+            stats += torch.cat([output_stats(out, batch.get("cls_labels"), ignore), seen.double()[None]])
         grad_norm = engine.step()
-        stats = _all_reduce(stats.to(device), world).cpu()
+        stats = _all_reduce(stats, world).cpu()
         elapsed = time.perf_counter() - began
         record = _record(step + 1, plan.locate(step)[0], stats, world, engine.lr, grad_norm, elapsed)
         record["peak_memory_mb"] = _peak_memory_mb(device)
         throughput.append(record["tokens_per_s"])
         log.write(record)
+        reporter.log(record)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", cls_acc=record["head_accuracy"])
@@ -147,14 +143,14 @@ def train(config: TrainConfig) -> dict:
             save_checkpoint(engine, config.output_dir, step + 1, config.keep_checkpoints, rank)
     if progress is not None:
         progress.close()
+    reporter.close()
 
     after = evaluate(engine, eval_batches, ignore) if eval_batches else None
     model_dir = os.path.join(config.output_dir, "model")
-    state = engine.full_state_dict()
+    state = full_state_dict(engine.module)
     summary = None
     if rank == 0:
-        save_merged(engine.module, model_dir, state_dict=state)
-        tokenizer.save_pretrained(model_dir)
+        save_scft_model(engine.module, model_dir, state, tokenizer)
         plot_loss_curves(log.path, os.path.join(config.output_dir, "loss_curves.png"))
         summary = _summary(config, log.path, before, after, throughput, data_stats, refusal, world, model_dir)
         with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
@@ -173,30 +169,9 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # Linux reports KiB
 
 
-def _micro_stats(out, batch: dict, ignore: int) -> torch.Tensor:
-    stats = torch.zeros(len(_STATS), dtype=torch.float64)
-    stats[0] = float(out.loss.detach())
-    if out.n_lm is not None:
-        n_lm, n_tr, n_cls = float(out.n_lm), float(out.n_tr), float(out.n_cls)
-        stats[1:7] = torch.tensor([float(out.lm_loss) * n_lm, n_lm, float(out.transition_loss) * n_tr, n_tr,
-                                   float(out.cls_loss) * n_cls, n_cls], dtype=torch.float64)
-    if out.cls_logits is not None and out.cls_logits.numel():
-        labels = batch["cls_labels"]
-        stats[7] = float(((out.cls_logits.argmax(-1) == labels) & (labels != ignore)).sum())
-    mask = batch.get("attention_mask")
-    stats[8] = float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
-    return stats
-
-
 def _record(step, epoch, stats, world, lr, grad_norm, elapsed) -> dict:
     s = dict(zip(_STATS, stats.tolist()))
-
-    def mean(total, count):
-        return total / count if count else None
-
-    return {"step": step, "epoch": epoch, "loss": s["loss"] / world,
-            "lm_loss": mean(s["lm_sum"], s["n_lm"]), "transition_loss": mean(s["tr_sum"], s["n_tr"]),
-            "cls_loss": mean(s["cls_sum"], s["n_cls"]), "head_accuracy": mean(s["cls_correct"], s["n_cls"]),
+    return {"step": step, "epoch": epoch, "loss": s["loss"] / world, **stat_means(stats[:len(STEP_STATS)]),
             "lm_tokens": int(s["n_lm"]), "rto_tokens": int(s["n_tr"]), "cls_labels": int(s["n_cls"]),
             "tokens": int(s["tokens"]), "tokens_per_s": s["tokens"] / elapsed, "step_time_s": elapsed,
             "lr": lr, "grad_norm": grad_norm}
