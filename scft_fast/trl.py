@@ -41,6 +41,7 @@ from trl import SFTTrainer
 from trl.data_utils import common_prefix_length, get_dataset_column_names
 
 from .data import SCFTDataCollator
+from .data.collate import INPUT_COLUMNS
 from .data.config import DataConfig
 from .data.constants import CLS_LABELS, IGNORE_INDEX, SAFE, UNSAFE
 from .data.encode import refusal_token_id, rto_positions
@@ -52,9 +53,6 @@ logger = logging.getLogger(__name__)
 # Default dataset columns: the fields scft_fast.data's chat records carry.
 LABEL_COLUMN = "label"
 RTO_COLUMN = "rto"
-
-# The columns of a scft_fast.data row that the collator reads.
-SCFT_COLUMNS = ("input_ids", "labels", "transition_labels", "cls_pos", "cls_label")
 
 
 def _cls_label(value, column: str, index: int, rto: bool) -> int:
@@ -118,13 +116,13 @@ def safety_row(example: dict, index: int, *, refusal_id: int, eos_id: int, data_
 
 def to_safety_rows(dataset, processing_class, data_config: DataConfig, *, label_column: str, rto_column: str,
                    chat_template=None, num_proc: int | None = None, name: str = "train"):
-    """A TRL-prepared dataset -> scft_fast.data rows (SCFT_COLUMNS only)."""
+    """A TRL-prepared dataset -> scft_fast.data rows (the columns the collators read, INPUT_COLUMNS)."""
     from datasets import Dataset
 
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token: the classification head pools on each row's EOS")
-    kwargs = dict(with_indices=True, remove_columns=[c for c in dataset.column_names if c not in SCFT_COLUMNS],
+    kwargs = dict(with_indices=True, remove_columns=[c for c in dataset.column_names if c not in INPUT_COLUMNS],
                   fn_kwargs=dict(refusal_id=refusal_token_id(tokenizer, data_config.refusal_string),
                                  eos_id=tokenizer.eos_token_id, data_config=data_config, label_column=label_column,
                                  rto_column=rto_column, processing_class=processing_class,
