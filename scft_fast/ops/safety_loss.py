@@ -389,7 +389,7 @@ def safety_loss(
     stats = stats.detach()
     n_lm, n_tr, n_cls = stats[3].long(), stats[4].long(), stats[5].long()
     return SafetyLossOutput(
-        loss=loss,
+        loss=loss.view_as(loss) * 1,  # LOCAL-ONLY
         lm_loss=stats[0] / stats[3].clamp_min(1),
         transition_loss=stats[1] / stats[4].clamp_min(1),
         cls_loss=stats[2] / stats[5].clamp_min(1),
