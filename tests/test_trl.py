@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from scft_fast import SCFTConfig, SCFTForCausalLM, SCFTSFTTrainer, apply_scft_fast
 from scft_fast.data import IGNORE_INDEX, REFUSAL_STRING, SAFE, UNSAFE, default_data_files, load_default_tokenizer
@@ -111,10 +112,10 @@ def test_scft_sft_trainer_trains_lm_rto_and_head(tmp_path, form):
         torch.testing.assert_close(getattr(got, key), getattr(expected, key), rtol=1e-5, atol=1e-6)
 
 
-def prepared_rows(form: str, tmp_path, **trainer_kwargs) -> list[dict]:
+def prepared_rows(form: str, tmp_path, config: dict | None = None, **trainer_kwargs) -> list[dict]:
     dataset = trl_dataset(form)
-    trainer = SCFTSFTTrainer(model=scft_model(), args=sft_config(tmp_path, len(dataset)), train_dataset=dataset,
-                             processing_class=TOKENIZER, **trainer_kwargs)
+    trainer = SCFTSFTTrainer(model=scft_model(), args=sft_config(tmp_path, len(dataset), **(config or {})),
+                             train_dataset=dataset, processing_class=TOKENIZER, **trainer_kwargs)
     return list(trainer.train_dataset)
 
 
@@ -148,6 +149,12 @@ def test_safety_rows_follow_trl_tokenization(tmp_path):
         targets = [t for t, x in enumerate(row["transition_labels"]) if x != IGNORE_INDEX]
         full_targets = [t for t, x in enumerate(full["transition_labels"]) if x != IGNORE_INDEX]
         assert set(targets) <= set(full_targets) and len(targets) == math.ceil(0.25 * len(full_targets))
+    # TRL's max_length truncation (keep_start) cuts the EOS off long rows: no pooled token, no head label
+    cut = prepared_rows("prompt_completion", tmp_path, config=dict(max_length=20))
+    assert any(TOKENIZER.eos_token_id not in r["input_ids"] for r in cut)
+    for row in cut:
+        has_eos = TOKENIZER.eos_token_id in row["input_ids"]
+        assert len(row["input_ids"]) <= 20 and (row["cls_label"] != IGNORE_INDEX) == has_eos
 
 
 def test_scft_sft_trainer_errors(tmp_path):
@@ -195,6 +202,23 @@ def test_plain_sft_with_apply_scft_fast(tmp_path, trainer_cls):
     torch.testing.assert_close(fused.loss.double(), expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(trainer_loss.double(), expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(normalized.double(), expected / 2, rtol=1e-5, atol=0)
+
+
+def test_plain_sft_padding_free(tmp_path):
+    """Plain SFT through SCFTSFTTrainer keeps TRL's padding-free collator: one flattened row per batch, the same
+    loss as the padded batch of the same rows."""
+    dataset = trl_dataset("prompt_completion", safety_columns=False)
+    model = apply_scft_fast(tiny_llama())
+    trainer = SCFTSFTTrainer(model=model, args=sft_config(tmp_path, len(dataset), padding_free=True, max_length=None),
+                             train_dataset=dataset, processing_class=TOKENIZER)
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    flat = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in flat and flat["input_ids"].shape[0] == 1 and "cu_seq_lens_q" in flat
+    padded = DataCollatorForLanguageModeling(pad_token_id=TOKENIZER.pad_token_id)(list(trainer.train_dataset))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**flat).loss, model(**padded).loss, rtol=1e-5, atol=0)
 
 
 def test_unmodified_sft_trainer_keeps_the_model_generating(tmp_path):
