@@ -135,9 +135,9 @@ class SCFTTrainerMixin:
         if stats is None:
             stats = torch.zeros(len(STEP_STATS), dtype=torch.float64, device=self.args.device)
         stats = self.accelerator.reduce(stats, reduction="sum")
-        scores = [s for s in gather_object([torch.cat(self._eval_scores)] if self._eval_scores else [])]
+        scores = gather_object([torch.cat(self._eval_scores)] if self._eval_scores else [])
         self._eval_stats, self._eval_scores = None, []
-        if not (stats[2] + stats[4] + stats[6]):
+        if not any(stats[STEP_STATS.index(count)] for count in ("n_lm", "n_tr", "n_cls")):
             return output  # no batch carried a target: Trainer's own result stands
         metrics = {"loss": pooled_loss(stats, **self._coefs())}
         metrics.update({k: v for k, v in stat_means(stats).items() if v is not None})

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
 from safetensors.torch import load_file  # noqa: E402
 from transformers.trainer_callback import TrainerCallback  # noqa: E402
 
-import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
-from scft_fast import SCFTDataCollator, SCFTForCausalLM  # noqa: E402
+from scft_fast import SCFTDataCollator, SCFTForCausalLM, SCFTTrainer  # noqa: E402
 from scft_fast.data import default_data_files  # noqa: E402
 from scft_fast.training.metrics import auroc  # noqa: E402
 
@@ -144,15 +144,57 @@ def test_accumulation_equals_twice_the_batch(tok, rows, tmp_path, kind):
         assert ref_logs[0]["loss"] == pytest.approx(ref_logs[0]["cls_loss"], rel=1e-5)
 
 
-def test_checkpoint_resume_gives_identical_losses(tok, rows, tmp_path):
+def test_plain_trainer_with_apply_scft_fast(tok, rows, tmp_path):
+    """Ordinary SFT: transformers.Trainer itself over apply_scft_fast(model) (no head), Trainer's own
+    num_items_in_batch: 2 accumulated micro-batches of 2 == 1 batch of 4, loss and every gradient."""
+    from torch.nn.utils.rnn import pad_sequence
+    from transformers import Trainer
+
+    from scft_fast import apply_scft_fast
+
+    def collate(batch):
+        ids = [torch.tensor(r["input_ids"]) for r in batch]
+        return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=tok.pad_token_id),
+                "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True),
+                "labels": pad_sequence([torch.tensor(r["labels"]) for r in batch], batch_first=True,
+                                       padding_value=IGNORE)}
+
+    data = rows.filter(lambda k: k != "rto", input_columns="kind").select(range(8))
+    runs = {}
+    for name, (size, accumulation) in {"accumulated": (2, 2), "large": (4, 1)}.items():
+        model = apply_scft_fast(w.causal_lm(tok))
+        assert model.scft_config is None
+        grads = Gradients()
+        trainer = Trainer(model=model, args=w.arguments(str(tmp_path / name), per_device_train_batch_size=size,
+                                                        gradient_accumulation_steps=accumulation,
+                                                        max_grad_norm=0.0),
+                          train_dataset=data, data_collator=collate, callbacks=[grads])
+        trainer.train()
+        runs[name] = [r["loss"] for r in trainer.state.log_history if "loss" in r], grads.steps
+    (losses, grads), (ref_losses, ref_grads) = runs["accumulated"], runs["large"]
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for ours, ref in zip(grads, ref_grads):
+        assert_grads_close(ours, ref)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_checkpoint_resume_gives_identical_losses(tok, rows, tmp_path, lora):
+    """Full fine-tuning resumes from our save_model's checkpoint, started from other random weights (so all of
+    them are reloaded); LoRA from Trainer's adapter checkpoint (adapters and the head, among modules_to_save) over
+    the same base model, whose adapters and head have moved by step 2."""
     args = dict(max_steps=4, save_strategy="steps", save_steps=2)
-    trainer, trace = w.trainer(tok, rows, w.arguments(str(tmp_path), **args))
+    trainer, trace = w.trainer(tok, rows, w.arguments(str(tmp_path), **args), lora=lora)
     trainer.train()
-    resumed, resumed_trace = w.trainer(tok, rows, w.arguments(str(tmp_path), **args), seed=1)
+    if lora:
+        adapter = load_file(str(tmp_path / "checkpoint-2" / "adapter_model.safetensors"))
+        assert any(".score." in k for k in adapter) and any("lora_" in k for k in adapter)
+    resumed, resumed_trace = w.trainer(tok, rows, w.arguments(str(tmp_path), **args), seed=0 if lora else 1,
+                                       lora=lora)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert len(resumed_trace.logs) == 2
     for ours, ref in zip(resumed_trace.logs, trace.logs[2:]):
-        for key in TERMS + ("grad_norm",):
+        assert ours.keys() == ref.keys()
+        for key in set(TERMS + ("grad_norm",)) & ref.keys():
             assert ours[key] == pytest.approx(ref[key], rel=1e-6), key
 
 
@@ -163,6 +205,7 @@ def test_save_model_loads_with_the_same_outputs(tok, rows, tmp_path, tied):
     trainer, _ = w.trainer(tok, rows, w.arguments(str(tmp_path), save_strategy="steps", save_steps=1,
                                                   gradient_checkpointing=True), tied=tied)
     trainer.train()
+    assert trainer.model.is_gradient_checkpointing
     assert os.path.isdir(tmp_path / "checkpoint-2")
     trainer.save_model(str(tmp_path / "final"))
     loaded = SCFTForCausalLM.from_pretrained(str(tmp_path / "final")).eval()
@@ -203,6 +246,35 @@ def test_packed_collator_gives_the_padded_loss(tok, rows):
         ours, ref = model(**packed), model(**SCFTDataCollator(tok)(picked))
     torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(ours.cls_logits, ref.cls_logits, rtol=1e-5, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed_cu_seqlens_only"])
+def test_loss_targets_count_what_the_model_counts(tok, rows, layout):
+    from scft_fast.data import PackedCollator
+    from scft_fast.training.accounting import loss_targets
+
+    picked = [rows[i] for i in range(6)]
+    batch = (SCFTDataCollator(tok) if layout == "padded" else PackedCollator(10 ** 6))(picked)
+    if layout != "padded":
+        # Labels on every sequence's first token too (PackedCollator leaves them out): the model then drops the
+        # targets that would cross a boundary, and the count must drop them as well.
+        starts = batch["cu_seqlens"][:-1].long()
+        batch["labels"][0, starts] = batch["input_ids"][0, starts]
+    if layout == "packed_cu_seqlens_only":
+        del batch["position_ids"]  # the model derives the positions from cu_seqlens; so must the count
+    with torch.no_grad():
+        out = w.model(tok)(**batch)
+    tokens, labeled = loss_targets(batch).tolist()
+    assert (tokens, labeled) == (int(out.n_lm + out.n_tr), int(out.n_cls)) and tokens > 0 and labeled > 0
+
+
+def test_trainer_trains_packed_batches(tok, rows, tmp_path):
+    trainer = SCFTTrainer(model=w.model(tok), args=w.arguments(str(tmp_path)), train_dataset=rows,
+                          data_collator=SCFTDataCollator(tok, packing=True))
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logs) == 2 and logs[0]["lm_loss"] > 0 and logs[0]["cls_loss"] > 0
 
 
 @pytest.fixture(scope="module")

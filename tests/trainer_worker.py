@@ -34,12 +34,16 @@ def dataset(tok, data_file: str):
     return safety_dataset(tok, [data_file])
 
 
-def model(tok, seed: int = 0, tied: bool = False, lora: bool = False):
+def causal_lm(tok, seed: int = 0, tied: bool = False):
     torch.manual_seed(seed)
-    lm = LlamaForCausalLM(LlamaConfig(
+    return LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id))
+
+
+def model(tok, seed: int = 0, tied: bool = False, lora: bool = False):
+    lm = causal_lm(tok, seed, tied)
     if lora:
         import peft
 
