@@ -106,7 +106,8 @@ def resume_changes(config: TrainConfig) -> list[str]:
         raise UserError(f"{path} is not valid JSON ({e}): restore it, or pass --resume-override") from None
     new = _flatten(config.to_dict())
     ignored = {"resume", "resume_override", "progress", "output_dir"}
-    changed = [k for k in new if k not in ignored and k in saved and _comparable(saved[k]) != _comparable(new[k])]
+    changed = [k for k in new if k not in ignored and k in saved
+               and _comparable(k, saved[k]) != _comparable(k, new[k])]
     defining = [k for k in changed if k in RUN_DEFINING]
     if defining and not config.resume_override:
         details = "; ".join(f"{_flag(k)} {new[k]!r} (the run's: {saved[k]!r})" for k in defining)
@@ -115,5 +116,12 @@ def resume_changes(config: TrainConfig) -> list[str]:
     return [f"{_flag(k)} {new[k]!r} (was {saved[k]!r})" for k in changed]
 
 
-def _comparable(value):
+PATH_KEYS = ("model.name_or_path", "data.files", "data.eval_files", "deepspeed")
+
+
+def _comparable(key: str, value):
+    if key in PATH_KEYS and value is not None:  # ./a.jsonl and a.jsonl are one file
+        paths = [value] if isinstance(value, str) else value
+        real = [os.path.realpath(p) if os.path.exists(p) else p for p in paths]
+        return real[0] if isinstance(value, str) else real
     return list(value) if isinstance(value, tuple) else value  # JSON turns tuples into lists
