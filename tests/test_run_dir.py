@@ -204,7 +204,8 @@ def test_kill_9_while_checkpointing_then_resume_is_exact_and_a_concurrent_run_is
         # While it runs, a second run into its directory is refused, resume or not.
         assert main(run_args(small_data, run, "--resume")) == 2
         assert f"is in use by another run (pid {proc.pid}" in capsys.readouterr().err
-        delay = random.uniform(0.0, 0.3)  # checkpoints follow every step: a random moment in or between saves
+        # A checkpoint follows every step: a random moment in or between the saves of steps 1 to 3.
+        delay = random.uniform(0.0, 0.1)
         time.sleep(delay)
         proc.kill()
         proc.wait()
