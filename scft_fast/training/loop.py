@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import RunError, UserError
-from ..model import shift_labels
+from ..model import save_merged, shift_labels
 from .checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from .components import BatchPlan, build_data, build_model, padded_batches, to_device
 from .config import TrainConfig
@@ -183,7 +183,7 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
     state = engine.full_state_dict()
     summary = None
     if rank == 0:
-        engine.module.save_pretrained(model_dir, state_dict=state)
+        save_merged(engine.module, model_dir, state_dict=state)
         tokenizer.save_pretrained(model_dir)
         plot_loss_curves(log.path, os.path.join(config.output_dir, "loss_curves.png"))
         summary = _summary(config, log.path, before, after, throughput, data_stats, refusal, world, model_dir)
