@@ -43,7 +43,6 @@ def int_at_least(minimum: int):
     def parse(text: str) -> int:
         return _number(int, text, f"an integer >= {minimum}", lambda v: v >= minimum)
 
-    parse.__name__ = f"int_at_least_{minimum}"
     return parse
 
 

@@ -185,7 +185,7 @@ def test_cli_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--baseline", "--data", "--harmful", "--benign", "--output", "--plot", "--threshold",
                  "--max-new-tokens", "--attack-words", "--attack-window", "--batch-size", "--limit",
-                 "--refusal-string", "--device", "--dtype", "--no-progress"):
+                 "--refusal-string", "--device", "--dtype", "--no-progress", "--debug"):
         assert flag in text
 
 

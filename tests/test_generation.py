@@ -284,7 +284,7 @@ def test_cli_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--prompt", "--prompts", "--threshold", "--mode", "--check-every", "--refusal-text",
                  "--max-new-tokens", "--do-sample", "--temperature", "--top-p", "--top-k", "--seed",
-                 "--batch-size", "--device", "--dtype", "--live", "--json", "--generate-arg"):
+                 "--batch-size", "--device", "--dtype", "--live", "--json", "--generate-arg", "--debug"):
         assert flag in text
 
 

@@ -14,7 +14,8 @@ from scft_fast.training.metrics import auroc  # noqa: E402
 
 REQUIRED_FLAGS = ["--model", "--data", "--output-dir", "--max-steps", "--epochs", "--deepspeed", "--bf16", "--lr",
                   "--micro-batch-size", "--grad-accum", "--max-length", "--packing", "--lm-coef",
-                  "--transition-coef", "--cls-coef", "--rto-keep", "--pool", "--seed", "--resume"]
+                  "--transition-coef", "--cls-coef", "--rto-keep", "--pool", "--seed", "--resume", "--resume-override",
+                  "--debug"]
 
 
 @pytest.fixture(scope="module")
