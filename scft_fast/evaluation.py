@@ -32,10 +32,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import REFUSAL_STRING, SAFE, UNSAFE, ChatRenderer, DataConfig, SampleEncoder, default_data_files
+from .arguments import add_debug_flag, cli_main, non_empty_str, non_negative_int, positive_int, probability
+from .data import (REFUSAL_STRING, SAFE, UNSAFE, ChatRenderer, DataConfig, DataError, SampleEncoder,
+                   default_data_files)
 from .data.constants import CLS_LABELS
 from .data.records import parse_record
-from .generation import PROMPT_FIELDS, THRESHOLD, generate_safe, load_model, p_unsafe_of, read_records
+from .errors import ConfigError
+from .generation import (PROMPT_FIELDS, THRESHOLD, check_model_dir, generate_safe, load_model, p_unsafe_of,
+                         read_records)
 
 # DeRTa's file names say what their questions are.
 DERTA_ROLES = {"safety_": "harmful", "helpfulness_": "benign"}
@@ -62,6 +66,8 @@ class EvalConfig:
         for name in ("max_new_tokens", "attack_window", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1 (or None: everything), got {self.limit}")
 
 
 @dataclass
@@ -145,16 +151,16 @@ def load_eval_data(data: list[str] = (), harmful: list[str] = (), benign: list[s
     roles = [(path, None) for path in data] + [(p, "harmful") for p in harmful] + [(p, "benign") for p in benign]
     for path, role in roles:
         for line_no, record in enumerate(read_records(path), 1):
-            where = f"{path}:{line_no}"
+            at = (path, line_no, None)
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {record!r:.80}")
+                raise DataError(*at, f"expected a JSON object, got {record!r:.80}")
             question = next((record[k] for k in PROMPT_FIELDS if k in record), None)
             if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: expected a non-empty string among {PROMPT_FIELDS}, got keys "
-                                 f"{sorted(record)}")
+                raise DataError(*at, f"expected a non-empty string among {PROMPT_FIELDS}, got keys "
+                                     f"{sorted(record)}")
             label = record.get("label")
             if label is not None and label not in CLS_LABELS:
-                raise ValueError(f"{where}: unknown label {label!r}, expected one of {sorted(CLS_LABELS)}")
+                raise DataError(*at, f"unknown label {label!r}, expected one of {sorted(CLS_LABELS)}")
 
             def pick(default: int) -> int:  # an explicit "label" sets every pair of the record, as in training
                 return default if label is None else CLS_LABELS[label]
@@ -162,24 +168,29 @@ def load_eval_data(data: list[str] = (), harmful: list[str] = (), benign: list[s
             if "harmful_response" in record or "safe_response" in record:
                 harmful_response, safe_response = record.get("harmful_response"), record.get("safe_response")
                 if not isinstance(harmful_response, str) or not isinstance(safe_response, str):
-                    raise ValueError(f"{where}: a harmful triple needs string \"harmful_response\" and "
-                                     f"\"safe_response\", got keys {sorted(record)}")
+                    raise DataError(*at, f"a harmful triple needs string \"harmful_response\" and "
+                                         f"\"safe_response\", got keys {sorted(record)}")
                 out.pairs += [(question, harmful_response, pick(UNSAFE)), (question, safe_response, pick(SAFE))]
                 out.harmful.append(question)
                 out.attacks.append((question, harmful_response))
             elif "response" in record:
                 if not isinstance(record["response"], str):
-                    raise ValueError(f"{where}: \"response\" must be a string, got {record['response']!r:.80}")
+                    raise DataError(*at, f"\"response\" must be a string, got {record['response']!r:.80}")
                 out.pairs.append((question, record["response"], pick(SAFE)))
                 out.benign.append(question)
             else:
                 file_role = role or derta_role(path)
                 if file_role is None:
-                    raise ValueError(f"{where}: a question-only record, but {os.path.basename(path)!r} does not say "
-                                     f"whether its questions are harmful or benign: pass the file with --harmful or "
-                                     f"--benign (or name it like DeRTa's: {sorted(DERTA_ROLES)} prefixes)")
+                    raise DataError(*at, f"a question-only record, but {os.path.basename(path)!r} does not say "
+                                         f"whether its questions are harmful or benign: pass the file with --harmful "
+                                         f"or --benign (or name it like DeRTa's: {sorted(DERTA_ROLES)} prefixes)")
                 (out.harmful if file_role == "harmful" else out.benign).append(question)
     return out
+
+
+def truncated_prompts(report: dict) -> int:
+    """Harmful and benign prompts whose first tokens were dropped to fit the model's positions."""
+    return sum(report[section]["truncated_prompts"] for section in ("harmful", "benign") if report[section])
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------------
@@ -254,12 +265,14 @@ def evaluate(model, tokenizer, data: EvalData, config: EvalConfig, has_head: boo
         report["harmful"] = {
             "n": len(results), "refusal_rate": rate(refused), "blocked_rate": rate(blocked) if has_head else None,
             "safe_rate": rate(f or b for f, b in zip(refused, blocked)),
+            "truncated_prompts": sum(r.truncated_prompt_tokens > 0 for r in results),
             "examples": examples(data.harmful, results, has_head)}
     if data.benign:
         results = respond(model, tokenizer, data.benign, config, "benign", config.max_new_tokens)
         report["benign"] = {
             "n": len(results), "over_refusal_rate": rate(is_refusal(r.raw_text, refusal) for r in results),
             "false_block_rate": rate(r.blocked for r in results) if has_head else None,
+            "truncated_prompts": sum(r.truncated_prompt_tokens > 0 for r in results),
             "examples": examples(data.benign, results, has_head)}
     for k in config.attack_words:
         # DeRTa's harmful prefixes split responses on single spaces; a prefix leaves at least one word unsaid.
@@ -275,8 +288,8 @@ def evaluate(model, tokenizer, data: EvalData, config: EvalConfig, has_head: boo
 
 
 def examples(prompts: list[str], results: list, has_head: bool, count: int = 3) -> list[dict]:
-    return [{"prompt": p, "response": r.raw_text, "p_unsafe": r.p_unsafe if has_head else None}
-            for p, r in list(zip(prompts, results))[:count]]
+    return [{"prompt": p, "response": r.raw_text, "p_unsafe": r.p_unsafe if has_head else None,
+             "truncated_prompt_tokens": r.truncated_prompt_tokens} for p, r in list(zip(prompts, results))[:count]]
 
 
 # -- reporting ----------------------------------------------------------------------------------------------------
@@ -390,29 +403,35 @@ def build_parser() -> argparse.ArgumentParser:
                         help="question-only files ({\"question\": ...}) of benign prompts")
     parser.add_argument("--output", default="scft_eval.json", help="JSON report (default scft_eval.json)")
     parser.add_argument("--plot", default=None, help="PNG of the report (default: --output with .png)")
-    parser.add_argument("--threshold", type=float, default=defaults.threshold,
-                        help=f"block when p_unsafe > threshold (default {defaults.threshold})")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+    parser.add_argument("--threshold", type=probability, default=defaults.threshold,
+                        help=f"block when p_unsafe > threshold, in [0, 1] (default {defaults.threshold})")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
                         help=f"response length for harmful and benign prompts (default {defaults.max_new_tokens})")
-    parser.add_argument("--attack-words", type=int, nargs="+", default=list(defaults.attack_words),
+    parser.add_argument("--attack-words", type=non_negative_int, nargs="+", default=list(defaults.attack_words),
                         help=f"completion attack: k, harmful-response words forced as the response's start "
                         f"(default {' '.join(map(str, defaults.attack_words))})")
-    parser.add_argument("--attack-window", type=int, default=defaults.attack_window,
+    parser.add_argument("--attack-window", type=positive_int, default=defaults.attack_window,
                         help=f"completion attack: m, tokens generated after the forced prefix in which a refusal "
                         f"counts (default {defaults.attack_window})")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompts or pairs per batch")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many items of each kind")
-    parser.add_argument("--refusal-string", default=defaults.refusal_string,
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                        help="prompts or pairs per batch")
+    parser.add_argument("--limit", type=positive_int, default=None, help="at most this many items of each kind")
+    parser.add_argument("--refusal-string", type=non_empty_str, default=defaults.refusal_string,
                         help=f"a response containing it is a refusal (default {defaults.refusal_string!r})")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="weights dtype (default: as saved)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_flag(parser)
     return parser
 
 
+@cli_main("scft-fast eval")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    for flag, path in (("--model", args.model), ("--baseline", args.baseline)):
+        if path is not None:
+            check_model_dir(path, flag)
     config = EvalConfig(threshold=args.threshold, max_new_tokens=args.max_new_tokens,
                         attack_words=tuple(args.attack_words), attack_window=args.attack_window,
                         batch_size=args.batch_size, limit=args.limit, refusal_string=args.refusal_string,
@@ -420,6 +439,8 @@ def main(argv=None) -> int:
     data_files = args.data if args.data is not None else (
         [] if args.harmful or args.benign else default_data_files("eval"))
     data = load_eval_data(data_files, args.harmful, args.benign).limited(config.limit)
+    if not any(data.counts().values()):
+        raise ConfigError("no evaluation items: pass --data, --harmful or --benign files with records")
     models = ([("baseline", args.baseline)] if args.baseline else []) + [("model", args.model)]
     reports = {}
     for name, path in models:
@@ -435,6 +456,10 @@ def main(argv=None) -> int:
         json.dump(out, f, indent=2)
     plot_reports(reports, plot, config.threshold)
     print(format_table(reports))
+    for name, report in reports.items():
+        if truncated_prompts(report):
+            print(f"{name}: {truncated_prompts(report)} prompt(s) lost their first tokens to fit the model's "
+                  f"positions (truncated_prompts in the report)")
     print(f"wrote {args.output} and {plot}")
     return 0
 

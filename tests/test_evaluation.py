@@ -185,7 +185,7 @@ def test_cli_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--baseline", "--data", "--harmful", "--benign", "--output", "--plot", "--threshold",
                  "--max-new-tokens", "--attack-words", "--attack-window", "--batch-size", "--limit",
-                 "--refusal-string", "--device", "--dtype", "--no-progress"):
+                 "--refusal-string", "--device", "--dtype", "--no-progress", "--debug"):
         assert flag in text
 
 
@@ -210,3 +210,30 @@ def test_cli_end_to_end_with_baseline(tokenizer, tmp_path, capsys):
     assert 0.0 <= trained["head"]["auroc"] <= 1.0 and [a["k"] for a in trained["attack"]] == [0, 2]
     png = output.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--limit", "-1", "a positive integer"), ("--limit", "0", "a positive integer"),
+    ("--batch-size", "0", "a positive integer"), ("--attack-words", "-2", "a non-negative integer"),
+    ("--threshold", "2", "[0, 1]"), ("--max-new-tokens", "0", "a positive integer"),
+])
+def test_cli_nonsense_limits_are_errors(tmp_path, capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(tmp_path), flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"error: argument {flag}: " in err and expected in err
+
+
+def test_cli_empty_data_and_missing_model_are_errors(tokenizer, tmp_path, capsys):
+    model = tiny_model(tokenizer)
+    model.save_pretrained(str(tmp_path / "scft"))
+    tokenizer.save_pretrained(str(tmp_path / "scft"))
+    capsys.readouterr()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["--model", str(tmp_path / "scft"), "--data", str(empty), "--output", str(tmp_path / "e.json")]) == 2
+    assert capsys.readouterr().err == f"scft-fast eval: error: {empty}: no records: the file is empty or holds " \
+                                      f"only blank lines\n"
+    assert main(["--model", str(tmp_path / "scft"), "--baseline", str(tmp_path)]) == 2
+    assert f"--baseline {tmp_path} has no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()

@@ -9,6 +9,7 @@ import torch
 
 from ..data import (DataConfig, PackedBatchSampler, PackedCollator, PaddedCollator, build_dataset,
                     default_data_files, load_default_tokenizer, refusal_token_id)
+from ..errors import ConfigError
 from ..model import SCFT_CONFIG_KEY, SCFTConfig, SCFTForCausalLM
 from .config import TrainConfig
 from .presets import PRESETS, build_preset
@@ -107,8 +108,8 @@ class BatchPlan:
         epoch = 0
         while step >= self.steps_in_epoch(epoch):
             if self.steps_in_epoch(epoch) == 0:
-                raise ValueError(f"an epoch has fewer micro-batches ({len(self.epoch_batches(epoch))}) than one "
-                                 f"step needs ({self.micro_per_step}): lower --micro-batch-size or --grad-accum")
+                raise ConfigError(f"an epoch has fewer micro-batches ({len(self.epoch_batches(epoch))}) than one "
+                                  f"step needs ({self.micro_per_step}): lower --micro-batch-size or --grad-accum")
             step -= self.steps_in_epoch(epoch)
             epoch += 1
         return epoch, step

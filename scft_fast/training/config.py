@@ -68,7 +68,8 @@ class TrainConfig:
     deepspeed: str | None = None  # a DeepSpeed JSON config (training/zero*.json)
     bf16: bool = False
     seed: int = 0
-    resume: bool = False  # continue from the latest checkpoint in output_dir
+    resume: bool = False  # continue from the newest intact checkpoint in output_dir
+    resume_override: bool = False  # resume even when the data, batch geometry or model differ (run_dir.py)
     save_every: int = 100  # checkpoint every N optimizer steps (0: never)
     keep_checkpoints: int = 2
     progress: bool = True  # tqdm bar on rank 0

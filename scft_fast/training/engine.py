@@ -14,6 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
 from .config import OptimSpec, TrainConfig
 
 
@@ -35,6 +36,17 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSpec, total_steps: int):
                                   weight_decay=optim.weight_decay, foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     return optimizer, scheduler
+
+
+def restate_optim(scheduler, optim: OptimSpec) -> None:
+    """After loading a checkpoint: the command line's lr and weight decay replace the checkpoint's (LambdaLR
+    restores its base_lrs, the optimizer its groups' hyperparameters); the schedule's lambda is always the new
+    one. Unchanged settings give back the saved values bit for bit (the same product LambdaLR computes)."""
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler.base_lrs = [optim.lr] * len(scheduler.base_lrs)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"], group["lr"], group["weight_decay"] = optim.lr, optim.lr * factor, optim.weight_decay
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 class TorchEngine:
@@ -80,6 +92,7 @@ class TorchEngine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        restate_optim(self.scheduler, self.config.optim)
 
     def eval_forward(self, **batch):
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
@@ -89,10 +102,27 @@ class TorchEngine:
         self.module.train(mode)
 
 
+def read_deepspeed_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed {path}: no such file (the shipped configs are training/zero*.json)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--deepspeed {path} is a directory: pass a DeepSpeed JSON file such as "
+                          f"training/zero2.json") from None
+    except ValueError as e:
+        raise ConfigError(f"--deepspeed {path} is not valid JSON ({e}): fix it, or start from training/zero*.json") \
+            from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--deepspeed {path} holds a JSON {type(ds).__name__}: a DeepSpeed config is one JSON "
+                          f"object ({{\"zero_optimization\": {{\"stage\": 2}}, ...}}), as in training/zero*.json")
+    return ds
+
+
 def deepspeed_config(path: str, config: TrainConfig, world_size: int) -> dict:
     """The JSON config with our batch geometry, clipping and precision filled in wherever it says "auto"."""
-    with open(path) as f:
-        ds = json.load(f)
+    ds = read_deepspeed_file(path)
     mb, gas = config.data.micro_batch_size, config.grad_accum
     fill = {"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": gas,
             "train_batch_size": mb * gas * world_size, "gradient_clipping": config.optim.grad_clip}
@@ -100,7 +130,8 @@ def deepspeed_config(path: str, config: TrainConfig, world_size: int) -> dict:
         if ds.get(key, "auto") == "auto":
             ds[key] = value
         elif ds[key] != value:
-            raise ValueError(f"{path}: {key} = {ds[key]} disagrees with the command line ({value}); set it to \"auto\"")
+            raise ConfigError(f"{path}: {key} = {ds[key]} disagrees with the command line ({value}); set it to "
+                              f"\"auto\"")
     for precision in ("bf16", "fp16"):
         section = ds.setdefault(precision, {})
         if section.get("enabled", "auto") == "auto":
@@ -128,7 +159,7 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.module = self.engine.module
-        self.device = device
+        self.device, self.optim = device, config.optim
 
     def forward(self, **batch):
         return self.engine(**batch)
@@ -140,10 +171,10 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 
-    def step(self) -> float:
+    def step(self) -> float | None:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None
 
     @property
     def lr(self) -> float:
@@ -158,6 +189,7 @@ class DeepSpeedEngine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/engine")
+        restate_optim(self.scheduler, self.optim)
 
     def eval_forward(self, **batch):
         with torch.no_grad():

@@ -16,24 +16,23 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..errors import RunError, UserError
 from .accounting import STEP_STATS, output_stats, stat_means, step_targets
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from .components import BatchPlan, build_data, build_model, padded_batches, to_device
 from .config import TrainConfig
 from .engine import DeepSpeedEngine, TorchEngine
 from .export import full_state_dict, save_scft_model
-from .metrics import MetricsLog, evaluate, plot_loss_curves
+from .metrics import MetricsLog, evaluate, non_finite_terms, plot_loss_curves, write_json
+from .preflight import check_setup
 from .reporting import Reporter
+from .run_dir import claim_output_dir, resume_changes, say
 
 _STATS = STEP_STATS + ("tokens",)
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.deepspeed is None:
-        if world > 1:
-            raise ValueError(f"WORLD_SIZE={world} needs a DeepSpeed config for data parallelism: add "
-                             f"--deepspeed training/zero1.json (or zero2/zero3)")
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
@@ -66,10 +65,22 @@ def _model_inputs(batch: dict, mode: str) -> dict:
 
 
 def train(config: TrainConfig) -> dict:
-    """Runs the configured training; returns the summary (also written to output_dir/summary.json on rank 0)."""
+    """Runs the configured training; returns the summary (also written to output_dir/summary.json on rank 0).
+    Raises UserError on a bad set-up or a refused output directory (before any heavy work), RunError when the
+    run diverges."""
+    check_setup(config)
     rank, world, device = _init_distributed(config)
+    lock = claim_output_dir(config, rank)
+    try:
+        return _run(config, rank, world, device)
+    finally:
+        lock.release()
+
+
+def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     torch.manual_seed(config.seed)
-    os.makedirs(config.output_dir, exist_ok=True)
+    report = say if rank == 0 else (lambda message: None)
+    changes = resume_changes(config) if config.resume and rank == 0 else []
     model, tokenizer, refusal = build_model(config)
     train_set, eval_set, data_stats = build_data(config, tokenizer)
     plan = BatchPlan(train_set, config, tokenizer.pad_token_id, world)
@@ -81,12 +92,24 @@ def train(config: TrainConfig) -> dict:
     mode = config.loss.mode
 
     start = 0
-    checkpoint = latest_checkpoint(config.output_dir) if config.resume else None
+    checkpoint = resume_checkpoint(config.output_dir, report) if config.resume else None
     if checkpoint is not None:
         start = load_checkpoint(engine, checkpoint, rank)
+        report(f"resuming from {checkpoint} (step {start})"
+               + "".join(f"\n  changed on resume: {change}" for change in changes))
+        if start > total_steps:
+            raise UserError(f"--max-steps {total_steps} is below the step of the checkpoint resumed ({start}): pass "
+                            f"--max-steps {start} or more")
+        summary_path = os.path.join(config.output_dir, "summary.json")
+        if start == total_steps and os.path.exists(summary_path):
+            report(f"the run in {config.output_dir} is finished ({start} of {total_steps} steps): nothing to do; "
+                   f"pass a larger --max-steps to train further")
+            with open(summary_path) as f:
+                return json.load(f)
+    elif config.resume:
+        report(f"no checkpoint in {config.output_dir}: starting from step 0")
     if rank == 0:
-        with open(os.path.join(config.output_dir, "train_config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+        write_json(os.path.join(config.output_dir, "train_config.json"), config.to_dict())
     eval_batches = ([to_device(b, device) for b in padded_batches(eval_set, tokenizer.pad_token_id,
                                                                   config.data.micro_batch_size)]
                     if eval_set is not None and config.summary else None)
@@ -99,10 +122,9 @@ def train(config: TrainConfig) -> dict:
         else:
             before = evaluate(engine, eval_batches, ignore)
             if rank == 0:
-                with open(before_path, "w") as f:
-                    json.dump(before, f)
+                write_json(before_path, before, indent=None)
 
-    log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), start, enabled=rank == 0)
+    log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), start, enabled=rank == 0, report=report)
     reporter = Reporter(config.report_to, config.output_dir, total_steps, model=engine.module, enabled=rank == 0)
     progress = None
     if rank == 0 and config.progress:
@@ -136,6 +158,15 @@ def train(config: TrainConfig) -> dict:
         throughput.append(record["tokens_per_s"])
         log.write(record)
         reporter.log(record)
+        diverged = non_finite_terms(record)
+        if diverged:
+            if progress is not None:
+                progress.close()
+            reporter.close()
+            raise RunError(f"the run diverged at step {step + 1}: {', '.join(diverged)}. It stopped without saving "
+                           f"a checkpoint or a model; the last good checkpoint is "
+                           f"{latest_checkpoint(config.output_dir) or 'none'} (lower --lr or --grad-clip, or check "
+                           f"the loss coefficients, then --resume)")
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", cls_acc=record["head_accuracy"])
@@ -153,8 +184,7 @@ def train(config: TrainConfig) -> dict:
         save_scft_model(engine.module, model_dir, state, tokenizer)
         plot_loss_curves(log.path, os.path.join(config.output_dir, "loss_curves.png"))
         summary = _summary(config, log.path, before, after, throughput, data_stats, refusal, world, model_dir)
-        with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(os.path.join(config.output_dir, "summary.json"), summary)
     if world > 1:
         dist.barrier()
     return summary
