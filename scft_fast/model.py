@@ -53,12 +53,15 @@ class SCFTConfig:
     chunk_size: int | None = None  # safety_loss rows per chunk; None: chosen from the shapes
     ignore_index: int = IGNORE_INDEX
     head_bias: bool = True
+    threshold: float | None = None  # p_unsafe above it is blocked (scft-fast eval --store-threshold); None: 0.5
 
     def __post_init__(self):
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if not 2 <= self.num_labels <= 16:
             raise ValueError(f"num_labels must be in [2, 16] (the fused head's range), got {self.num_labels}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1) or None, got {self.threshold}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SCFTConfig":

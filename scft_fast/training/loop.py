@@ -81,7 +81,7 @@ def train(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     os.makedirs(config.output_dir, exist_ok=True)
     model, tokenizer, refusal = build_model(config)
-    train_set, eval_set, data_stats = build_data(config, tokenizer)
+    train_set, eval_sets, data_stats = build_data(config, tokenizer)
     plan = BatchPlan(train_set, config, tokenizer.pad_token_id, world)
     total_steps = config.max_steps
     if total_steps is None:
@@ -97,20 +97,20 @@ def train(config: TrainConfig) -> dict:
     if rank == 0:
         with open(os.path.join(config.output_dir, "train_config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
-    eval_batches = ([to_device(b, device) for b in padded_batches(eval_set, tokenizer.pad_token_id,
-                                                                  config.data.micro_batch_size)]
-                    if eval_set is not None and config.summary else None)
-    before_path = os.path.join(config.output_dir, "eval_before.json")
-    before = None
-    if eval_batches:
+    eval_batches = {name: [to_device(b, device) for b in padded_batches(eval_set, tokenizer.pad_token_id,
+                                                                        config.data.micro_batch_size)]
+                    for name, (eval_set, _) in eval_sets.items()} if config.summary else {}
+    before = {}
+    for name, batches in eval_batches.items():
+        before_path = os.path.join(config.output_dir, f"{name}_before.json")
         if start > 0 and os.path.exists(before_path):
             with open(before_path) as f:
-                before = json.load(f)
+                before[name] = json.load(f)
         else:
-            before = evaluate(engine, eval_batches, ignore)
+            before[name] = evaluate(engine, batches, ignore)
             if rank == 0:
                 with open(before_path, "w") as f:
-                    json.dump(before, f)
+                    json.dump(before[name], f)
 
     log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), start, enabled=rank == 0)
     progress = None
@@ -148,7 +148,7 @@ def train(config: TrainConfig) -> dict:
     if progress is not None:
         progress.close()
 
-    after = evaluate(engine, eval_batches, ignore) if eval_batches else None
+    after = {name: evaluate(engine, batches, ignore) for name, batches in eval_batches.items()}
     model_dir = os.path.join(config.output_dir, "model")
     state = engine.full_state_dict()
     summary = None
@@ -156,7 +156,9 @@ def train(config: TrainConfig) -> dict:
         engine.module.save_pretrained(model_dir, state_dict=state)
         tokenizer.save_pretrained(model_dir)
         plot_loss_curves(log.path, os.path.join(config.output_dir, "loss_curves.png"))
-        summary = _summary(config, log.path, before, after, throughput, data_stats, refusal, world, model_dir)
+        titles = {name: title for name, (_, title) in eval_sets.items() if name in after}
+        summary = _summary(config, log.path, before, after, titles, throughput, data_stats, refusal, world,
+                           model_dir)
         with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     if world > 1:
@@ -202,7 +204,8 @@ def _record(step, epoch, stats, world, lr, grad_norm, elapsed) -> dict:
             "lr": lr, "grad_norm": grad_norm}
 
 
-def _summary(config, metrics_path, before, after, throughput, data_stats, refusal, world, model_dir) -> dict:
+def _summary(config, metrics_path, before, after, titles, throughput, data_stats, refusal, world,
+             model_dir) -> dict:
     from .metrics import read_metrics
 
     rows = read_metrics(metrics_path)
@@ -223,6 +226,9 @@ def _summary(config, metrics_path, before, after, throughput, data_stats, refusa
         "losses_first_10pct": {k: head_mean(k) for k in ("loss", "lm_loss", "transition_loss", "cls_loss")},
         "losses_last_10pct": {k: tail_mean(k) for k in ("loss", "lm_loss", "transition_loss", "cls_loss")},
         "tokens_per_s": sum(steady) / len(steady) if steady else None,
-        "eval_before": before, "eval_after": after, "refusal_token_id": refusal,
+        # "{name}_before" / "{name}_after" per eval set ("eval", "separate"); eval_sets: their column titles
+        **{f"{name}_{when}": figures.get(name) for name in ("eval", *titles) for when, figures in
+           (("before", before), ("after", after))},
+        "eval_sets": titles, "refusal_token_id": refusal,
         "data": data_stats.to_dict(), "model_dir": model_dir,
     }
