@@ -61,7 +61,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--transition-coef", type=float, default=1.0, help="weight of DeRTa's RTO term (default: 1)")
     p.add_argument("--cls-coef", type=float, default=1.0, help="weight of SCFT's classification term (default: 1)")
     p.add_argument("--rto-keep", type=float, default=_D.rto_keep,
-                   help="fraction of RTO positions kept per sample (DeRTa's full-parameter recipe: 0.05; default: 1)")
+                   help="fraction of RTO positions kept per sample (DeRTa's full-parameter recipe: 0.05; default: "
+                        f"{_D.rto_keep})")
     p.add_argument("--vanilla-safety", action=argparse.BooleanOptionalAction, default=_D.vanilla_safety,
                    help="also train each harmful triple's instruction -> refusal, labeled safe for the head (default: "
                         f"{'on' if _D.vanilla_safety else 'off'})")

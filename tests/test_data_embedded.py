@@ -85,7 +85,7 @@ def test_held_out_and_content():
                                                                            "pretend", "sticky")
         else:
             gadgets = tuple(p.split(" ")[-1] for p in generate_separate.PLACEHOLDERS) + ("[", "pretend", "crayons")
-        assert all(any(g in r["harmful_response"].lower() for g in gadgets) for r in harmful)  # placeholders only
+        assert all(any(g.lower() in r["harmful_response"].lower() for g in gadgets) for r in harmful)  # placeholders
     train = generated["train"]
     # Step-shaped compliant answers come with both labels, so their shape does not give the label away.
     for shape in ("1. ", "First, ", "- "):
