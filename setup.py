@@ -48,7 +48,7 @@ setup(
         "triton": ["triton>=3.1"],
         "train": ["transformers>=4.46", "datasets", "tokenizers", "jinja2", "safetensors", "deepspeed",
                   "accelerate", "peft", "matplotlib"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist", "ruff"],
     },
     entry_points={"console_scripts": ["scft-fast=scft_fast.cli:main"]},
     **cpu_extension_build(),

@@ -7,12 +7,13 @@ from .ops import IGNORE_INDEX, SafetyLossOutput, last_token_index, safety_loss
 
 __version__ = "0.1.0"
 __all__ = ["IGNORE_INDEX", "SafetyLossOutput", "last_token_index", "safety_loss", "SCFTConfig", "SCFTForCausalLM",
-           "generate_safe", "SafeGeneration"]
+           "apply_scft_fast", "generate_safe", "SafeGeneration"]
 
 # Imported on first use: `import scft_fast` stays free of transformers and DeepSpeed.
 _LAZY = {
     "SCFTConfig": "scft_fast.model",
     "SCFTForCausalLM": "scft_fast.model",
+    "apply_scft_fast": "scft_fast.model",
     "generate_safe": "scft_fast.generation",
     "SafeGeneration": "scft_fast.generation",
 }

@@ -254,7 +254,7 @@ def score_pairs(model, tokenizer, pairs: list[tuple[str, str, int]], config: Eva
             n = len(encoded[i]["input_ids"])
             ids[row, :n] = torch.tensor(encoded[i]["input_ids"])
             mask[row, :n] = 1
-        hidden = model.decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+        hidden = model.get_decoder()(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                use_cache=False).last_hidden_state  # (b, T, H), right-padded
         pos = torch.tensor([encoded[i]["cls_pos"] for i in chunk], device=model.device)
         p_unsafe[chunk] = p_unsafe_of(model, hidden[torch.arange(len(chunk), device=model.device), pos]).cpu().numpy()
@@ -408,9 +408,9 @@ def plot_reports(reports: dict[str, dict], path: str, threshold: float) -> None:
 # -- command ------------------------------------------------------------------------------------------------------
 def has_trained_head(path: str) -> bool:
     """Whether the checkpoint's weights hold score.weight (a config key alone does not make a head)."""
-    from .model import _read_head
+    from .model import has_head
 
-    return _read_head(path) is not None
+    return has_head(path)
 
 
 def load_for_eval(path: str, device: str | None, dtype: str):

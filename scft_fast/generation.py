@@ -72,8 +72,7 @@ class HeadReadings:
 
 def p_unsafe_of(model, hidden: torch.Tensor) -> torch.Tensor:  # hidden: (B, H) -> (B,) float32
     """Every class but SAFE counts as unsafe."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return 1.0 - model.score(hidden, rows).softmax(-1)[:, SAFE]
+    return 1.0 - model.score(hidden).float().softmax(-1)[:, SAFE]
 
 
 class StreamGate(StoppingCriteria):
@@ -207,7 +206,7 @@ def generate_safe(model, tokenizer, prompts: list, *, threshold: float | None = 
         criteria.append(gate)
     if streamer is not None:
         streamer.put(input_ids[0].cpu())
-    hook = model.decoder.register_forward_hook(readings)
+    hook = model.get_decoder().register_forward_hook(readings)
     try:
         out = model.generate(input_ids=input_ids, attention_mask=prompt_mask, eos_token_id=eos_list,
                              pad_token_id=pad_id, stopping_criteria=criteria, return_dict_in_generate=True,
@@ -259,8 +258,8 @@ def _feed_last_token(model, sequences: torch.Tensor,  # (B, P + n)
     n = sequences.shape[1] - prompt_mask.shape[1]
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], n)], dim=1)
     position_ids = mask.sum(1, keepdim=True) - 1  # left padding: positions count real tokens only
-    model.decoder(input_ids=sequences[:, -1:], attention_mask=mask, position_ids=position_ids,
-                  past_key_values=cache, use_cache=True)
+    model.get_decoder()(input_ids=sequences[:, -1:], attention_mask=mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=True)
 
 
 @torch.no_grad()
@@ -268,7 +267,8 @@ def p_unsafe_ref(model, prompt_ids: list[int], response_ids: list[int], eos_id: 
     """One full forward over prompt + response (+ EOS when the response ended with it), pooled as in training
     (pre_eos reads the token before EOS; a response without EOS is read at its last token)."""
     ids = prompt_ids + response_ids + ([eos_id] if finished else [])
-    hidden = model.decoder(input_ids=torch.tensor([ids], device=model.device), use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(input_ids=torch.tensor([ids], device=model.device),
+                                 use_cache=False).last_hidden_state
     at = len(ids) - 1 - (1 if finished and model.scft_config.pool == "pre_eos" else 0)
     return float(p_unsafe_of(model, hidden[:, at]))
 

@@ -1,35 +1,40 @@
-"""SCFTForCausalLM: any Hugging Face causal LM plus SCFT's classification head, trained through the fused loss.
+"""SCFT for any Hugging Face causal LM, and the model stays that model.
 
-One generic wrapper serves every architecture through transformers' own accessors: ``get_decoder()`` gives
-the final (normed) hidden states, ``get_output_embeddings()`` the LM head, ``config.final_logit_softcapping``
-Gemma 2's soft-capping. With labels the N x V logits are never built: the decoder's hidden states go straight
-into ``safety_loss``. Without labels the wrapped model runs unchanged and its logits are returned.
+``apply_scft_fast(model, config)`` patches a causal LM in place, as Liger-Kernel and Cut Cross-Entropy do: the
+instance's class becomes a subclass of ``SCFTForCausalLM`` and of its own class, under the same name, so it
+is still a ``LlamaForCausalLM`` (``Qwen2ForCausalLM``, ...) and a ``PreTrainedModel``. Saving and loading, Trainer
+checkpoints (tied embeddings included), gradient checkpointing, PEFT, TRL's hooks and ``generate()`` are the
+libraries' own code. Only ``forward`` changes. With labels, the decoder's final hidden states go straight into
+``safety_loss`` (LM + RTO + the ``score`` head), and the N x V logits are never built. Without labels it is the
+model's own forward. Every architecture is served through transformers' accessors: ``get_decoder()``,
+``get_output_embeddings()`` and ``config.final_logit_softcapping``.
 
-ZeRO-3: the fused op runs inside ``SafetyHead.forward``. The head owns the classifier (``score.weight`` /
-``score.bias``) and registers the LM head weight as an external parameter, so DeepSpeed gathers all of them
-for the forward and again for the backward; a partitioned weight is never read outside a forward.
+ZeRO-3: the fused loss runs inside ``scft_loss``, a submodule with no parameters of its own. The LM head's and
+the classifier's weights are registered as its external parameters, so DeepSpeed gathers them for its forward
+and again for its backward. A partitioned weight is never read anywhere else.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers import AutoConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .ops import IGNORE_INDEX, last_token_index, safety_loss
+from .ops.cls_head import MAX_CLASSES, MIN_CLASSES
 
 POOLS = ("eos", "pre_eos")
 HEAD_PREFIX = "score."
 SCFT_CONFIG_KEY = "scft"  # the SCFT settings live under this key of the causal LM's config.json
 
 # Config attributes that change the logits in ways the fused loss does not reproduce, with the value that
-# leaves the logits alone. A model carrying one with another value is refused at wrap time.
+# leaves the logits alone. A model that sets one to any other value is refused when it is wrapped.
 LOGIT_TRANSFORMS = {
     "logit_scale": 1.0,  # Cohere: logits * logit_scale
     "logits_scaling": 1.0,  # Granite: logits / logits_scaling
@@ -49,19 +54,22 @@ class SCFTConfig:
     lm_coef: float = 1.0
     transition_coef: float = 1.0
     cls_coef: float = 1.0
-    backend: str = "auto"  # safety_loss backend: "auto" | "triton" | "torch"
+    backend: str = "auto"  # safety_loss backend: "auto" | "triton" | "torch" | "cpu"
     chunk_size: int | None = None  # safety_loss rows per chunk; None: chosen from the shapes
     ignore_index: int = IGNORE_INDEX
-    head_bias: bool = True
-    threshold: float | None = None  # p_unsafe above it is blocked (scft-fast eval --store-threshold); None: 0.5
+    # False by default: Hugging Face's sequence-classification heads have no bias, so a bias-free head exports
+    # to AutoModelForSequenceClassification exactly (export_sequence_classifier).
+    head_bias: bool = False
+    threshold: float | None = None  # calibrated p_unsafe threshold for gating; None: the caller's default
 
     def __post_init__(self):
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        if not 2 <= self.num_labels <= 16:
-            raise ValueError(f"num_labels must be in [2, 16] (the fused head's range), got {self.num_labels}")
+        if not MIN_CLASSES <= self.num_labels <= MAX_CLASSES:
+            raise ValueError(f"num_labels must be in [{MIN_CLASSES}, {MAX_CLASSES}] (the fused head's range), got "
+                             f"{self.num_labels}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1) or None, got {self.threshold}")
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SCFTConfig":
@@ -72,24 +80,28 @@ class SCFTConfig:
         return cls(**d)
 
 
+# The loss settings of a model patched without an SCFTConfig (a plain fused LM loss).
+PLAIN_LM = SCFTConfig()
+
+
 @dataclass
-class SCFTOutput(ModelOutput):
-    loss: torch.Tensor | None = None  # () float32, differentiable
-    lm_loss: torch.Tensor | None = None  # () detached, mean over LM targets
-    transition_loss: torch.Tensor | None = None  # () detached, mean over RTO targets
-    cls_loss: torch.Tensor | None = None  # () detached
+class SCFTOutput(CausalLMOutputWithPast):
+    """The causal LM's output with the fused loss's terms. ``loss`` is float32 and differentiable; the rest is
+    detached, for logging. ``logits`` is None whenever a loss was computed."""
+
+    lm_loss: torch.Tensor | None = None  # () mean over LM targets
+    transition_loss: torch.Tensor | None = None  # () mean over RTO targets
+    cls_loss: torch.Tensor | None = None  # () mean over labeled sequences
     cls_logits: torch.Tensor | None = None  # (S, C) float32, one row per pooled sequence
-    logits: torch.Tensor | None = None  # (B, T, V), only without labels
-    past_key_values: Any = None
     n_lm: torch.Tensor | None = None
     n_tr: torch.Tensor | None = None
     n_cls: torch.Tensor | None = None
 
 
-def _unwrap(causal_lm: nn.Module) -> PreTrainedModel:
+def unwrap(model: nn.Module) -> PreTrainedModel:
     """The transformers model under an optional PEFT wrapper."""
-    get_base = getattr(causal_lm, "get_base_model", None)
-    return get_base() if callable(get_base) else causal_lm
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def check_logit_transforms(config) -> None:
@@ -121,238 +133,340 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor,  # (S + 1,)
     return (torch.arange(length, device=cu_seqlens.device) - starts.cumsum(0)).unsqueeze(0)
 
 
-class SafetyHead(nn.Module):
-    """SCFT's classifier (C, H) and the fused LM + RTO + classification loss over the final hidden states."""
+def _zero3_gathered(params: list[nn.Parameter], modifier_rank: int | None = 0):
+    """DeepSpeed's gather of ZeRO-3 partitioned parameters, or nothing for ordinary ones."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
 
-    def __init__(self, hidden_size: int, num_labels: int, bias: bool, dtype: torch.dtype | None = None,
-                 device=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_labels, hidden_size, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(num_labels, dtype=dtype, device=device)) if bias else None
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+class FusedSafetyLoss(nn.Module):
+    """``safety_loss`` over the final hidden states, as a module with no parameters of its own. It is a module
+    so that ZeRO-3 gathers the weights it reads (registered as its external parameters) around its forward and
+    backward."""
 
     def forward(
         self,
         hidden: torch.Tensor,  # (N, H) final hidden states
-        cls_index: torch.Tensor,  # (S,) rows pooled by the classifier
-        lm_head: nn.Module | None = None,  # the causal LM's output embedding (V, H); None: classify only
-        labels: torch.Tensor | None = None,  # (N,) already shifted
-        transition_labels: torch.Tensor | None = None,  # (N,) already shifted
-        cls_labels: torch.Tensor | None = None,  # (S,); None: no classification term, no cls_logits
-        num_items: torch.Tensor | int | None = None,
-        num_cls: torch.Tensor | int | None = None,  # labeled sequences over the accumulated batch
-        softcap: float | None = None,
-        config: SCFTConfig | None = None,  # coefficients, backend, ignore_index (default: SCFTConfig())
-    ) -> dict | torch.Tensor:  # SafetyLossOutput's fields, or (S, C) float32 logits without lm_head
-        if lm_head is None:
-            return F.linear(hidden[cls_index], self.weight, self.bias).float()
-        config = config or SCFTConfig()
-        lm_bias = getattr(lm_head, "bias", None)
-        head = {}
-        if cls_labels is not None:  # without labels the head is skipped: plain (fused) instruction tuning
-            head = dict(cls_weight=self.weight, cls_bias=self.bias, cls_index=cls_index, cls_labels=cls_labels)
-        # Under autocast the op itself runs in the autocast dtype (safety_loss casts its inputs).
+        lm_weight: torch.Tensor,  # (V, H) the LM head
+        lm_bias: torch.Tensor | None,  # (V,)
+        labels: torch.Tensor,  # (N,) already shifted
+        transition_labels: torch.Tensor | None,  # (N,) already shifted
+        head: dict,  # cls_weight (C, H), cls_bias (C,), cls_index (S,), cls_labels (S,); empty: no head term
+        num_items: torch.Tensor | int | None,
+        num_cls: torch.Tensor | int | None,
+        softcap: float | None,
+        options: SCFTConfig,  # coefficients, backend, chunk size, ignore_index
+    ) -> dict:
+        # Under autocast the op runs in the autocast dtype (safety_loss casts its inputs).
         out = safety_loss(
-            hidden, lm_head.weight, labels, lm_bias=lm_bias, transition_labels=transition_labels, **head,
-            lm_coef=config.lm_coef, transition_coef=config.transition_coef, cls_coef=config.cls_coef,
-            num_items=num_items, num_cls=num_cls, ignore_index=config.ignore_index, softcap=softcap,
-            backend=config.backend, chunk_size=config.chunk_size)
+            hidden, lm_weight, labels, lm_bias=lm_bias, transition_labels=transition_labels, **head,
+            lm_coef=options.lm_coef, transition_coef=options.transition_coef, cls_coef=options.cls_coef,
+            num_items=num_items, num_cls=num_cls, ignore_index=options.ignore_index, softcap=softcap,
+            backend=options.backend, chunk_size=options.chunk_size)
         # A dict, not the dataclass: ZeRO-3 finds the tensors its backward hooks attach to only inside tuples,
         # lists and dicts, and without those hooks the weights are not re-gathered for the backward.
         return vars(out)
 
 
-class SCFTForCausalLM(nn.Module):
-    """A causal LM (optionally PEFT-wrapped) and ``score``, its SCFT safety head."""
+_PATCHED_CLASSES: dict[type, type] = {}
 
-    def __init__(self, causal_lm: nn.Module, config: SCFTConfig, check_logits: bool = True):
-        super().__init__()
-        base = _unwrap(causal_lm)
-        check_logit_transforms(base.config)
-        head = base.get_output_embeddings()
-        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
-            raise ValueError(f"{type(base).__name__}.get_output_embeddings() must return a module with a (V, H) "
-                             f"weight, got {head!r}")
-        self.causal_lm = causal_lm
-        self.scft_config = config
-        hidden_size = base.config.get_text_config().hidden_size
-        weight = head.weight
-        self.score = SafetyHead(hidden_size, config.num_labels, config.head_bias,
-                                dtype=weight.dtype, device=weight.device if weight.device.type != "meta" else None)
-        self.init_head()
-        if check_logits:
-            self._check_logits_match()
+
+def scft_class(model_class: type) -> type:
+    """The class of ``model_class``'s models once patched: ``(SCFTForCausalLM, model_class)``, same name."""
+    if issubclass(model_class, SCFTForCausalLM):
+        return model_class
+    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
+        raise TypeError(f"scft_fast patches transformers PreTrainedModel causal LMs, got {model_class!r}")
+    if model_class not in _PATCHED_CLASSES:
+        # Same __name__, so that save_pretrained records the architecture that plain loaders (AutoModel,
+        # vLLM) know. Another __module__, so that pickle fails loudly rather than unpickling an unpatched model.
+        _PATCHED_CLASSES[model_class] = type(model_class.__name__, (SCFTForCausalLM, model_class), {
+            "__module__": __name__, "__qualname__": model_class.__qualname__, "__doc__": model_class.__doc__})
+    return _PATCHED_CLASSES[model_class]
+
+
+def apply_scft_fast(model: nn.Module, config: SCFTConfig | None = None, *, check_logits: bool = True) -> nn.Module:
+    """Makes ``model`` (any HF causal LM, PEFT-wrapped or not) compute its training loss with the fused op, in
+    place, and returns it.
+
+    ``config=None``: a plain fused LM loss. With labels the forward never builds the logits, and
+    ``num_items_in_batch`` is honoured as Trainer passes it; any trainer can use it for ordinary SFT. With an
+    ``SCFTConfig`` the model also gets ``score``, the safety head (initialized as the architecture initializes
+    a linear layer), and its forward accepts ``transition_labels`` / ``cls_labels`` / ``cls_index``. Under
+    PEFT the head is added to the adapter's ``modules_to_save``, so it trains fully and adapter checkpoints
+    carry it. ``check_logits`` runs one 4-token forward to make sure the model's logits are
+    ``lm_head(hidden)`` (this catches logit transforms that no config attribute names).
+    """
+    base = unwrap(model)
+    if isinstance(base, SCFTForCausalLM):
+        if config is None or config == base.scft_config:
+            return model
+        if base.scft_config is not None:
+            raise ValueError(f"the model already has an SCFT head ({base.scft_config}); apply_scft_fast cannot "
+                             f"replace it with {config}")
+    else:
+        base.__class__ = scft_class(type(base))
+    base._setup_scft(config, init_head=True)
+    if check_logits:
+        base._check_logits_match()
+    if base is not model and config is not None:
+        _train_head_with_adapter(model, base)
+    return model
+
+
+def _train_head_with_adapter(peft_model: nn.Module, base: PreTrainedModel) -> None:
+    from peft.utils.other import set_additional_trainable_modules
+
+    for adapter in peft_model.active_adapters:
+        peft_config = peft_model.peft_config[adapter]
+        modules = list(getattr(peft_config, "modules_to_save", None) or [])
+        if "score" not in modules:
+            peft_config.modules_to_save = modules + ["score"]
+        set_additional_trainable_modules(peft_model, peft_config, base.config, adapter)
+
+
+class SCFTForCausalLM:
+    """The mixin ``apply_scft_fast`` puts in front of a causal LM's class. Use ``from_causal_lm`` /
+    ``apply_scft_fast`` on a model, or ``SCFTForCausalLM.from_pretrained(path)`` on a directory written by
+    ``save_pretrained``: both give the architecture's own class, patched."""
+
+    def __init__(self, config, *args, **kwargs):
+        # Reached when transformers builds the patched class itself (from_pretrained, from_config, zero.Init):
+        # the SCFT settings come from config.json, so the head is built before the weights are loaded.
+        super().__init__(config, *args, **kwargs)
+        saved = getattr(config, SCFT_CONFIG_KEY, None)
+        self._setup_scft(SCFTConfig.from_dict(saved) if saved else None, init_head=True)
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
     def from_causal_lm(cls, causal_lm: nn.Module, config: SCFTConfig | None = None,
-                       check_logits: bool = True) -> "SCFTForCausalLM":
-        """Wraps ``causal_lm`` with a freshly initialized head. ``check_logits`` runs one 4-token forward to make
-        sure the model's logits are ``lm_head(hidden)`` (catches logit transforms no config attribute names)."""
-        return cls(causal_lm, config or SCFTConfig(), check_logits=check_logits)
+                       check_logits: bool = True) -> nn.Module:
+        """``apply_scft_fast(causal_lm, config or SCFTConfig())``: the same model, with the head."""
+        return apply_scft_fast(causal_lm, config or SCFTConfig(), check_logits=check_logits)
 
     @classmethod
-    def from_pretrained(cls, path: str, init_head: bool = False, config: SCFTConfig | None = None,
-                        **causal_lm_kwargs) -> "SCFTForCausalLM":
-        """Loads what ``save_pretrained`` wrote. A checkpoint without ``score.weight`` is an error unless
-        ``init_head=True`` (then ``config``, the checkpoint's SCFT settings or the defaults describe the head)."""
-        hf_config = AutoConfig.from_pretrained(path)
+    def from_pretrained(cls, path: str, *args, init_head: bool = False, config: SCFTConfig | None = None,
+                        **kwargs) -> PreTrainedModel:
+        """Loads what ``save_pretrained`` wrote (or any HF causal LM) as its architecture's patched class.
+        A checkpoint without ``score.weight`` is an error unless ``init_head=True``; then ``config``, the
+        checkpoint's SCFT settings or the defaults describe the new head. ``config`` overrides the saved
+        settings (the head's shape must match). Other keyword arguments go to transformers' from_pretrained
+        (dtype, device_map, attn_implementation, ...)."""
+        if cls is not SCFTForCausalLM:  # a concrete patched class: transformers' own loading
+            if config is not None:  # here, transformers' config argument
+                kwargs["config"] = config
+            return super().from_pretrained(path, *args, **kwargs)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        hf_config = kwargs.pop("hf_config", None) or AutoConfig.from_pretrained(path)
         saved = getattr(hf_config, SCFT_CONFIG_KEY, None)
         scft = config or (SCFTConfig.from_dict(saved) if saved else SCFTConfig())
-        head = _read_head(path)
-        if head is None and not init_head:
+        if not has_head(path) and not init_head:
             raise ValueError(f"{path} holds no SCFT head ({HEAD_PREFIX}weight not found in its weights); "
                              f"pass init_head=True to initialize a new one")
-        causal_lm = _load_causal_lm(path, **causal_lm_kwargs)
-        model = cls(causal_lm, scft, check_logits=False)
-        if head is not None:
-            missing = {"weight"} | ({"bias"} if scft.head_bias else set())
-            if set(head) != missing:
-                raise ValueError(f"{path}: SCFT head has {sorted(head)} but the config expects {sorted(missing)}")
-            model.score.load_state_dict({k: v.to(model.score.weight.dtype) for k, v in head.items()})
+        setattr(hf_config, SCFT_CONFIG_KEY, asdict(scft))
+        target = scft_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)])
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        if init_head:  # the new head's "newly initialized" report is expected; other keys are checked below
+            hf_logging.set_verbosity_error()
+        try:
+            model, info = target.from_pretrained(path, *args, config=hf_config, output_loading_info=True, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = [k for k in info.get("missing_keys", []) if not (init_head and k.startswith(HEAD_PREFIX))]
+        if missing or info.get("unexpected_keys") or info.get("mismatched_keys"):
+            raise ValueError(f"{path}: weights do not match {target.__name__} with SCFT head {scft}: missing "
+                             f"{sorted(missing)[:5]}, unexpected {sorted(info.get('unexpected_keys', []))[:5]}, "
+                             f"mismatched {sorted(k for k, *_ in info.get('mismatched_keys', []))[:5]}")
         return model
+
+    def _setup_scft(self, config: SCFTConfig | None, init_head: bool) -> None:
+        check_logit_transforms(self.config.get_text_config())
+        head = self.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))  # ZeRO-3: the full shape
+        if not isinstance(weight, torch.Tensor) or len(shape) != 2:
+            raise ValueError(f"{type(self).__name__}.get_output_embeddings() must return a module with a (V, H) "
+                             f"weight, got {head!r}")
+        self.scft_config = config
+        self.scft_loss = FusedSafetyLoss()
+        if config is None:
+            return
+        if getattr(self, "score", None) is None:
+            hidden_size = self.config.get_text_config().hidden_size
+            device = None if weight.device.type == "meta" else weight.device
+            # skip_init: no kaiming draw that init_head would overwrite (and the RNG stream stays the model's).
+            self.score = torch.nn.utils.skip_init(nn.Linear, hidden_size, config.num_labels, bias=config.head_bias,
+                                                  dtype=weight.dtype, device=device or "meta")
+            if init_head:
+                self.init_head()
+        setattr(self.config, SCFT_CONFIG_KEY, asdict(config))
 
     @torch.no_grad()
     def init_head(self) -> None:
-        std = getattr(self.hf_config, "initializer_range", 0.02)
-        if self.score.weight.device.type != "meta":
-            self.score.weight.normal_(0.0, std)
-            if self.score.bias is not None:
-                self.score.bias.zero_()
+        """The head as the architecture initializes a linear layer: N(0, initializer_range), zero bias."""
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        params = list(self.score.parameters())
+        with _zero3_gathered(params, modifier_rank=0):
+            if self.score.weight.device.type != "meta" and self.score.weight.numel():
+                self.score.weight.normal_(0.0, std)
+                if self.score.bias is not None:
+                    self.score.bias.zero_()
 
     @torch.no_grad()
     def _check_logits_match(self) -> None:
-        weight = self.lm_head.weight
+        weight = self.get_output_embeddings().weight
         if weight.device.type == "meta" or weight.numel() == 0 or hasattr(weight, "ds_id"):
             return  # not materialized here (meta device, ZeRO-3 partition): nothing to probe
-        vocab = self.hf_config.get_text_config().vocab_size
+        vocab = self.config.get_text_config().vocab_size
         probe = torch.arange(4, device=weight.device).remainder(vocab).unsqueeze(0)
-        was_training = self.causal_lm.training
-        self.causal_lm.eval()
+        was_training = self.training
+        self.eval()
         try:
-            out = self.causal_lm(input_ids=probe, output_hidden_states=True, use_cache=False)
+            out = self.base_forward(input_ids=probe, output_hidden_states=True, use_cache=False)
         finally:
-            self.causal_lm.train(was_training)
+            self.train(was_training)
         expected = self._logits(out.hidden_states[-1]).float()
         if not torch.allclose(out.logits.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item()):
             diff = (out.logits.float() - expected).abs().max().item()
             raise ValueError(
-                f"{type(_unwrap(self.causal_lm)).__name__}'s logits are not get_output_embeddings()(final hidden "
-                f"state) (soft-capped by final_logit_softcapping): max difference {diff:.3g}. It applies a logit "
-                f"transform scft_fast does not know; training it with the fused loss would give a wrong loss.")
+                f"{type(self).__name__}'s logits are not get_output_embeddings()(final hidden state) (soft-capped "
+                f"by final_logit_softcapping): max difference {diff:.3g}. It applies a logit transform scft_fast "
+                f"does not know; training it with the fused loss would give a wrong loss.")
 
     # -- accessors --------------------------------------------------------------------------------------------------
     @property
-    def hf_config(self):
-        return _unwrap(self.causal_lm).config
-
-    @property
-    def config(self):
-        return self.hf_config
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return _unwrap(self.causal_lm).get_output_embeddings()
-
-    @property
-    def decoder(self) -> nn.Module:
-        return _unwrap(self.causal_lm).get_decoder()
-
-    @property
     def softcap(self) -> float | None:
-        return getattr(self.hf_config.get_text_config(), "final_logit_softcapping", None)
-
-    @property
-    def device(self) -> torch.device:
-        return self.score.weight.device
+        return getattr(self.config.get_text_config(), "final_logit_softcapping", None)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        logits = self.get_output_embeddings()(hidden)
         if self.softcap:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
 
-    def register_zero3_external_parameters(self) -> None:
-        """Tells ZeRO-3 that ``score``'s forward reads the LM head weight (call after deepspeed.initialize)."""
+    def base_forward(self, *args, **kwargs):
+        """The architecture's own forward: its logits and, given labels, its own loss over them."""
+        return super().forward(*args, **kwargs)
+
+    def _register_zero3_external_parameters(self) -> None:
+        """Tells ZeRO-3 that ``scft_loss``'s forward reads the LM head's and the classifier's weights. Called on
+        the first forward that sees partitioned weights, so it also holds under Trainer's own DeepSpeed set-up."""
         import deepspeed
 
-        for param in self.lm_head.parameters(recurse=False):
-            deepspeed.zero.register_external_parameter(self.score, param)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        _unwrap(self.causal_lm).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
-
-    def generate(self, *args, **kwargs):
-        return self.causal_lm.generate(*args, **kwargs)
+        params = list(self.get_output_embeddings().parameters(recurse=False))
+        if self.scft_config is not None:
+            params += list(self.score.parameters())
+        for param in params:
+            deepspeed.zero.register_external_parameter(self.scft_loss, param)
+        self._zero3_registered = True
 
     # -- forward ----------------------------------------------------------------------------------------------------
     def pooled_index(self, batch: int, length: int, attention_mask=None, position_ids=None, cu_seqlens=None,
                      cls_index=None) -> torch.Tensor:  # (S,) flat rows into the B*T hidden states
         if cls_index is not None:
             return cls_index.long()
+        device = self.get_output_embeddings().weight.device
         if cu_seqlens is None and attention_mask is None and position_ids is None:
-            index = torch.arange(1, batch + 1, device=self.device) * length - 1
+            index = torch.arange(1, batch + 1, device=device) * length - 1
         else:
             index = last_token_index(attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens)
-        return index - 1 if self.scft_config.pool == "pre_eos" else index
+        return index - 1 if (self.scft_config or PLAIN_LM).pool == "pre_eos" else index
+
+    def _packed_inputs(self, length: int, attention_mask, position_ids, cu_seqlens, max_seqlen, kwargs: dict):
+        """A packed row is one block-diagonal causal attention: HF derives it from position_ids (SDPA, eager) or
+        from cu_seq_lens_* (flash-attn), and only when no 2-D attention mask overrides it."""
+        if cu_seqlens is None:
+            cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is None:
+            return attention_mask, position_ids, None
+        if position_ids is None:
+            position_ids = positions_from_cu_seqlens(cu_seqlens, length)
+        if "flash" in str(self.config._attn_implementation) and "cu_seq_lens_q" not in kwargs:
+            cu = cu_seqlens.to(torch.int32)
+            longest = int(max_seqlen) if max_seqlen is not None else int(torch.diff(cu).max())
+            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return None, position_ids, cu_seqlens
 
     def forward(
         self,
         input_ids: torch.Tensor | None = None,  # (B, T); packed: (1, L)
         attention_mask: torch.Tensor | None = None,  # (B, T), padded batches only
+        position_ids: torch.Tensor | None = None,  # (B, T) or (T,); packed rows restart at 0
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, H)
         labels: torch.Tensor | None = None,  # (B, T) HF convention (unshifted)
         transition_labels: torch.Tensor | None = None,  # (B, T) like labels: the refusal token where RTO applies
         cls_labels: torch.Tensor | None = None,  # (S,) 0 safe, 1 unsafe, ignore_index: no label
-        position_ids: torch.Tensor | None = None,  # (B, T) or (T,); packed rows restart at 0
         cu_seqlens: torch.Tensor | None = None,  # (S + 1,) packed sequence boundaries
-        num_items_in_batch: int | torch.Tensor | None = None,  # token normalizer over the accumulated batch
         max_seqlen: int | None = None,  # longest packed sequence (flash-attn varlen)
-        cls_index: torch.Tensor | None = None,  # (S,) flat pooled rows; default: from mask/positions
-        num_cls_in_batch: int | None = None,  # labeled sequences over the accumulated batch
-        hf_loss: bool = False,  # labels only, through the wrapped model's own loss (materialized logits)
+        cls_index: torch.Tensor | None = None,  # (S,) flat pooled rows; default: from mask / positions
+        num_items_in_batch: int | torch.Tensor | None = None,  # token normalizer over the accumulated batch
+        num_cls_in_batch: int | torch.Tensor | None = None,  # labeled sequences over the accumulated batch
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> SCFTOutput:
+    ) -> SCFTOutput | CausalLMOutputWithPast:
         """With any of labels / transition_labels / cls_labels: the fused loss, no logits. ``num_items_in_batch``
         and ``num_cls_in_batch`` make the token and classification terms sums over this micro-batch divided by
-        batch-wide counts, so accumulated gradients equal the large batch's."""
-        reference = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+        batch-wide counts, so accumulated gradients equal the large batch's. Without labels: exactly the model's
+        own forward; given ``cls_index`` too, its output with ``cls_logits`` at those rows."""
+        reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
-        ignore = self.scft_config.ignore_index
-        if cu_seqlens is not None:
-            # A packed row is one block-diagonal causal attention; HF derives it from position_ids (SDPA, eager)
-            # or from cu_seq_lens_* (flash-attn), and only when no 2-D attention mask overrides it.
-            attention_mask = None
-            if position_ids is None:
-                position_ids = positions_from_cu_seqlens(cu_seqlens, length)
-            if "flash" in str(self.hf_config._attn_implementation):
-                cu = cu_seqlens.to(torch.int32)
-                longest = int(max_seqlen) if max_seqlen is not None else int(torch.diff(cu).max())
-                kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        attention_mask, position_ids, cu_seqlens = self._packed_inputs(length, attention_mask, position_ids,
+                                                                       cu_seqlens, max_seqlen, kwargs)
         if labels is None and transition_labels is None and cls_labels is None:
-            return self._inference(input_ids, attention_mask, position_ids, cu_seqlens, cls_index, **kwargs)
+            if cu_seqlens is not None:
+                use_cache = False  # HF derives a packed row's block-diagonal mask only without a cache
+            if cls_index is not None and self.scft_config is not None:
+                kwargs["output_hidden_states"] = True
+            out = self.base_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                                    use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+            if cls_index is None or self.scft_config is None:
+                return out
+            # Asked for pooled rows: the model's output plus the head's logits there (held-out evaluation, which
+            # must go through the (DeepSpeed) module's forward).
+            hidden = out.hidden_states[-1]
+            return SCFTOutput(**out, cls_logits=self.score(hidden.reshape(-1, hidden.shape[-1])[cls_index]).float())
+        options = self.scft_config or PLAIN_LM
+        if self.scft_config is None and (transition_labels is not None or cls_labels is not None):
+            raise ValueError("transition_labels / cls_labels need an SCFT head: apply_scft_fast(model, SCFTConfig())")
         kwargs.pop("output_hidden_states", None)
-        if hf_loss:
+        kwargs.pop("return_dict", None)
+        if kwargs.pop("hf_loss", False):  # the baseline the fused loss replaces (scft-fast train --loss hf)
             return self._hf_loss(input_ids, attention_mask, position_ids, labels, num_items_in_batch, **kwargs)
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False, **kwargs).last_hidden_state  # (B, T, H)
+        hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    inputs_embeds=inputs_embeds, use_cache=False, **kwargs).last_hidden_state
+        ignore = options.ignore_index
         if labels is None:
             labels = torch.full((batch, length), ignore, dtype=torch.long, device=hidden.device)
-        index = self.pooled_index(batch, length, attention_mask, position_ids, cu_seqlens, cls_index)
-        out = self.score(
-            hidden.reshape(batch * length, -1), index, self.lm_head,
-            labels=shift_labels(labels, position_ids, ignore).reshape(-1),
-            transition_labels=None if transition_labels is None
-            else shift_labels(transition_labels, position_ids, ignore).reshape(-1),
-            cls_labels=cls_labels, num_items=num_items_in_batch, num_cls=num_cls_in_batch, softcap=self.softcap,
-            config=self.scft_config)
+        lm_head = self.get_output_embeddings()
+        if hasattr(lm_head.weight, "ds_id") and not getattr(self, "_zero3_registered", False):
+            self._register_zero3_external_parameters()
+        head = {}
+        if cls_labels is not None:  # without labels the head is skipped: plain (fused) instruction tuning
+            head = dict(cls_weight=self.score.weight, cls_bias=self.score.bias, cls_labels=cls_labels,
+                        cls_index=self.pooled_index(batch, length, attention_mask, position_ids, cu_seqlens,
+                                                    cls_index))
+        out = self.scft_loss(
+            hidden.reshape(batch * length, -1), lm_head.weight, getattr(lm_head, "bias", None),
+            shift_labels(labels, position_ids, ignore).reshape(-1),
+            None if transition_labels is None else shift_labels(transition_labels, position_ids, ignore).reshape(-1),
+            head, num_items_in_batch, num_cls_in_batch, self.softcap, options)
         return SCFTOutput(**out)
 
     def _hf_loss(self, input_ids, attention_mask, position_ids, labels, num_items_in_batch, **kwargs) -> SCFTOutput:
-        """The baseline the fused loss replaces: the wrapped model's logits and its own cross-entropy."""
-        out = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             labels=labels, num_items_in_batch=num_items_in_batch, use_cache=False, **kwargs)
-        n_lm = (shift_labels(labels, position_ids, self.scft_config.ignore_index) != self.scft_config.ignore_index
-                ).sum()
+        """The architecture's own logits and cross-entropy, with the fused loss's statistics."""
+        out = self.base_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                labels=labels, num_items_in_batch=num_items_in_batch, use_cache=False, **kwargs)
+        ignore = (self.scft_config or PLAIN_LM).ignore_index
+        n_lm = (shift_labels(labels, position_ids, ignore) != ignore).sum()
         lm_loss = out.loss.detach().float()
         if num_items_in_batch is not None:
             lm_loss = lm_loss * float(num_items_in_batch) / n_lm.clamp_min(1)
@@ -360,61 +474,134 @@ class SCFTForCausalLM(nn.Module):
         return SCFTOutput(loss=out.loss, lm_loss=lm_loss, transition_loss=zero, cls_loss=zero, n_lm=n_lm,
                           n_tr=zero.long(), n_cls=zero.long())
 
-    def _inference(self, input_ids, attention_mask, position_ids, cu_seqlens, cls_index, **kwargs) -> SCFTOutput:
-        """Exactly the wrapped model's forward (logits, cache), plus the head's logits at the pooled rows."""
-        kwargs["output_hidden_states"] = True
-        if cu_seqlens is not None:
-            kwargs["use_cache"] = False  # HF derives the block-diagonal mask of a packed row only without a cache
-        out = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             **kwargs)
-        hidden = out.hidden_states[-1]
-        batch, length = hidden.shape[:2]
-        index = self.pooled_index(batch, length, attention_mask, position_ids, cu_seqlens, cls_index)
-        cls_logits = self.score(hidden.reshape(batch * length, -1), index)
-        return SCFTOutput(logits=out.logits, past_key_values=getattr(out, "past_key_values", None),
-                          cls_logits=cls_logits)
-
     @torch.no_grad()
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:  # (B, C) safe/unsafe probabilities of each (instruction, response)
-        if attention_mask is not None and "position_ids" not in kwargs:  # left padding: positions count real tokens
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              **kwargs).last_hidden_state
-        batch, length = hidden.shape[:2]
-        index = self.pooled_index(batch, length, attention_mask)
-        return self.score(hidden.reshape(batch * length, -1), index).softmax(-1)
+                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                 cls_index: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:  # (S, C) class probabilities of each (instruction, response)
+        batch, length = input_ids.shape[:2]
+        attention_mask, position_ids, cu_seqlens = self._packed_inputs(length, attention_mask, position_ids,
+                                                                       cu_seqlens, None, kwargs)
+        if attention_mask is not None and position_ids is None:  # left padding: positions count real tokens
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False, **kwargs).last_hidden_state
+        index = self.pooled_index(batch, length, attention_mask, None if attention_mask is not None
+                                  else position_ids, cu_seqlens, cls_index)
+        return self.score(hidden.reshape(batch * length, -1)[index]).float().softmax(-1)
 
-    # -- saving -----------------------------------------------------------------------------------------------------
-    def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The causal LM's state dict with LoRA deltas merged in (without touching the model), plus the head."""
-        base = _unwrap(self.causal_lm)
-        state = {k: v for k, v in base.state_dict().items() if ".lora_" not in k}
-        if base is not self.causal_lm:
-            from peft.tuners.lora import LoraLayer
 
-            for name, module in base.named_modules():
-                if isinstance(module, LoraLayer):
-                    weight_key = f"{name}.base_layer.weight"
-                    merged = state.pop(weight_key).clone()
-                    for adapter in module.active_adapters:
-                        merged += module.get_delta_weight(adapter).to(merged.dtype)
-                    state[f"{name}.weight"] = merged
-            state = {k.replace(".base_layer.", "."): v for k, v in state.items()}
-        state.update({HEAD_PREFIX + k: v for k, v in self.score.state_dict().items()})
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The causal LM's state dict under its own key names, LoRA deltas merged in and PEFT's copy of the head
+    unwrapped, without touching the model."""
+    base = unwrap(model)
+    state = base.state_dict()
+    if base is model:
         return state
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
 
-    def save_pretrained(self, path: str, state_dict: dict[str, torch.Tensor] | None = None,
-                        **save_kwargs) -> None:
-        """A normal HF checkpoint: the causal LM (LoRA merged), ``score.weight`` / ``score.bias`` beside its
-        weights and the SCFT settings under config.json's "scft" key. ``state_dict`` (e.g. gathered from ZeRO-3
-        shards) overrides the model's own tensors; it must hold the same keys as ``merged_state_dict()``."""
-        base = _unwrap(self.causal_lm)
-        state = state_dict if state_dict is not None else self.merged_state_dict()
-        if HEAD_PREFIX + "weight" not in state:
-            raise ValueError(f"state_dict must hold the head ({HEAD_PREFIX}weight); got keys like {list(state)[:3]}")
-        setattr(base.config, SCFT_CONFIG_KEY, asdict(self.scft_config))
-        base.save_pretrained(path, state_dict=state, **save_kwargs)
+    state = {k: v for k, v in state.items() if ".lora_" not in k}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            merged = state.pop(f"{name}.base_layer.weight").clone()
+            for adapter in module.active_adapters:
+                merged += module.get_delta_weight(adapter).to(merged.dtype)
+            state[f"{name}.weight"] = merged
+        elif isinstance(module, ModulesToSaveWrapper):
+            trained = f"{name}.modules_to_save.{module.active_adapters[0]}."
+            for key in [k for k in state if k.startswith(f"{name}.")]:
+                tensor = state.pop(key)
+                if key.startswith(trained):
+                    state[f"{name}." + key[len(trained):]] = tensor
+    return {k.replace(".base_layer.", "."): v for k, v in state.items()}
+
+
+def save_merged(model: nn.Module, path: str, state_dict: dict[str, torch.Tensor] | None = None,
+                **save_kwargs) -> None:
+    """A full checkpoint that ``SCFTForCausalLM.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained``
+    load: the causal LM with LoRA merged, ``score.*`` beside its weights, the SCFT settings under config.json's
+    "scft" key. ``state_dict`` (e.g. gathered from ZeRO-3 shards) overrides the model's own tensors and holds the
+    keys of ``merged_state_dict(model)``. Without PEFT this is ``model.save_pretrained``."""
+    base = unwrap(model)
+    state = state_dict if state_dict is not None else (None if base is model else merged_state_dict(model))
+    if state is not None and getattr(base, "scft_config", None) is not None and HEAD_PREFIX + "weight" not in state:
+        raise ValueError(f"state_dict must hold the head ({HEAD_PREFIX}weight); got keys like {list(state)[:3]}")
+    base.save_pretrained(path, state_dict=state, **save_kwargs)
+
+
+def export_sequence_classifier(model: nn.Module, path: str, tokenizer=None, pad_token_id: int | None = None,
+                               **save_kwargs) -> None:
+    """Writes the SCFT head as a checkpoint that ``AutoModelForSequenceClassification.from_pretrained`` loads and
+    that gives the head's class probabilities.
+
+    transformers' sequence-classification models apply a bias-free ``score`` to the rightmost token that is not
+    ``pad_token_id``. The head's token is the EOS (pool="eos"), so the export needs a pad token other than EOS
+    (``pad_token_id``, else the tokenizer's, else the model's): inputs must end with EOS and be padded with it.
+    For pool="pre_eos" the export pads with EOS itself, so that the rightmost non-pad token is the one before the
+    EOS. A head trained with a bias cannot be written into that bias-free layer: train with
+    ``SCFTConfig(head_bias=False)`` (the default) or the export is refused."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    base = unwrap(model)
+    scft = getattr(base, "scft_config", None)
+    if scft is None:
+        raise ValueError("the model has no SCFT head to export (apply_scft_fast(model, SCFTConfig()) adds one)")
+    state = merged_state_dict(model)
+    bias = state.pop(HEAD_PREFIX + "bias", None)
+    if bias is not None and bool(bias.detach().float().abs().max() > 0):
+        raise ValueError("the SCFT head has a non-zero bias, which AutoModelForSequenceClassification's bias-free "
+                         "score layer cannot hold; train with SCFTConfig(head_bias=False) to export the head")
+    text_config = base.config.get_text_config()
+    eos = text_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    if scft.pool == "pre_eos":
+        pad = eos
+    else:
+        candidates = [pad_token_id, getattr(tokenizer, "pad_token_id", None), text_config.pad_token_id]
+        pad = next((c for c in candidates if c is not None and c != eos), None)
+        if pad is None:
+            raise ValueError("pool='eos' reads the EOS token, which AutoModelForSequenceClassification skips when "
+                             "it is also the pad token: pass pad_token_id= (a token other than EOS) or a tokenizer "
+                             "whose pad token is not EOS")
+    config = base.config.__class__.from_dict(base.config.to_dict())
+    config.num_labels = scft.num_labels
+    config.id2label = {i: name for i, name in enumerate(["safe", "unsafe"][:scft.num_labels])} \
+        if scft.num_labels == 2 else {i: f"LABEL_{i}" for i in range(scft.num_labels)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    config.pad_token_id = pad
+    if hasattr(config, SCFT_CONFIG_KEY):
+        delattr(config, SCFT_CONFIG_KEY)
+    classifier_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    classifier = classifier_class(config)
+    prefix = classifier.base_model_prefix
+    # The causal LM's decoder keys (model.*) are the classifier's; the LM head is not part of it.
+    lm_head_keys = {n for n, _ in base.named_parameters() if n.startswith("lm_head.")}
+    weights = {k: v for k, v in state.items() if k.startswith(prefix + ".") or k == HEAD_PREFIX + "weight"}
+    expected = set(classifier.state_dict())
+    if set(weights) != expected:
+        raise ValueError(f"cannot map {type(base).__name__}'s weights onto {classifier_class.__name__}: missing "
+                         f"{sorted(expected - set(weights))[:5]}, extra "
+                         f"{sorted(set(weights) - expected - lm_head_keys)[:5]}")
+    classifier.load_state_dict(weights)
+    classifier.save_pretrained(path, **save_kwargs)
+    if tokenizer is not None:
+        tokenizer = _copy_with_pad(tokenizer, pad)
+        tokenizer.save_pretrained(path)
+
+
+def _copy_with_pad(tokenizer, pad: int):
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+    return tokenizer
+
+
+def has_head(path: str) -> bool:
+    """Whether the checkpoint directory's weights hold ``score.weight`` (a config key alone makes no head)."""
+    return _read_head(path) is not None
+
 
 def _read_head(path: str) -> dict[str, torch.Tensor] | None:
     """``score.*`` tensors of a checkpoint directory (single file or sharded safetensors, or a .bin)."""
@@ -440,21 +627,3 @@ def _read_head(path: str) -> dict[str, torch.Tensor] | None:
                 if key.startswith(HEAD_PREFIX):
                     head[key[len(HEAD_PREFIX):]] = f.get_tensor(key)
     return head or None
-
-
-def _load_causal_lm(path: str, **kwargs) -> PreTrainedModel:
-    """AutoModelForCausalLM.from_pretrained without the 'unexpected score.* keys' report (they are ours);
-    any other missing or unexpected key still raises."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(HEAD_PREFIX)]
-    if info.get("missing_keys") or unexpected:
-        raise ValueError(f"{path}: weights do not match {type(model).__name__}: missing "
-                         f"{sorted(info.get('missing_keys', []))[:5]}, unexpected {sorted(unexpected)[:5]}")
-    return model

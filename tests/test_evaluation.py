@@ -29,13 +29,17 @@ def tokenizer():
     return load_default_tokenizer()
 
 
-def tiny_model(tokenizer, pool="eos", seed=0):
+def tiny_base(tokenizer, seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    model = SCFTForCausalLM.from_causal_lm(LlamaForCausalLM(config), SCFTConfig(pool=pool)).eval()
+    return LlamaForCausalLM(config)
+
+
+def tiny_model(tokenizer, pool="eos", seed=0):
+    model = SCFTForCausalLM.from_causal_lm(tiny_base(tokenizer, seed), SCFTConfig(pool=pool)).eval()
     with torch.no_grad():
         model.score.weight.normal_(0.0, 1.0)
     return model
@@ -222,7 +226,7 @@ def test_cli_help_documents_every_flag(capsys):
 def test_cli_end_to_end_with_baseline(tokenizer, tmp_path, capsys):
     model = tiny_model(tokenizer)
     model.save_pretrained(str(tmp_path / "scft"))
-    model.causal_lm.save_pretrained(str(tmp_path / "base"))  # a plain HF checkpoint: no head
+    tiny_base(tokenizer).save_pretrained(str(tmp_path / "base"))  # the same model before SCFT: no head
     for name in ("scft", "base"):
         tokenizer.save_pretrained(str(tmp_path / name))
     output = tmp_path / "out" / "eval.json"

@@ -52,7 +52,7 @@ def tiny_model(tokenizer, pool="eos", seed=0, head_std=1.0, arch="llama", lora=F
         peft = pytest.importorskip("peft")
         causal_lm = peft.get_peft_model(causal_lm, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                    init_lora_weights=False))
-    model = SCFTForCausalLM.from_causal_lm(causal_lm, SCFTConfig(pool=pool)).eval()
+    model = SCFTForCausalLM.from_causal_lm(causal_lm, SCFTConfig(pool=pool, head_bias=True)).eval()
     with torch.no_grad():
         model.score.weight.normal_(0.0, head_std)  # readings spread over (0, 1) instead of all near 0.5
     return model
@@ -88,7 +88,7 @@ def force_eos(tokenizer, prompts, steps):
 class DecoderCalls:
     def __init__(self, model):
         self.count = 0
-        self.handle = model.decoder.register_forward_pre_hook(self)
+        self.handle = model.get_decoder().register_forward_pre_hook(self)
 
     def __call__(self, *args):
         self.count += 1

@@ -13,7 +13,7 @@ from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2F
                           GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
+from scft_fast.model import SCFTConfig, SCFTForCausalLM, save_merged  # noqa: E402
 
 IGNORE = -100
 VOCAB, REFUSAL = 96, 7
@@ -61,7 +61,7 @@ def batch(seed=1, rows=3, length=11):
 
 def reference_loss(model: SCFTForCausalLM, b, pool="eos", coefs=(1.0, 1.0, 1.0)):
     """HF's own logits (soft-capped by the model itself) and the three terms written out by hand."""
-    out = model.causal_lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+    out = model.base_forward(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
     logits = out.logits[:, :-1].float()
     logp = logits.log_softmax(-1)
     lm_t, tr_t = b["labels"][:, 1:], b["transition_labels"][:, 1:]
@@ -121,23 +121,28 @@ def test_training_forward_never_builds_logits():
 def test_lm_only_equals_hf_loss():
     model = SCFTForCausalLM.from_causal_lm(tiny("qwen2"), SCFTConfig(cls_coef=0.0))
     b = batch()
-    hf = model.causal_lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+    hf = model.base_forward(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
     ours = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
     torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2_softcap"])
 def test_inference_returns_wrapped_logits(arch):
-    lm = tiny(arch)
-    model = SCFTForCausalLM.from_causal_lm(lm).eval()
+    lm = tiny(arch).eval()  # the unpatched model: from_causal_lm patches its argument in place
+    model = SCFTForCausalLM.from_causal_lm(tiny(arch)).eval()
+    assert isinstance(model, type(lm)) and type(model).__name__ == type(lm).__name__
     b = batch()
     with torch.no_grad():
         ours = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         theirs = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         probs = model.classify(b["input_ids"], b["attention_mask"])
     assert torch.equal(ours.logits, theirs.logits)
-    assert ours.cls_logits.shape == (3, 2)
-    torch.testing.assert_close(probs, ours.cls_logits.softmax(-1))
+    assert type(ours) is type(theirs)  # without labels: exactly the model's own forward
+    last = b["attention_mask"].sum(1) - 1
+    hidden = model.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    expected = F.linear(hidden[torch.arange(3), last], model.score.weight, model.score.bias).float().softmax(-1)
+    assert probs.shape == (3, 2)
+    torch.testing.assert_close(probs, expected)
     generated = model.generate(b["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
     assert torch.equal(generated, lm.generate(b["input_ids"][:1, :4], max_new_tokens=3, do_sample=False))
 
@@ -186,10 +191,10 @@ def test_packed_equals_padded(arch):
     for field in ("loss", "lm_loss", "transition_loss", "cls_loss", "cls_logits"):
         torch.testing.assert_close(getattr(out, field), getattr(padded, field), rtol=1e-5, atol=1e-5)
     assert_grads_close(grads(model), padded_grads)
-    with torch.no_grad():  # inference on the packed row pools the same rows
-        packed_inference = model(input_ids=row["input_ids"], position_ids=row["position_ids"],
-                                 cu_seqlens=row["cu_seqlens"])
-    torch.testing.assert_close(packed_inference.cls_logits, padded.cls_logits, rtol=1e-5, atol=1e-5)
+    # inference on the packed row pools the same rows
+    packed_inference = model.classify(input_ids=row["input_ids"], position_ids=row["position_ids"],
+                                      cu_seqlens=row["cu_seqlens"])
+    torch.testing.assert_close(packed_inference, padded.cls_logits.softmax(-1), rtol=1e-5, atol=1e-5)
     # Without cu_seqlens, position_ids alone must give the same block-diagonal attention and pooling.
     model.zero_grad()
     row.pop("cu_seqlens")
@@ -231,10 +236,12 @@ def test_checkpoint_without_head_is_an_error(tmp_path):
 def test_lora_trains_adapters_and_head_and_saves_merged(tmp_path):
     peft = pytest.importorskip("peft")
     lm = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    model = SCFTForCausalLM.from_causal_lm(lm, SCFTConfig())
+    model = SCFTForCausalLM.from_causal_lm(lm, SCFTConfig(head_bias=True))
+    assert model is lm  # the PEFT model, patched underneath
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {"score.weight", "score.bias"} <= trainable
-    assert all("lora_" in n or n.startswith("score.") for n in trainable)
+    assert {"base_model.model.score.modules_to_save.default.weight",
+            "base_model.model.score.modules_to_save.default.bias"} <= trainable
+    assert all("lora_" in n or ".score.modules_to_save." in n for n in trainable)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     b = batch()
     head_before = model.score.weight.detach().clone()
@@ -243,13 +250,14 @@ def test_lora_trains_adapters_and_head_and_saves_merged(tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     assert not torch.equal(model.score.weight, head_before)
-    model.save_pretrained(tmp_path)
+    save_merged(model, tmp_path)
     loaded = SCFTForCausalLM.from_pretrained(str(tmp_path))
     with torch.no_grad():
         a, c = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), loaded(
             input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     torch.testing.assert_close(c.logits, a.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(c.cls_logits, a.cls_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded.classify(b["input_ids"], b["attention_mask"]),
+                               model.classify(b["input_ids"], b["attention_mask"]), rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -259,7 +267,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = grads(model)
     model.zero_grad()
     model.gradient_checkpointing_enable()
-    assert model.decoder.gradient_checkpointing
+    assert model.get_decoder().gradient_checkpointing
     model(**b).loss.backward()
     assert_grads_close(grads(model), plain, rtol=1e-6)
 

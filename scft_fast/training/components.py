@@ -32,8 +32,10 @@ def build_model(config: TrainConfig):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # pooling never reads pad ids, so EOS padding is safe
     refusal = refusal_token_id(tokenizer, config.data.refusal_string)
-    scft = SCFTConfig(refusal_token_id=refusal, pool=spec.pool, lm_coef=loss.lm_coef,
-                      transition_coef=loss.transition_coef, cls_coef=loss.cls_coef, backend=loss.backend)
+    # A checkpoint's head keeps its shape (classes, bias); the command line sets how it is trained.
+    scft = replace(SCFTConfig.from_dict(saved) if saved else SCFTConfig(), refusal_token_id=refusal, pool=spec.pool,
+                   lm_coef=loss.lm_coef, transition_coef=loss.transition_coef, cls_coef=loss.cls_coef,
+                   backend=loss.backend)
     if saved:
         model = SCFTForCausalLM.from_pretrained(spec.name_or_path, config=scft)
     else:
@@ -44,7 +46,7 @@ def build_model(config: TrainConfig):
                 r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules="all-linear", lora_dropout=0.0))
         model = SCFTForCausalLM.from_causal_lm(causal_lm, scft)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, refusal
 
 

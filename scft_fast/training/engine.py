@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..model import SCFTForCausalLM
+from ..model import merged_state_dict
 from .config import OptimSpec, TrainConfig
 
 
@@ -54,7 +54,7 @@ class TorchEngine:
 
     world_size, rank = 1, 0
 
-    def __init__(self, model: SCFTForCausalLM, config: TrainConfig, total_steps: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
         self.module = model.to(device)
         self.device = device
         self.config = config
@@ -94,7 +94,7 @@ class TorchEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return cpu_copy(self.module.merged_state_dict())
+        return cpu_copy(merged_state_dict(self.module))
 
     def eval_forward(self, **batch):
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
@@ -132,7 +132,7 @@ def deepspeed_config(path: str, config: TrainConfig, world_size: int) -> dict:
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 1/2/3 (+ offload) with our AdamW and schedule as client optimizer and scheduler."""
 
-    def __init__(self, model: SCFTForCausalLM, config: TrainConfig, total_steps: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
         import deepspeed
 
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
@@ -142,9 +142,7 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad])
-        self.module: SCFTForCausalLM = self.engine.module
-        if self.zero_stage == 3:
-            self.module.register_zero3_external_parameters()
+        self.module = self.engine.module
         self.device = device
 
     def forward(self, **batch):
@@ -183,9 +181,9 @@ class DeepSpeedEngine:
         params = list(self.module.parameters())
         if self.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = cpu_copy(self.module.merged_state_dict())
+                state = cpu_copy(merged_state_dict(self.module))
         else:
-            state = cpu_copy(self.module.merged_state_dict())
+            state = cpu_copy(merged_state_dict(self.module))
         return state if self.rank == 0 else {}
 
     def eval_forward(self, **batch):

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..model import shift_labels
+from ..model import save_merged, shift_labels
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .components import BatchPlan, build_data, build_model, padded_batches, to_device
 from .config import TrainConfig
@@ -153,7 +153,7 @@ def train(config: TrainConfig) -> dict:
     state = engine.full_state_dict()
     summary = None
     if rank == 0:
-        engine.module.save_pretrained(model_dir, state_dict=state)
+        save_merged(engine.module, model_dir, state_dict=state)
         tokenizer.save_pretrained(model_dir)
         plot_loss_curves(log.path, os.path.join(config.output_dir, "loss_curves.png"))
         titles = {name: title for name, (_, title) in eval_sets.items() if name in after}
