@@ -37,8 +37,15 @@ from tqdm.auto import tqdm
 from .data import REFUSAL_STRING, SAFE, UNSAFE, ChatRenderer, DataConfig, SampleEncoder, default_data_files
 from .data.constants import CLS_LABELS
 from .data.records import parse_record
-from .generation import (PROMPT_FIELDS, THRESHOLD, generate_safe, load_model, p_unsafe_of, read_records,
-                         resolve_threshold)
+from .generation import (
+    PROMPT_FIELDS,
+    THRESHOLD,
+    generate_safe,
+    load_model,
+    p_unsafe_of,
+    read_records,
+    resolve_threshold,
+)
 from .model import SCFT_CONFIG_KEY, SCFTConfig
 
 # DeRTa's file names say what their questions are.
