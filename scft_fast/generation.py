@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # What a user sees in place of a blocked response; starts with the refusal string DeRTa's training targets.
 REFUSAL_TEXT = f"{REFUSAL_STRING}, I can't help with that."
-THRESHOLD = 0.5  # blocked when p_unsafe > THRESHOLD
+THRESHOLD = 0.5  # blocked when p_unsafe > THRESHOLD, unless the call or the model's SCFT config sets another
 MODES = ("final", "stream")
 PROMPT_FIELDS = ("question", "instruction", "prompt")  # DeRTa's test files: "question"
 # generate() settings the readings rely on: one row per prompt, one decoder call per token on the KV cache.
@@ -56,6 +56,8 @@ class SafeGeneration:
     blocked_at_token: int | None  # j of the blocking reading (it judged y_1 .. y_j; L + 1: the EOS); None: allowed
     response_ids: list[int]  # generated token ids, EOS and padding excluded
     finished: bool  # the model ended the response with EOS
+    threshold: float  # the verdict's threshold
+    threshold_source: str  # where it came from: "argument", "model config" (scft-fast eval --store-threshold), "default"
     truncated_prompt_tokens: int = 0  # > 0: the prompt's first tokens were dropped to fit the model's positions
 
 
@@ -176,6 +178,15 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
+def resolve_threshold(model, threshold: float | None) -> tuple[float, str]:
+    """(threshold, source): the one given, else the one stored in the model's SCFT config, else THRESHOLD."""
+    if threshold is not None:
+        return threshold, "argument"
+    if model.scft_config.threshold is not None:
+        return model.scft_config.threshold, "model config"
+    return THRESHOLD, "default"
+
+
 def _check_arguments(prompts, threshold: float, mode: str, check_every: int, generate_kwargs: dict) -> None:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts must be a non-empty list, got {prompts!r:.80}")
@@ -193,13 +204,15 @@ def _check_arguments(prompts, threshold: float, mode: str, check_every: int, gen
 
 
 @torch.no_grad()
-def generate_safe(model, tokenizer, prompts: list, *, threshold: float = THRESHOLD, mode: str = "final",
+def generate_safe(model, tokenizer, prompts: list, *, threshold: float | None = None, mode: str = "final",
                   check_every: int = 1, refusal_text: str = REFUSAL_TEXT,
                   response_prefixes: list[str] | None = None, **generate_kwargs) -> list[SafeGeneration]:
     """Generates a response per prompt (one left-padded batch, KV cache, greedy or sampled as generate_kwargs say)
-    and withholds those the head finds unsafe: blocked exactly when p_unsafe > threshold. ``model`` is an
+    and withholds those the head finds unsafe: blocked exactly when p_unsafe > threshold (None: the threshold stored
+    in the model's SCFT config, else THRESHOLD; each result names the one used). ``model`` is an
     SCFTForCausalLM; generate_kwargs pass through to generate() (max_new_tokens, do_sample, temperature, streamer
     for a single prompt, ...)."""
+    threshold, threshold_source = resolve_threshold(model, threshold)
     _check_arguments(prompts, threshold, mode, check_every, generate_kwargs)
     streamer = generate_kwargs.pop("streamer", None)
     if streamer is not None and len(prompts) != 1:
@@ -259,7 +272,8 @@ def generate_safe(model, tokenizer, prompts: list, *, threshold: float = THRESHO
         results.append(SafeGeneration(
             text=refusal_text if blocked else raw, raw_text=raw, p_unsafe=p, blocked=blocked,
             blocked_at_token=reading_at[r] if blocked else None, response_ids=ids,
-            finished=bool(ended[r]) and first_eos[r] == lengths[r], truncated_prompt_tokens=dropped[r]))
+            finished=bool(ended[r]) and first_eos[r] == lengths[r], threshold=threshold,
+            threshold_source=threshold_source, truncated_prompt_tokens=dropped[r]))
     if streamer is not None:
         if not results[0].blocked:
             released = gate.released if gate is not None else 0
@@ -373,8 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", action="append", help="a user message; repeat for several")
     source.add_argument("--prompts", metavar="FILE", help="JSONL of prompts: DeRTa's {\"question\": ...}, or "
                         "{\"instruction\": ...} / {\"prompt\": ...}")
-    parser.add_argument("--threshold", type=probability, default=THRESHOLD,
-                        help=f"block when p_unsafe > threshold, in [0, 1] (default {THRESHOLD})")
+    parser.add_argument("--threshold", type=probability, default=None,
+                        help="block when p_unsafe > threshold, in [0, 1] (default: the threshold stored in the "
+                        "model's SCFT config by `scft-fast eval --store-threshold`, else "
+                        f"{THRESHOLD}); the one used is printed")
     parser.add_argument("--mode", choices=MODES, default="final", help="final: judge the finished response; "
                         "stream: also judge every --check-every tokens and stop at the first unsafe reading")
     parser.add_argument("--check-every", type=positive_int, default=1,
@@ -429,6 +445,8 @@ def main(argv=None) -> int:
     check_model_dir(args.model)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
+    if not args.json:
+        print("threshold {:.4f} ({})".format(*resolve_threshold(model, args.threshold)))
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "repetition_penalty": args.repetition_penalty}
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,

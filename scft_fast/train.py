@@ -71,7 +71,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="weight of SCFT's classification term (default: 1)")
     p.add_argument("--rto-keep", type=fraction, default=_D.rto_keep,
                    help="fraction of RTO positions kept per sample, in (0, 1] (DeRTa's full-parameter recipe: 0.05; "
-                        "default: 1)")
+                        f"default: {_D.rto_keep})")
+    p.add_argument("--vanilla-safety", action=argparse.BooleanOptionalAction, default=_D.vanilla_safety,
+                   help="also train each harmful triple's instruction -> refusal, labeled safe for the head (default: "
+                        f"{'on' if _D.vanilla_safety else 'off'})")
     p.add_argument("--pool", choices=("eos", "pre_eos"), default="eos",
                    help="the classifier's token: eos (SCFT) or the one before it (free at inference; default: eos)")
     p.add_argument("--refusal-string", type=non_empty_str, default=_D.refusal_string,
@@ -120,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                       cls_coef=args.cls_coef, backend=args.backend),
         data=DataSpec(files=args.data, eval_files=args.eval_data, max_length=args.max_length, packing=args.packing,
                       max_tokens=args.max_tokens, micro_batch_size=args.micro_batch_size, rto_keep=args.rto_keep,
+                      vanilla_safety=args.vanilla_safety,
                       refusal_string=args.refusal_string, eval_samples=args.eval_samples, num_proc=args.num_proc),
         optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                         schedule=args.schedule, grad_clip=args.grad_clip),
@@ -159,11 +163,17 @@ def format_summary(s: dict) -> str:
     first, last = s["losses_first_10pct"], s["losses_last_10pct"]
     for key in first:
         lines.append(f"  {key:16s} {fmt(first[key])} -> {fmt(last[key])}  (mean of the first / last 10% of steps)")
-    before, after = s.get("eval_before"), s.get("eval_after")
-    if before and after:
-        for key, name in (("head_accuracy", "held-out head accuracy"), ("head_auroc", "held-out head AUROC"),
-                          ("refusal_prob_rto", "P(refusal token) on RTO positions")):
-            lines.append(f"  {name:36s} {fmt(before[key])} -> {fmt(after[key])}")
+    titles = s.get("eval_sets") or {}  # one column per held-out set: same generator, separate generator
+
+    def cell(name, key):
+        return f"{fmt(s[f'{name}_before'][key])} -> {fmt(s[f'{name}_after'][key])}"
+
+    if titles:
+        lines.append(f"  {'held-out, before -> after':36s}" + "".join(f"  {t:18s}" for t in titles.values()))
+        for key, label in (("head_accuracy", "head accuracy"), ("head_auroc", "head AUROC"),
+                           ("head_fpr", "head FPR (argmax verdict)"), ("head_tpr", "head TPR (argmax verdict)"),
+                           ("refusal_prob_rto", "P(refusal token) on RTO positions")):
+            lines.append(f"  {label:36s}" + "".join(f"  {cell(name, key):18s}" for name in titles))
     if s["tokens_per_s"] is not None:
         lines.append(f"  tokens/s {s['tokens_per_s']:.0f}")
     return "\n".join(lines)

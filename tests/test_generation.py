@@ -250,6 +250,21 @@ def test_streamer_only_emits_judged_tokens(tokenizer, mode, unsafe):
         assert len(responses) > 1  # released as the checks pass, not only at the end
 
 
+def test_threshold_given_else_stored_else_default(tokenizer):
+    model = tiny_model(tokenizer)
+    default = generate_safe(model, tokenizer, PROMPTS, max_new_tokens=3, do_sample=False)
+    assert {(r.threshold, r.threshold_source) for r in default} == {(0.5, "default")}
+    stored = sorted(r.p_unsafe for r in default)[1]  # between the readings: the verdicts follow the threshold used
+    model.scft_config.threshold = stored
+    results = generate_safe(model, tokenizer, PROMPTS, max_new_tokens=3, do_sample=False)
+    assert {(r.threshold, r.threshold_source) for r in results} == {(stored, "model config")}
+    assert [r.blocked for r in results] == [r.p_unsafe > stored for r in default]
+    given = generate_safe(model, tokenizer, PROMPTS, threshold=1.0, max_new_tokens=3, do_sample=False)
+    assert {(r.threshold, r.threshold_source) for r in given} == {(1.0, "argument")}
+    with pytest.raises(ValueError, match="threshold must be in"):
+        SCFTConfig(threshold=1.0)
+
+
 def test_errors_name_the_offending_value(tokenizer):
     model = tiny_model(tokenizer)
     with pytest.raises(ValueError, match="threshold must be in"):
@@ -298,9 +313,13 @@ def test_cli_end_to_end(saved_model, tmp_path, capsys):
     assert all(len(line["response_ids"]) <= 2 for line in lines)
     assert [line["prompt"] for line in lines] == questions
     assert all(line["blocked"] and line["text"] == REFUSAL_TEXT for line in lines)
+    assert all((line["threshold"], line["threshold_source"]) == (0.0, "argument") for line in lines)
     assert main(["--model", saved_model, "--prompt", "hi", "--max-new-tokens", "3", "--mode", "stream",
                  "--live", "--threshold", "1.0"]) == 0
-    assert "allowed, p_unsafe=" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "allowed, p_unsafe=" in printed and "threshold 1.0000 (argument)" in printed
+    assert main(["--model", saved_model, "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert "threshold 0.5000 (default)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag, value, expected", [

@@ -14,8 +14,8 @@ from scft_fast.training.metrics import auroc  # noqa: E402
 
 REQUIRED_FLAGS = ["--model", "--data", "--output-dir", "--max-steps", "--epochs", "--deepspeed", "--bf16", "--lr",
                   "--micro-batch-size", "--grad-accum", "--max-length", "--packing", "--lm-coef",
-                  "--transition-coef", "--cls-coef", "--rto-keep", "--pool", "--seed", "--resume", "--resume-override",
-                  "--debug"]
+                  "--transition-coef", "--cls-coef", "--rto-keep", "--vanilla-safety", "--pool", "--seed", "--resume",
+                  "--resume-override", "--debug"]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,23 @@ def test_train_writes_everything_and_resumes_exactly(tmp_path, small_data):
     assert main(["train", "--model", os.path.join(run, "model"), "--data", small_data, "--output-dir",
                  str(tmp_path / "again"), "--max-steps", "1", "--micro-batch-size", "4", "--eval-samples", "0",
                  "--no-progress"]) == 0
+
+
+def test_embedded_summary_sets_both_held_out_splits_side_by_side(tmp_path, capsys):
+    run = str(tmp_path / "embedded")
+    assert main(["train", "--output-dir", run, "--max-steps", "1", "--micro-batch-size", "4", "--eval-samples", "32",
+                 "--save-every", "0", "--no-progress"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "before -> after" in line)
+    assert header.index("same generator") < header.index("separate generator")
+    with open(os.path.join(run, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["eval_sets"] == {"eval": "same generator", "separate": "separate generator"}
+    for name in ("eval", "separate"):
+        assert os.path.exists(os.path.join(run, f"{name}_before.json"))
+        for when in ("before", "after"):
+            figures = summary[f"{name}_{when}"]
+            assert figures["head_samples"] > 0 and 0 <= figures["head_auroc"] <= 1, (name, when)
+            assert 0 <= figures["head_fpr"] <= 1 and 0 <= figures["head_tpr"] <= 1
 
 
 def test_loss_modes_agree_on_the_lm_loss(tmp_path, small_data):

@@ -82,7 +82,7 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
     report = say if rank == 0 else (lambda message: None)
     changes = resume_changes(config) if config.resume and rank == 0 else []
     model, tokenizer, refusal = build_model(config)
-    train_set, eval_set, data_stats = build_data(config, tokenizer)
+    train_set, eval_sets, data_stats = build_data(config, tokenizer)
     plan = BatchPlan(train_set, config, tokenizer.pad_token_id, world)
     total_steps = config.max_steps
     if total_steps is None:
@@ -110,19 +110,19 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
         report(f"no checkpoint in {config.output_dir}: starting from step 0")
     if rank == 0:
         write_json(os.path.join(config.output_dir, "train_config.json"), config.to_dict())
-    eval_batches = ([to_device(b, device) for b in padded_batches(eval_set, tokenizer.pad_token_id,
-                                                                  config.data.micro_batch_size)]
-                    if eval_set is not None and config.summary else None)
-    before_path = os.path.join(config.output_dir, "eval_before.json")
-    before = None
-    if eval_batches:
+    eval_batches = {name: [to_device(b, device) for b in padded_batches(eval_set, tokenizer.pad_token_id,
+                                                                        config.data.micro_batch_size)]
+                    for name, (eval_set, _) in eval_sets.items()} if config.summary else {}
+    before = {}
+    for name, batches in eval_batches.items():
+        before_path = os.path.join(config.output_dir, f"{name}_before.json")
         if start > 0 and os.path.exists(before_path):
             with open(before_path) as f:
-                before = json.load(f)
+                before[name] = json.load(f)
         else:
-            before = evaluate(engine, eval_batches, ignore)
+            before[name] = evaluate(engine, batches, ignore)
             if rank == 0:
-                write_json(before_path, before, indent=None)
+                write_json(before_path, before[name], indent=None)
 
     log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), start, enabled=rank == 0, report=report)
     reporter = Reporter(config.report_to, config.output_dir, total_steps, model=engine.module, enabled=rank == 0)
@@ -176,14 +176,16 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
         progress.close()
     reporter.close()
 
-    after = evaluate(engine, eval_batches, ignore) if eval_batches else None
+    after = {name: evaluate(engine, batches, ignore) for name, batches in eval_batches.items()}
     model_dir = os.path.join(config.output_dir, "model")
     state = full_state_dict(engine.module)
     summary = None
     if rank == 0:
         save_scft_model(engine.module, model_dir, state, tokenizer)
         plot_loss_curves(log.path, os.path.join(config.output_dir, "loss_curves.png"))
-        summary = _summary(config, log.path, before, after, throughput, data_stats, refusal, world, model_dir)
+        titles = {name: title for name, (_, title) in eval_sets.items() if name in after}
+        summary = _summary(config, log.path, before, after, titles, throughput, data_stats, refusal, world,
+                           model_dir)
         write_json(os.path.join(config.output_dir, "summary.json"), summary)
     if world > 1:
         dist.barrier()
@@ -207,7 +209,8 @@ def _record(step, epoch, stats, world, lr, grad_norm, elapsed) -> dict:
             "lr": lr, "grad_norm": grad_norm}
 
 
-def _summary(config, metrics_path, before, after, throughput, data_stats, refusal, world, model_dir) -> dict:
+def _summary(config, metrics_path, before, after, titles, throughput, data_stats, refusal, world,
+             model_dir) -> dict:
     from .metrics import read_metrics
 
     rows = read_metrics(metrics_path)
@@ -228,6 +231,9 @@ def _summary(config, metrics_path, before, after, throughput, data_stats, refusa
         "losses_first_10pct": {k: head_mean(k) for k in ("loss", "lm_loss", "transition_loss", "cls_loss")},
         "losses_last_10pct": {k: tail_mean(k) for k in ("loss", "lm_loss", "transition_loss", "cls_loss")},
         "tokens_per_s": sum(steady) / len(steady) if steady else None,
-        "eval_before": before, "eval_after": after, "refusal_token_id": refusal,
+        # "{name}_before" / "{name}_after" per eval set ("eval", "separate"); eval_sets: their column titles
+        **{f"{name}_{when}": figures.get(name) for name in ("eval", *titles) for when, figures in
+           (("before", before), ("after", after))},
+        "eval_sets": titles, "refusal_token_id": refusal,
         "data": data_stats.to_dict(), "model_dir": model_dir,
     }

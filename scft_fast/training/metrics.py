@@ -128,7 +128,7 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 @torch.no_grad()
 def evaluate(engine, batches, ignore_index: int, unsafe: int = 1) -> dict:
-    """Held-out head accuracy and AUROC (P(unsafe) vs. the label), and the mean probability of the refusal token
+    """Held-out head accuracy, FPR and TPR, AUROC (P(unsafe) vs. the label), and the mean probability of the refusal token
     at the RTO positions (where transition_labels, shifted, names it). Every rank runs every batch (ZeRO-3's
     gathers are collective); the results are identical on all ranks."""
     engine.train(False)
@@ -150,8 +150,12 @@ def evaluate(engine, batches, ignore_index: int, unsafe: int = 1) -> dict:
     engine.train(True)
     scores, labels = torch.cat(scores).numpy(), torch.cat(labels).numpy()
     predictions = torch.cat(predictions).numpy()
+    flagged, unsafe_rows = predictions == unsafe, labels == unsafe
     return {
         "head_accuracy": float((predictions == labels).mean()) if len(labels) else float("nan"),
+        # at the head's argmax verdict: safe pairs flagged unsafe, unsafe pairs flagged
+        "head_fpr": float(flagged[~unsafe_rows].mean()) if (~unsafe_rows).any() else float("nan"),
+        "head_tpr": float(flagged[unsafe_rows].mean()) if unsafe_rows.any() else float("nan"),
         "head_auroc": auroc(scores, labels == unsafe),
         "head_samples": int(len(labels)),
         "refusal_prob_rto": float(torch.cat(refusal_probs).mean()) if refusal_probs else float("nan"),
