@@ -270,6 +270,8 @@ def test_cli_empty_data_and_missing_model_are_errors(tokenizer, tmp_path, capsys
     assert main(["--model", str(tmp_path / "scft"), "--baseline", str(tmp_path)]) == 2
     assert f"--baseline {tmp_path} has no config.json" in capsys.readouterr().err
     assert not (tmp_path / "e.json").exists()
+
+
 def test_cli_stores_the_calibrated_threshold_for_generation(tokenizer, tmp_path, capsys):
     model_dir = str(tmp_path / "scft")
     tiny_model(tokenizer).save_pretrained(model_dir)
