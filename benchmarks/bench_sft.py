@@ -32,12 +32,11 @@ import platform
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from bench_train import RESULTS, ROOT, _cpu_name, _git_commit, _load_average, _proc_status_mb, build_model_dir
+from bench_train import RESULTS, _cpu_name, _git_commit, _load_average, _proc_status_mb, build_model_dir, run_once
 
 MODES = ("hf", "scft", "trl", "trl-scft")
 MODE_TITLES = {"hf": "transformers.Trainer, the model's own loss (logits materialized)",
@@ -191,21 +190,6 @@ def worker(mode: str, model_dir: str, result_path: str, args) -> None:
                    "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name()}, f)
 
 
-def run_once(mode: str, model_dir: str, worker_argv: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result_path = f.name
-    cmd = [sys.executable, os.path.abspath(__file__), *worker_argv, "--worker", mode, model_dir, result_path]
-    began = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{mode} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    with open(result_path) as f:
-        result = json.load(f)
-    os.unlink(result_path)
-    result["wall_s"] = time.perf_counter() - began
-    return result
-
-
 def summarize(result: dict, args) -> dict:
     timed = sorted(result["step_times_s"][args.warmup:])
     quartiles = statistics.quantiles(timed, n=4) if len(timed) > 1 else [timed[0]] * 3
@@ -237,7 +221,7 @@ def main(argv=None) -> int:
               f"{args.batch_size} x {args.seq_len} tokens per step", flush=True)
         for mode in args.modes:
             load_before = _load_average()
-            result = run_once(mode, model_dir, worker_argv)
+            result = run_once(mode, model_dir, worker_argv, script=__file__)
             table[mode] = summarize(result, args)
             table[mode].update(load_before=load_before, load_after=_load_average())
             device, device_name, threads = result["device"], result["device_name"], result["threads"]

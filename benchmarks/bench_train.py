@@ -238,10 +238,11 @@ def _load_average() -> str:
         return "n/a"
 
 
-def run_once(mode: str, model_dir: str, args, argv: list[str]) -> dict:
+def run_once(mode: str, model_dir: str, argv: list[str], script: str = __file__) -> dict:
+    """One mode in a fresh process (its own peak RSS): ``script --worker MODE MODEL_DIR RESULT_JSON``."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", mode, model_dir, result_path]
+    cmd = [sys.executable, os.path.abspath(script), *argv, "--worker", mode, model_dir, result_path]
     began = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
             order = orders[rep]
             for mode in order:
                 load_before = _load_average()
-                result = run_once(mode, model_dir, args, worker_argv)
+                result = run_once(mode, model_dir, worker_argv)
                 summary = summarize_run(result, args.warmup)
                 summary.update(rep=rep, wall_s=result["wall_s"], rss_before_train_mb=result["rss_before_train_mb"],
                                load_before=load_before, load_after=_load_average())
