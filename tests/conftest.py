@@ -16,3 +16,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+
+@pytest.fixture(scope="module")
+def embedded_train_head(tmp_path_factory):
+    """make(n): the first n records of the embedded training split, as a JSONL file of their own."""
+    from scft_fast.data import default_data_files
+
+    def make(lines: int) -> str:
+        path = tmp_path_factory.mktemp("data") / "train.jsonl"
+        with open(default_data_files("train")[0]) as f:
+            path.write_text("".join(next(f) for _ in range(lines)))
+        return str(path)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def small_data(embedded_train_head):
+    return embedded_train_head(48)

@@ -13,7 +13,6 @@ import pytest
 
 pytest.importorskip("transformers")
 from scft_fast.cli import main  # noqa: E402
-from scft_fast.data import default_data_files  # noqa: E402
 from scft_fast.training.checkpoint import resume_checkpoint  # noqa: E402
 from scft_fast.training.config import OptimSpec  # noqa: E402
 from scft_fast.training.engine import lr_lambda  # noqa: E402
@@ -22,14 +21,6 @@ from scft_fast.training.metrics import non_finite_terms  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 COMPARED = ("loss", "lm_loss", "transition_loss", "cls_loss", "grad_norm", "lr")
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(default_data_files("train")[0]) as f:
-        path.write_text("".join(next(f) for _ in range(48)))
-    return str(path)
 
 
 def run_args(data, out, *extra, steps=STEPS, save_every=2):

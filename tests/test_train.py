@@ -7,7 +7,6 @@ import pytest
 
 pytest.importorskip("transformers")
 from scft_fast.cli import SUBCOMMANDS, main  # noqa: E402
-from scft_fast.data import default_data_files  # noqa: E402
 from scft_fast.training import DataSpec, LossSpec, TrainConfig, train  # noqa: E402
 from scft_fast.training.checkpoint import latest_checkpoint  # noqa: E402
 from scft_fast.training.metrics import auroc  # noqa: E402
@@ -16,14 +15,6 @@ REQUIRED_FLAGS = ["--model", "--data", "--output-dir", "--max-steps", "--epochs"
                   "--micro-batch-size", "--grad-accum", "--max-length", "--packing", "--lm-coef",
                   "--transition-coef", "--cls-coef", "--rto-keep", "--vanilla-safety", "--pool", "--seed", "--resume",
                   "--resume-override", "--debug"]
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(default_data_files("train")[0]) as f:
-        path.write_text("".join(next(f) for _ in range(48)))
-    return str(path)
 
 
 def read_metrics(run):

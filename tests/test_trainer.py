@@ -19,7 +19,6 @@ from transformers.trainer_callback import TrainerCallback  # noqa: E402
 
 import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
 from scft_fast import SCFTDataCollator, SCFTForCausalLM, SCFTTrainer  # noqa: E402
-from scft_fast.data import default_data_files  # noqa: E402
 from scft_fast.training.metrics import auroc  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +28,8 @@ TERMS = ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy")
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with open(default_data_files("train")[0]) as f:
-        path.write_text("".join(next(f) for _ in range(40)))
-    return str(path)
+def data_file(embedded_train_head):
+    return embedded_train_head(40)
 
 
 @pytest.fixture(scope="module")
