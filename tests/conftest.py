@@ -21,13 +21,22 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def embedded_train_head(tmp_path_factory):
-    """make(n): the first n records of the embedded training split, as a JSONL file of their own."""
+    """make(n): the first n records of the embedded training split, as a JSONL file of their own. balanced=True
+    alternates helpful and harmful triples (the split has three helpful records per harmful one), so that every
+    few rows hold an RTO sample."""
+    import itertools
+
     from scft_fast.data import default_data_files
 
-    def make(lines: int) -> str:
+    def make(lines: int, balanced: bool = False) -> str:
         path = tmp_path_factory.mktemp("data") / "train.jsonl"
         with open(default_data_files("train")[0]) as f:
-            path.write_text("".join(next(f) for _ in range(lines)))
+            records = f.readlines()
+        if balanced:
+            harmful = [r for r in records if '"harmful_response"' in r]
+            helpful = [r for r in records if '"harmful_response"' not in r]
+            records = list(itertools.chain.from_iterable(zip(helpful, harmful)))
+        path.write_text("".join(records[:lines]))
         return str(path)
 
     return make

@@ -29,7 +29,7 @@ TERMS = ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy")
 
 @pytest.fixture(scope="module")
 def data_file(embedded_train_head):
-    return embedded_train_head(40)
+    return embedded_train_head(40, balanced=True)  # RTO, harmful-prefix and head targets in every few rows
 
 
 @pytest.fixture(scope="module")
