@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from .training.config import LOSS_MODES, TINY_PRESET, DataSpec, LossSpec, ModelSpec, OptimSpec, TrainConfig
+from .training.config import (LOSS_MODES, RECIPES, TINY_PRESET, DataSpec, LossSpec, ModelSpec, OptimSpec, TrainConfig,
+                              default_recipe)
+from .training.presets import PRESETS
 
 _D, _O, _T = DataSpec(), OptimSpec(), TrainConfig()
 
@@ -35,10 +37,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "\"auto\" fields are filled from these flags. Needed for more than one rank")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (autocast on one process, DeepSpeed's "
                                                         "bf16 mode under --deepspeed)")
-    p.add_argument("--lr", type=float, default=_O.lr, help=f"peak learning rate of AdamW (default: {_O.lr})")
-    p.add_argument("--weight-decay", type=float, default=_O.weight_decay, help="AdamW weight decay (default: 0)")
-    p.add_argument("--warmup-steps", type=int, default=_O.warmup_steps, help=f"linear warmup (default: "
-                                                                             f"{_O.warmup_steps})")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the recipe's: 3e-3 for a preset; with --model a checkpoint, "
+                        "DeRTa's 2e-5 for full-parameter training, 1e-4 with --lora-rank)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the recipe's, "
+                                                                    "0 for each)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup steps (default: the recipe's: 10 for a preset; for a checkpoint a warmup "
+                        "ratio of 0.03 of the steps, as DeRTa)")
+    p.add_argument("--warmup-ratio", type=float, default=None,
+                   help="linear warmup as a fraction of the steps; overrides --warmup-steps")
     p.add_argument("--schedule", choices=("cosine", "constant"), default=_O.schedule,
                    help="LR schedule after warmup (default: cosine down to 10%%)")
     p.add_argument("--grad-clip", type=float, default=_O.grad_clip, help=f"max gradient norm, 0: off (default: "
@@ -68,6 +76,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                                                                        f"(default: {_D.refusal_string!r})")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the base model's linear layers, the head "
                                                             "fully trained (default: 0, full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator, the update is "
+                                                                  "alpha / rank * B A (default: 2 * rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input (default: 0)")
+    p.add_argument("--lora-target-modules", default="all-linear", metavar="NAMES",
+                   help="comma-separated module names LoRA adapts, or all-linear (default); DeRTa's 70B recipe: "
+                        "--lora-rank 96 --lora-alpha 16 --lora-dropout 0.05 --lora-target-modules "
+                        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--backend", choices=("auto", "triton", "torch", "cpu"), default="auto",
                    help="safety_loss backend (default: auto)")
@@ -87,20 +102,36 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def optim_from_args(args: argparse.Namespace) -> OptimSpec:
+    """The flags given, the recipe's defaults for the rest (a preset's, or DeRTa's for a checkpoint)."""
+    recipe = default_recipe(args.model in PRESETS, args.lora_rank)
+    values = dict(RECIPES[recipe])
+    given = {"lr": args.lr, "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
+             "warmup_ratio": args.warmup_ratio}
+    values.update({k: v for k, v in given.items() if v is not None})
+    if args.warmup_steps is not None and args.warmup_ratio is None:
+        values["warmup_ratio"] = None  # explicit steps replace the recipe's ratio
+    overridden = sorted(k for k, v in given.items() if v is not None)
+    label = recipe + (f" defaults, {', '.join(overridden)} from the command line" if overridden else " defaults")
+    return OptimSpec(**values, schedule=args.schedule, grad_clip=args.grad_clip, recipe=label)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     max_steps = args.max_steps
     if max_steps is None:
         max_steps = None if args.epochs else _T.max_steps
+    targets = args.lora_target_modules
     return TrainConfig(
         model=ModelSpec(name_or_path=args.model, pool=args.pool, lora_rank=args.lora_rank,
+                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        lora_target_modules=targets if targets == "all-linear" else targets.split(","),
                         gradient_checkpointing=args.gradient_checkpointing),
         loss=LossSpec(mode=args.loss, lm_coef=args.lm_coef, transition_coef=args.transition_coef,
                       cls_coef=args.cls_coef, backend=args.backend),
         data=DataSpec(files=args.data, eval_files=args.eval_data, max_length=args.max_length, packing=args.packing,
                       max_tokens=args.max_tokens, micro_batch_size=args.micro_batch_size, rto_keep=args.rto_keep,
                       refusal_string=args.refusal_string, eval_samples=args.eval_samples, num_proc=args.num_proc),
-        optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                        schedule=args.schedule, grad_clip=args.grad_clip),
+        optim=optim_from_args(args),
         output_dir=args.output_dir, max_steps=max_steps if max_steps and max_steps > 0 else None, epochs=args.epochs or _T.epochs,
         grad_accum=args.grad_accum, deepspeed=args.deepspeed, bf16=args.bf16, seed=args.seed, resume=args.resume,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, progress=not args.no_progress,
@@ -130,6 +161,10 @@ def format_summary(s: dict) -> str:
         for key, name in (("head_accuracy", "held-out head accuracy"), ("head_auroc", "held-out head AUROC"),
                           ("refusal_prob_rto", "P(refusal token) on RTO positions")):
             lines.append(f"  {name:36s} {fmt(before[key])} -> {fmt(after[key])}")
+    o = s.get("optimizer")
+    if o:
+        lines.append(f"  optimizer: {o['optimizer']}, lr {o['lr']:g}, weight decay {o['weight_decay']:g}, schedule "
+                     f"{o['scheduler']}, warmup {o['warmup_steps']} steps ({o['recipe']})")
     lines.append(f"  tokens/s {s['tokens_per_s']:.0f}")
     return "\n".join(lines)
 
