@@ -15,7 +15,8 @@ from scft_fast.training.metrics import auroc  # noqa: E402
 
 REQUIRED_FLAGS = ["--model", "--data", "--output-dir", "--max-steps", "--epochs", "--deepspeed", "--bf16", "--lr",
                   "--micro-batch-size", "--grad-accum", "--max-length", "--packing", "--lm-coef",
-                  "--transition-coef", "--cls-coef", "--rto-keep", "--pool", "--seed", "--resume"]
+                  "--transition-coef", "--cls-coef", "--rto-keep", "--pool", "--seed", "--resume", "--lora-rank",
+                  "--lora-alpha", "--lora-dropout", "--lora-target-modules", "--warmup-ratio", "--weight-decay"]
 
 
 @pytest.fixture(scope="module")
