@@ -30,9 +30,11 @@ train: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_op.py
 
-# On a CUDA machine: the tests with real Triton, then the op benchmark at the GPU shapes.
-gpu-check: venv
-	bash benchmarks/gpu_check.sh
+# On a CUDA machine, with no package index needed: versions, the CUDA tests, device ceilings and the op benchmark
+# at the GPU shapes, every result and log under OUT (benchmarks/README.md).
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=DIR (every result and log goes under DIR)" >&2; exit 2; }
+	bash benchmarks/gpu_run.sh "$(OUT)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

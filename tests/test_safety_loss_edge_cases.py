@@ -137,6 +137,30 @@ def test_bad_input_is_named(changes, error, pattern):
         safety_loss(**bad(**changes))
 
 
+@pytest.mark.parametrize("changes,error,pattern", [
+    (dict(num_items=float("nan")), ValueError, r"num_items must be >= 0 and finite, got nan"),
+    (dict(num_items=float("inf")), ValueError, r"num_items must be >= 0 and finite, got inf"),
+    (dict(num_items=torch.tensor(-3.0)), ValueError, r"num_items must be >= 0 and finite, got a tensor holding -3.0"),
+    (dict(num_cls=torch.tensor(float("nan"))), ValueError,
+     r"num_cls must be >= 0 and finite, got a tensor holding nan"),
+    (dict(num_items=torch.tensor(True)), TypeError, r"num_items must be an int or a 0-dim tensor of real numbers"),
+    (dict(softcap=float("inf")), ValueError, r"softcap must be None or a number > 0 \(finite, not a bool\), got inf"),
+    (dict(softcap=True), ValueError, r"softcap must be None or a number > 0 \(finite, not a bool\), got True"),
+    (dict(hidden=torch.randn(12, 0), lm_weight=torch.randn(100, 0), cls_weight=None, cls_index=None, cls_labels=None,
+          cls_bias=None), ValueError, r"hidden has H = 0 features \(shape \(12, 0\)\)"),
+])
+def test_bad_normalizer_softcap_or_width_is_named(changes, error, pattern):
+    """Issue 13's rows: each once silently zeroed the loss, gave NaN, was misread, or failed inside a reshape."""
+    with pytest.raises(error, match=pattern):
+        safety_loss(**bad(**changes))
+
+
+def test_a_valid_tensor_normalizer_keeps_its_value():
+    inputs = bad()
+    torch.testing.assert_close(safety_loss(**inputs, num_items=torch.tensor(7), num_cls=torch.tensor(2.0)).loss,
+                               safety_loss(**inputs, num_items=7, num_cls=2).loss)
+
+
 def test_validate_false_skips_only_the_range_checks():
     inputs = bad()
     torch.testing.assert_close(safety_loss(**inputs, validate=False).loss, safety_loss(**inputs).loss)
@@ -190,3 +214,23 @@ def test_exactly_one_host_sync_per_call(backend):
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in record if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronizations exist only on CUDA")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_device_tensor_normalizers_are_checked_on_the_one_host_sync(backend):
+    inputs = make_inputs(35, 64, 32, 1000, bias=True, cls_bias=True, device="cuda")
+    inputs["hidden"].requires_grad_()
+    counts = dict(num_items=torch.tensor(40, device="cuda"), num_cls=torch.tensor(3.0, device="cuda"))
+    safety_loss(**inputs, backend=backend, **counts).loss.backward()  # warm-up: kernels compiled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as record:
+            safety_loss(**inputs, backend=backend, **counts).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in record if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    with pytest.raises(ValueError, match="num_items must be >= 0 and finite, got a tensor holding -3.0"):
+        safety_loss(**inputs, backend=backend, num_items=torch.tensor(-3.0, device="cuda"))

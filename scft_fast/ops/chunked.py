@@ -22,6 +22,9 @@ _DEFAULT_MAX_CHUNK_BYTES = 256 << 20
 # Fewest rows per chunk. The weight-gradient GEMM dlogits.T @ h has the chunk as its inner dimension
 # and reads + writes the (V, H) float32 accumulator once per chunk: its arithmetic intensity is about
 # rows / 4 FLOP per byte, and an H100 needs ~300 to stay compute-bound, hence >= 2048 rows on GPU.
+# The CUDA figures here are that model, not a measurement: no GPU figure exists yet. benchmarks/gpu_run.sh
+# times the automatic size beside chunks of 2048 and 4096 rows (and the dW GEMM at beta 0 and 1), and those
+# figures decide this policy once a GPU run has produced them.
 _MIN_CHUNK_ROWS = {"cuda": 2048}
 _DEFAULT_MIN_CHUNK_ROWS = 256
 
@@ -38,24 +41,6 @@ def default_chunk_size(num_rows: int, hidden_size: int, vocab_size: int, dtype: 
     return max(1, min(rows, num_rows))
 
 
-def _accumulate_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc += a @ b with a float32 accumulator, whatever the dtype of a and b (float32 / bf16 / fp16)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
-    if a.is_cuda:
-        # cuBLAS reads and writes the float32 accumulator in the GEMM itself (beta = 1); older torch
-        # releases lack one or both out_dtype overloads, so take the first that works, once.
-        for i, step in enumerate(_CUDA_F32_STEPS):
-            if not _CUDA_F32_WORKS[i]:
-                continue
-            try:
-                return step(acc, a, b)
-            except (TypeError, RuntimeError):
-                _CUDA_F32_WORKS[i] = False
-    product = torch.mm(a, b).float()
-    return product if acc is None else acc.add_(product)
-
-
 def _addmm_f32_in_place(acc, a, b):
     if acc is None:
         return torch.mm(a, b, out_dtype=torch.float32)
@@ -67,8 +52,61 @@ def _mm_f32_then_add(acc, a, b):
     return product if acc is None else acc.add_(product)
 
 
-_CUDA_F32_STEPS = (_addmm_f32_in_place, _mm_f32_then_add)
-_CUDA_F32_WORKS = [True, True]
+def _mm_then_float_add(acc, a, b):
+    product = torch.mm(a, b).float()
+    return product if acc is None else acc.add_(product)
+
+
+# How grad_W += dlogits.T @ h accumulates in float32 from bfloat16 / float16 operands, fastest first: cuBLAS reads
+# and writes the float32 accumulator inside the GEMM (beta = 1) through the out_dtype overloads, which older torch
+# releases and the CPU lack; the last path rounds each chunk's product to the input dtype before adding it.
+FP32_ACCUMULATION_PATHS = {
+    "addmm(out_dtype=float32, out=acc)": _addmm_f32_in_place,
+    "mm(out_dtype=float32) + add_": _mm_f32_then_add,
+    "mm + float() + add_": _mm_then_float_add,
+}
+FLOAT32_PATH = "addmm_ (float32 inputs)"
+_chosen: dict[tuple[str, torch.dtype], str] = {}
+_ran: dict[str, str] = {}
+
+
+def accumulation_path(device: torch.device, dtype: torch.dtype) -> str:
+    """The name of the FP32_ACCUMULATION_PATHS entry the op takes for inputs of this device type and dtype.
+
+    Chosen once per (device type, dtype) by running each candidate on 2 x 2 tensors, beta = 0 and 1: an overload
+    that does not exist fails there. At the real shapes nothing is caught, so an OutOfMemoryError (or any other
+    error) reaches the caller instead of switching the process to a slower path for good."""
+    if dtype == torch.float32:
+        return FLOAT32_PATH
+    key = (device.type, dtype)
+    if key not in _chosen:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        for name, step in FP32_ACCUMULATION_PATHS.items():
+            try:
+                step(step(None, a, a), a, a)
+            except torch.OutOfMemoryError:
+                raise
+            except (TypeError, RuntimeError):  # NotImplementedError is a RuntimeError
+                continue
+            _chosen[key] = name
+            break
+        else:
+            raise RuntimeError(f"no float32 accumulation path runs for {dtype} on {device.type}")
+    return _chosen[key]
+
+
+def accumulation_paths_run() -> dict[str, str]:
+    """'<device type> <dtype>' -> the accumulation path the last weight gradient of those inputs took."""
+    return dict(_ran)
+
+
+def accumulate_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b with a float32 accumulator, whatever the dtype of a and b (float32 / bf16 / fp16)."""
+    name = accumulation_path(a.device, a.dtype)
+    _ran[f"{a.device.type} {str(a.dtype).removeprefix('torch.')}"] = name
+    if a.dtype == torch.float32:
+        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+    return FP32_ACCUMULATION_PATHS[name](acc, a, b)
 
 
 def chunked_safety_loss(
@@ -125,7 +163,7 @@ def chunked_safety_loss(
             else:
                 grad_hidden.index_copy_(0, index, torch.mm(logits, weight))
         if need_grad_weight:
-            grad_weight = _accumulate_f32(grad_weight, logits.T, h)
+            grad_weight = accumulate_f32(grad_weight, logits.T, h)
         if need_grad_bias:
             part = logits.sum(0, dtype=torch.float32)
             grad_bias = part if grad_bias is None else grad_bias.add_(part)

@@ -9,6 +9,7 @@ the label range checks) run inside the op and never break a surrounding graph.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -21,6 +22,7 @@ IGNORE_INDEX = -100
 MIN_CLASSES, MAX_CLASSES = 2, 16
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int64, torch.int32)
+_NORMALIZER_RULE = "must be >= 0 and finite"
 
 
 @dataclass
@@ -46,16 +48,21 @@ def _check_int(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _normalizer(name: str, value, device: torch.device) -> torch.Tensor | None:
-    """An int or a 0-dim tensor -> a float32 device scalar (an int becomes a fill: no host-to-device copy)."""
+    """An int or a 0-dim tensor -> a float32 device scalar (an int becomes a fill: no host-to-device copy).
+
+    A Python number is checked here (finite, >= 0); a tensor's value is checked inside the op, on the op's one
+    host sync (``_NORMALIZER_RULE``), so that a device-side count costs no extra synchronization."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be an int or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be an int or a 0-dim tensor of real numbers, got dtype {value.dtype}")
         return value.reshape(()).to(device=device, dtype=torch.float32)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} {_NORMALIZER_RULE}, got {value!r}")
         return torch.full((), float(value), dtype=torch.float32, device=device)
     raise TypeError(f"{name} must be an int or a 0-dim tensor, got {type(value).__name__}")
 
@@ -74,6 +81,8 @@ def _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels,
                          f"got shape {tuple(lm_weight.shape)}")
     if lm_weight.shape[0] == 0:
         raise ValueError("lm_weight has V = 0 rows: the vocabulary is empty")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden has H = 0 features (shape {tuple(hidden.shape)}): there is nothing to project")
     device, dtype = hidden.device, hidden.dtype
     vocab, hidden_size = lm_weight.shape
 
@@ -122,8 +131,9 @@ def _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels,
         same_kind("cls_labels", cls_labels, cls_index.shape)
     num_items = _normalizer("num_items", num_items, device)
     num_cls = _normalizer("num_cls", num_cls, device)
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool)
+                                    and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a number > 0 (finite, not a bool), got {softcap!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -212,8 +222,11 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
     n_lm, n_tr = lm_valid.sum(), tr_valid.sum()
     classes = cls_weight.shape[0] if cls_weight is not None else 0
 
-    # The one host sync of the call: how many rows to visit, plus the range checks when asked.
+    # The one host sync of the call: how many rows to visit, the normalizers' values, and the range checks when
+    # asked.
     probes = [has_target.sum()]
+    normalizers = [(name, t) for name, t in (("num_items", num_items), ("num_cls", num_cls)) if t is not None]
+    probes += [(~(torch.isfinite(t) & (t >= 0))).long() for _, t in normalizers]
     if validate:
         probes += [
             (lm_valid & ((labels < 0) | (labels >= vocab))).sum(),
@@ -223,10 +236,13 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
             probes += [((cls_index < 0) | (cls_index >= rows_total)).sum(),
                        ((cls_labels != ignore_index) & ((cls_labels < 0) | (cls_labels >= classes))).sum()]
     counts = torch.stack(probes).tolist()
-    if validate and any(counts[1:]):
-        _range_errors(counts[1:] + [0, 0], labels, transition_labels, cls_index, cls_labels, vocab,
+    num_rows, bad_normalizers, ranges = counts[0], counts[1:1 + len(normalizers)], counts[1 + len(normalizers):]
+    for (name, t), bad in zip(normalizers, bad_normalizers):
+        if bad:
+            raise ValueError(f"{name} {_NORMALIZER_RULE}, got a tensor holding {float(t)}")
+    if validate and any(ranges):
+        _range_errors(ranges + [0, 0], labels, transition_labels, cls_index, cls_labels, vocab,
                       rows_total, classes, ignore_index)
-    num_rows = counts[0]
     rows = None if num_rows == rows_total else torch.nonzero_static(has_target, size=num_rows).squeeze(1)
 
     denom = (n_lm + n_tr).float() if num_items is None else num_items
@@ -264,20 +280,18 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
             grad_hidden.index_add_(0, cls_index, grad_pooled.to(hidden.dtype))
     stats = torch.stack([sums[0], sums[1], cls_sum, n_lm.float(), n_tr.float(), n_cls.float()])
 
-    def out(grad, needed, like):
-        if not needed or grad is None:
-            return torch.empty(_EMPTY, dtype=like.dtype if like is not None else hidden.dtype, device=device)
-        return grad.to(like.dtype)
+    def out(grad, needed, like, dtype):
+        if not needed:
+            return torch.empty(_EMPTY, dtype=dtype, device=device)
+        return torch.zeros(like.shape, dtype=dtype, device=device) if grad is None else grad.to(dtype)
 
-    if need_w and grad_w is None:
-        grad_w = torch.zeros_like(lm_weight, dtype=torch.float32)
-    if need_b and grad_b is None:
-        grad_b = torch.zeros_like(lm_bias, dtype=torch.float32)
-    if need_h and grad_hidden is None:
-        grad_hidden = torch.zeros_like(hidden)
-    return (loss.float().reshape(()), stats, cls_logits.contiguous(), out(grad_hidden, need_h, hidden),
-            out(grad_w, need_w, lm_weight), out(grad_b, need_b, lm_bias),
-            out(grad_cw, need_cw, cls_weight), out(grad_cb, need_cb, cls_bias))
+    # The parameters' gradients stay in their float32 accumulators until backward, where the scaling by the upstream
+    # gradient and the cast to the parameter's dtype are one pass (a separate cast here would be one more).
+    # ``loss`` is a fresh 0-dim tensor, not a view: a caller may scale it in place (Trainer's ``loss *= ...``).
+    f32 = torch.float32
+    return (loss.float(), stats, cls_logits.contiguous(), out(grad_hidden, need_h, hidden, hidden.dtype),
+            out(grad_w, need_w, lm_weight, f32), out(grad_b, need_b, lm_bias, f32),
+            out(grad_cw, need_cw, cls_weight, f32), out(grad_cb, need_cb, cls_bias, f32))
 
 
 @_safety_loss_op.register_fake
@@ -286,27 +300,32 @@ def _(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bia
       validate, grad_mask):
     f32 = dict(dtype=torch.float32, device=hidden.device)
 
-    def grad(needed, like):
-        if needed and like is not None:
-            return like.new_empty(like.shape)
-        return hidden.new_empty(_EMPTY) if like is None else like.new_empty(_EMPTY)
+    def grad(needed, like, dtype=torch.float32):
+        return hidden.new_empty(like.shape if needed else _EMPTY, dtype=dtype)
 
     cls_logits = (hidden.new_empty((cls_index.shape[0], cls_weight.shape[0]), dtype=torch.float32)
                   if cls_weight is not None else hidden.new_empty(_EMPTY, dtype=torch.float32))
     need_h, need_w, need_b, need_cw, need_cb = grad_mask
-    return (torch.empty((), **f32), torch.empty((6,), **f32), cls_logits, grad(need_h, hidden),
+    return (torch.empty((), **f32), torch.empty((6,), **f32), cls_logits, grad(need_h, hidden, hidden.dtype),
             grad(need_w, lm_weight), grad(need_b, lm_bias), grad(need_cw, cls_weight), grad(need_cb, cls_bias))
 
 
 def _setup_context(ctx, inputs, output):
     ctx.grad_mask = inputs[-1]
+    ctx.dtype = inputs[0].dtype  # every floating input has hidden's dtype (validated)
     ctx.backward_done = False
+    # The outputs other than the loss never receive a gradient: no zero tensors of their shapes (grad_W's (V, H)
+    # above all) are materialized for them; they arrive as None.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output[3:])
 
 
 def _backward(ctx, grad_loss, *unused):
-    # The gradients were computed in forward; scaling them in place by the upstream gradient keeps the
-    # peak at one copy of grad_W (as Liger does), at the price of a single backward per forward.
+    # The gradients were computed in forward; scaling them in place by the upstream gradient (or, for a
+    # low-precision parameter, into its dtype straight from the float32 accumulator) keeps the peak at one
+    # accumulator plus one grad_W (as Liger does), at the price of a single backward per forward.
+    if grad_loss is None:
+        return (None,) * 20
     if ctx.backward_done:
         raise RuntimeError("safety_loss: backward ran twice through the same forward (retain_graph=True); "
                            "its gradients are precomputed in forward and scaled in place, so call the op again")
@@ -318,10 +337,14 @@ def _backward(ctx, grad_loss, *unused):
     in_place = type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling()
 
     def scaled(grad, needed):
+        """grad * grad_loss in the input dtype, one pass: in place, or fused with the float32 -> dtype cast."""
         if not needed:
             return None
-        factor = grad_loss.to(grad.dtype)
-        return grad.mul_(factor) if in_place else grad * factor
+        if not in_place:
+            return (grad * grad_loss).to(ctx.dtype)
+        if grad.dtype == ctx.dtype:
+            return grad.mul_(grad_loss.to(grad.dtype))
+        return torch.mul(grad, grad_loss, out=torch.empty(grad.shape, dtype=ctx.dtype, device=grad.device))
 
     return (scaled(grad_h, need_h), scaled(grad_w, need_w), None, scaled(grad_b, need_b), None,
             scaled(grad_cw, need_cw), scaled(grad_cb, need_cb), None, None, None, None,
