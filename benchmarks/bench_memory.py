@@ -29,7 +29,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_op import _reset_peak_rss  # noqa: E402
+from bench_op import MMAP_THRESHOLD, _reset_peak_rss  # noqa: E402
 from bench_train import RESULTS, ROOT, _cpu_name, _git_commit, _load_average, _proc_status_mb, build_model_dir  # noqa: E402
 
 RUNS = {  # name: (DeepSpeed config or None for one process, ranks)
@@ -153,6 +153,9 @@ def launch(run: str, model_dir: str, args, argv: list[str]) -> list[dict]:
     prefix = os.path.join(work, "result")
     script = [os.path.abspath(__file__), *argv, "--worker", run, model_dir, prefix]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks)),
+           # A fixed mmap threshold: freed blocks above it leave RSS at once (glibc's dynamic threshold keeps up
+           # to 32 MiB blocks on the heap, so RSS would count memory already freed), as bench_op measures.
+           "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
            "BENCH_OUTPUT_DIR": os.path.join(work, "out"), "PYTHONPATH": ROOT}
     if ranks == 1:
         cmd = [sys.executable, *script]
@@ -200,7 +203,8 @@ def main(argv=None) -> int:
             "commit": commit, "started": started.isoformat(), "finished": finished.isoformat(),
             "load_average_start": load_start, "load_average_end": _load_average(), "steps": args.steps,
             "micro_batch_size": args.micro_batch_size, "max_length": args.max_length,
-            "command": ["python", "benchmarks/bench_memory.py", *argv], "note": args.note, "raw": results}
+            "command": ["python", "benchmarks/bench_memory.py", *argv], "note": args.note,
+            "mmap_threshold": MMAP_THRESHOLD, "raw": results}
     report(args, data, save=not args.no_save)
     return 0
 
@@ -239,7 +243,8 @@ def report(args, data: dict, save: bool) -> None:
              f"start {data['load_average_start']}, at end {data['load_average_end']}",
              f"- commit: {data['commit']}; {started:%Y-%m-%d %H:%M} -> {finished:%H:%M} UTC",
              f"- command: {shlex.join(data['command'])}",
-             "- method: each phase's peak is VmHWM at its end, the high-water mark reset (/proc/self/clear_refs) "
+             f"- method: glibc MALLOC_MMAP_THRESHOLD_={data.get('mmap_threshold')} (freed blocks leave RSS at once); "
+             "each phase's peak is VmHWM at its end, the high-water mark reset (/proc/self/clear_refs) "
              "when it starts; \"build alloc\" is the build's peak minus the RSS before it (everything the build "
              "allocated at once, the checkpoint being read included), \"build held\" the RSS after it minus the RSS "
              "before it (what the model keeps); RSS includes python, torch, transformers, DeepSpeed and the "

@@ -23,7 +23,15 @@ STAGES = {  # name: (DeepSpeed config, model ("checkpoint": the directory test_d
     "zero3_offload": ("training/zero3_offload.json", "tiny", 0, False, {}),
     "zero3_checkpoint": ("training/zero3.json", "checkpoint", 0, False, {}),
     "zero3_lora": ("training/zero3.json", "checkpoint", 0, False, LORA),
+    "zero1_sections": ("{out}/sections.json", "tiny", 0, False, {}),
 }
+# A config whose optimizer and scheduler sections DeepSpeed builds, "auto" fields filled from our flags.
+SECTIONS = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 1},
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                      "weight_decay": "auto", "torch_adam": True}},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                         "warmup_num_steps": "auto", "warmup_type": "linear"}}}
 PACKED_TOKENS = 256
 EXPORT_SHARD_BYTES = 200_000  # the tiny model's float32 weights are ~1.3 MB: several shards
 
@@ -35,7 +43,8 @@ def config(out_dir: str, data_file: str, checkpoint: str, name: str, **overrides
                        data=DataSpec(files=[data_file], eval_files=[data_file] if eval_samples else None,
                                      micro_batch_size=4, eval_samples=eval_samples, packing=packing,
                                      max_tokens=PACKED_TOKENS if packing else None),
-                       output_dir=f"{out_dir}/{name}", max_steps=3, grad_accum=2, deepspeed=ds_config,
+                       output_dir=f"{out_dir}/{name}", max_steps=3, grad_accum=2,
+                       deepspeed=ds_config.format(out=out_dir),
                        save_every=2, progress=False, summary=eval_samples > 0, **overrides)
 
 
@@ -47,7 +56,6 @@ def record_build(out_dir: str, data_file: str, checkpoint: str) -> None:
     from scft_fast.training.components import build_model, build_tokenizer, model_config
     from scft_fast.training.deepspeed_config import resolve_deepspeed_config
 
-    deepspeed.init_distributed(dist_backend="gloo")  # train() would do it; this build comes first
     cfg = config(out_dir, data_file, checkpoint, "zero3_checkpoint")
     tokenizer, refusal = build_tokenizer(cfg)
     ds = resolve_deepspeed_config(cfg.deepspeed, cfg, dist.get_world_size(), 3, model_config(cfg, tokenizer))
@@ -66,6 +74,13 @@ def record_build(out_dir: str, data_file: str, checkpoint: str) -> None:
 
 
 def main(out_dir: str, data_file: str, checkpoint: str, names: list[str]) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")  # train() would do it; the build record and the file come first
+    if dist.get_rank() == 0:
+        with open(f"{out_dir}/sections.json", "w") as f:
+            json.dump(SECTIONS, f)
+    dist.barrier()
     if "zero3_checkpoint" in names:
         record_build(out_dir, data_file, checkpoint)
     for name in names:

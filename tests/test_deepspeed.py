@@ -23,7 +23,7 @@ from scft_fast.training import DataSpec, ModelSpec, TrainConfig, train  # noqa: 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["zero1", "zero2", "zero2_packed", "zero3", "zero3_tied", "zero3_offload", "zero3_checkpoint",
-          "zero3_lora"]
+          "zero3_lora", "zero1_sections"]
 REFERENCES = {"tiny": ["zero1", "zero2", "zero3", "zero3_offload"], "tiny-tied": ["zero3_tied"],
               "tiny-packed": ["zero2_packed"], "checkpoint": ["zero3_checkpoint"], "checkpoint-lora": ["zero3_lora"]}
 LOSSES = ("loss", "lm_loss", "transition_loss", "cls_loss")
@@ -173,3 +173,17 @@ def test_zero3_exports_load_as_hf_models(distributed_runs):
     model = load_export(distributed_runs / "zero3_lora" / "model")
     assert not any("lora" in k or "base_layer" in k or "modules_to_save" in k for k in model)
     assert "score.weight" in model and "model.layers.0.self_attn.q_proj.weight" in model
+
+
+def test_json_optimizer_and_scheduler_sections_are_used(distributed_runs):
+    """DeepSpeed built the JSON's AdamW and WarmupLR (linear warmup to --lr over the tiny preset's 10 warmup
+    steps), not our AdamW and schedule: the logged learning rates are WarmupLR's."""
+    run = distributed_runs / "zero1_sections"
+    rows = metrics(run)
+    ours = metrics(distributed_runs / "zero1")
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * k / 10 for k in (1, 2, 3)], rel=1e-6)
+    assert [r["lr"] for r in ours] != pytest.approx([r["lr"] for r in rows])
+    assert rows[0]["loss"] == pytest.approx(ours[0]["loss"], rel=1e-5)  # same model and batch before any step
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    optimizer = json.loads((run / "summary.json").read_text())["optimizer"]
+    assert (optimizer["optimizer"], optimizer["scheduler"]) == ("AdamW", "WarmupLR")
