@@ -243,7 +243,7 @@ def report(args, data: dict, save: bool) -> None:
              f"start {data['load_average_start']}, at end {data['load_average_end']}",
              f"- commit: {data['commit']}; {started:%Y-%m-%d %H:%M} -> {finished:%H:%M} UTC",
              f"- command: {shlex.join(data['command'])}",
-             f"- method: glibc MALLOC_MMAP_THRESHOLD_={data.get('mmap_threshold')} (freed blocks leave RSS at once); "
+             f"- method: glibc MALLOC_MMAP_THRESHOLD_={data['mmap_threshold']} (freed blocks leave RSS at once); "
              "each phase's peak is VmHWM at its end, the high-water mark reset (/proc/self/clear_refs) "
              "when it starts; \"build alloc\" is the build's peak minus the RSS before it (everything the build "
              "allocated at once, the checkpoint being read included), \"build held\" the RSS after it minus the RSS "
