@@ -184,6 +184,5 @@ def test_json_optimizer_and_scheduler_sections_are_used(distributed_runs):
     assert [r["lr"] for r in rows] == pytest.approx([3e-3 * k / 10 for k in (0, 1, 2)], rel=1e-6, abs=1e-12)
     assert [r["lr"] for r in ours] != pytest.approx([r["lr"] for r in rows])
     assert rows[0]["loss"] == pytest.approx(ours[0]["loss"], rel=1e-5)  # same model and batch before any step
-    assert rows[-1]["loss"] < rows[0]["loss"]
     optimizer = json.loads((run / "summary.json").read_text())["optimizer"]
     assert (optimizer["optimizer"], optimizer["scheduler"]) == ("AdamW", "WarmupLR")
