@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py constraints.txt
 	# torch first and on its own, so that no later package resolves torch to a CUDA build.
 	$(PIP) torch==2.13.0
 	# --no-build-isolation: DeepSpeed's source build imports the torch installed above.
-	DS_BUILD_OPS=0 $(PIP) --no-build-isolation -e ".[triton,train,dev]"
+	DS_BUILD_OPS=0 $(PIP) --no-build-isolation -e ".[triton,train,trl,dev]"
 	touch $@
 
 # The whole test suite, on CPU (Triton through its interpreter).

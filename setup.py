@@ -47,8 +47,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.1"],
         "train": ["transformers>=4.46", "datasets", "tokenizers", "jinja2", "safetensors", "deepspeed",
-                  "accelerate", "peft", "matplotlib"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist"],
+                  "accelerate", "peft", "matplotlib", "tensorboard"],
+        # SCFTSFTTrainer builds on SFTTrainer internals (_prepare_dataset, the fused LM head it patches in).
+        "trl": ["trl>=1.16,<1.17"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "pytest-xdist", "ruff"],
     },
     entry_points={"console_scripts": ["scft-fast=scft_fast.cli:main"]},
     **cpu_extension_build(),

@@ -1,4 +1,4 @@
-"""The per-chunk epilogue alone on CPU: torch_epilogue (several vectorized passes) vs the C++ one (one pass).
+"""The per-chunk epilogue alone on CPU: safety_epilogue_torch (vectorized passes) vs safety_epilogue_cpu (C++).
 
 One logits chunk (c, V), seeded N(0, 2^2) logits; rows alternate LM target / LM + transition target, as in
 a DeRTa batch after skipped rows are compacted away. Each repetition copies the pristine chunk into the
@@ -19,10 +19,9 @@ import time
 
 import torch
 
-from scft_fast.ops.cpu_extension import cpu_epilogue, load_cpu_extension
-from scft_fast.ops.torch_epilogue import torch_epilogue
-
-IGNORE = -100
+from scft_fast import IGNORE_INDEX
+from scft_fast.ops.cpu_extension import load_cpu_extension, safety_epilogue_cpu
+from scft_fast.ops.safety_epilogue import safety_epilogue_torch
 
 
 def cpu_name() -> str:
@@ -37,18 +36,18 @@ def time_epilogues(rows: int, vocab: int, dtype: torch.dtype, softcap: float | N
     gen = torch.Generator().manual_seed(0)
     pristine = (torch.randn(rows, vocab, generator=gen) * 2.0).to(dtype)
     lm_target = torch.randint(0, vocab, (rows,), generator=gen)
-    tr_target = torch.full((rows,), IGNORE)
+    tr_target = torch.full((rows,), IGNORE_INDEX)
     tr_target[1::2] = 17  # the refusal token
     scale = torch.tensor(1.0 / rows)
     buffer = torch.empty_like(pristine)
-    epilogues = {"torch": torch_epilogue, "cpu": cpu_epilogue}
+    epilogues = {"torch": safety_epilogue_torch, "cpu": safety_epilogue_cpu}
     times = {name: [] for name in epilogues}
     for rep in range(reps + 1):  # the first repetition warms up and is dropped
         order = list(epilogues) if rep % 2 == 0 else list(reversed(epilogues))
         for name in order:
             buffer.copy_(pristine)
             start = time.perf_counter()
-            epilogues[name](buffer, lm_target, tr_target, scale, scale, softcap, IGNORE)
+            epilogues[name](buffer, lm_target, tr_target, scale, scale, softcap, IGNORE_INDEX)
             if rep > 0:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(samples) for name, samples in times.items()}

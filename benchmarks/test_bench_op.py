@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_op import IGNORE_INDEX, Problem, available_backends, build_rows, make_inputs
+from bench_op import Problem, available_backends, build_rows, make_inputs
+from scft_fast.ops.reference import safety_loss_ref
 
 PROBLEM = Problem(rows=1024, hidden=128, vocab=8192, dtype=torch.float32, device=torch.device("cpu"),
                   prompt_frac=1 / 3, transition_frac=0.25, seq_len=256, classes=2, seed=0)
@@ -36,14 +37,11 @@ def rows(inputs):
 
 
 def _full_loss_float64(x) -> float:
-    """loss = (lm_sum + tr_sum) / (n_lm + n_tr) + mean cls cross-entropy, on float64 naive logits."""
-    h, w = x.hidden.detach().double(), x.lm_weight.detach().double()
-    logp = torch.log_softmax(h @ w.T, dim=-1)
-    token = F.nll_loss(logp, x.full_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    token = token + F.nll_loss(logp, x.transition_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    n = int((x.full_labels != IGNORE_INDEX).sum() + (x.transition_labels != IGNORE_INDEX).sum())
-    u = h[x.cls_index] @ x.cls_weight.detach().double().T + x.cls_bias.detach().double()
-    return float(token / n + F.cross_entropy(u, x.cls_labels))
+    """loss = (lm_sum + tr_sum) / (n_lm + n_tr) + mean cls cross-entropy: the op's float64 reference."""
+    ref = safety_loss_ref(x.hidden.detach(), x.lm_weight.detach(), x.full_labels,
+                          transition_labels=x.transition_labels, cls_weight=x.cls_weight.detach(),
+                          cls_bias=x.cls_bias.detach(), cls_index=x.cls_index, cls_labels=x.cls_labels)
+    return float(ref["loss"])
 
 
 @pytest.mark.parametrize("key", ROW_KEYS)

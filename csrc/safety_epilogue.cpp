@@ -1,6 +1,7 @@
 // The per-chunk epilogue of the fused safety loss on CPU: logits -> losses and d(loss)/d(logits), in place.
 //
-// Same contract as scft_fast/ops/torch_epilogue.py (read it first); one OpenMP task per block of rows, and
+// Same contract as safety_epilogue_torch in scft_fast/ops/safety_epilogue.py (read it first); Python calls this
+// as safety_epilogue_cpu (scft_fast/ops/cpu_extension.py). One OpenMP task per block of rows, and
 // per row three sweeps over data that stays in the core's L2 (a 32000-wide float32 row is 125 KiB):
 //   1. z = raw (or softcap * tanh(raw / softcap)) and the row max m,
 //   2. e = exp(z - m) and s = sum(e)                    lse = m + log(s),
@@ -210,7 +211,7 @@ SCFT_INLINE void epilogue_row(const Chunk& ch, int64_t r, T* row, float* zbuf, f
     nan |= vnan[j] != 0;
     s += vsum[j];
   }
-  if (nan) {  // as in torch_epilogue: NaN losses and a NaN gradient row, not finite numbers made of NaN
+  if (nan) {  // as in safety_epilogue_torch: NaN losses and a NaN gradient row, not finite numbers made of NaN
     const float q = std::numeric_limits<float>::quiet_NaN();
     for (int64_t i = 0; i < V; ++i) row[i] = store<T>(q);
     ch.lm_ce[r] = lm_valid ? q : 0.0f;
@@ -354,7 +355,7 @@ at::Tensor safety_epilogue(at::Tensor logits, const at::Tensor& lm_target, const
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("build_key") = SCFT_STRINGIFY(SCFT_BUILD_KEY);
-  m.def("safety_epilogue", &safety_epilogue, "The fused safety loss epilogue on CPU (see torch_epilogue.py)",
+  m.def("safety_epilogue", &safety_epilogue, "The fused safety loss epilogue on CPU (see scft_fast/ops/safety_epilogue.py)",
         pybind11::arg("logits"), pybind11::arg("lm_target"), pybind11::arg("tr_target"), pybind11::arg("lm_scale"),
         pybind11::arg("tr_scale"), pybind11::arg("softcap"), pybind11::arg("ignore_index"),
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -1,19 +1,22 @@
 """SCFT's classification head on the pooled rows as one Triton kernel: logits, cross-entropy and all gradients.
 
-Same contract as ``scft_fast.ops.cls_head.cls_head_torch`` (its docstring is the spec). One program per pooled
+``cls_head_triton`` has the contract of its torch twin ``scft_fast.ops.cls_head.cls_head_torch`` (that docstring is
+the spec); both are tested against the float64 ``scft_fast.ops.reference.cls_head_ref``. One program per pooled
 row s gathers hidden[cls_index[s]] in blocks of H and makes two sweeps over H:
   1. u = h @ W.T (+ b): a (BLOCK_C, BLOCK_H) float32 partial product, reduced over H once at the end,
   2. with du = cls_scale * [labeled] * (softmax(u) - onehot(label)): grad_pooled[s] = du @ W is stored, and
      du^T h, du are added into grad_cls_weight / grad_cls_bias with float32 atomics, so duplicate cls_index
      entries add (in an order that may vary run to run: S is a handful of sequences, C x H is small).
-C (2..16) is padded to BLOCK_C = next_pow2(C); BLOCK_H = 256 keeps the (BLOCK_C, BLOCK_H) tiles at <= 32
-float32 per thread with 4 warps. The kernel is tiny (S x C x H); one launch is what matters.
+C (MIN_CLASSES..MAX_CLASSES, 2..16) is padded to BLOCK_C = next_pow2(C); BLOCK_H = 256 keeps the (BLOCK_C, BLOCK_H)
+tiles at <= 32 float32 per thread with 4 warps. The kernel is tiny (S x C x H); one launch is what matters.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from scft_fast.ops.cls_head import MAX_CLASSES, MIN_CLASSES
 
 _MAX_BLOCK_H = 256
 
@@ -93,25 +96,25 @@ def _cls_head_kernel(
                           mask=mask_c_labeled[:, None] & mask_h[None, :], sem="relaxed")
 
 
-def cls_head(
+def cls_head_triton(
     hidden: torch.Tensor,  # (N, H) fp32/bf16/fp16
     cls_index: torch.Tensor,  # (S,) int64 in [0, N), duplicates allowed
     cls_labels: torch.Tensor,  # (S,) int64 in [0, C) or ignore_index
-    cls_weight: torch.Tensor,  # (C, H), hidden's dtype, 2 <= C <= 16
+    cls_weight: torch.Tensor,  # (C, H), hidden's dtype, MIN_CLASSES <= C <= MAX_CLASSES
     cls_bias: torch.Tensor | None,  # (C,)
     cls_scale: torch.Tensor,  # () float32 device scalar, cls_coef / max(n_cls, 1)
     ignore_index: int,
     compute_grad: bool,
 ):
-    """Triton twin of ``cls_head_torch``: returns (ce (S,), cls_logits (S, C), grad_pooled (S, H),
-    grad_cls_weight (C, H), grad_cls_bias (C,) or None), all float32; the gradients are None unless
-    compute_grad. Indices and labels are not range-checked here (the op validates them)."""
+    """Triton twin of ``scft_fast.ops.cls_head.cls_head_torch``: returns (ce (S,), cls_logits (S, C),
+    grad_pooled (S, H), grad_cls_weight (C, H), grad_cls_bias (C,) or None), all float32; the gradients are None
+    unless compute_grad. Indices and labels are not range-checked here (the op validates them)."""
     if hidden.dim() != 2 or cls_weight.dim() != 2 or cls_weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"hidden must be (N, H) and cls_weight (C, H), got {tuple(hidden.shape)} and "
                          f"{tuple(cls_weight.shape)}")
     C, H = cls_weight.shape
-    if not 2 <= C <= 16:
-        raise ValueError(f"cls_weight must have 2 <= C <= 16 rows, got C={C}")
+    if not MIN_CLASSES <= C <= MAX_CLASSES:
+        raise ValueError(f"cls_weight must have {MIN_CLASSES} <= C <= {MAX_CLASSES} rows, got C={C}")
     S = cls_index.shape[0]
     if cls_index.shape != (S,) or cls_labels.shape != (S,):
         raise ValueError(f"cls_index and cls_labels must both be (S,), got {tuple(cls_index.shape)} and "
@@ -149,23 +152,3 @@ def cls_head(
         )
     return ce, logits, grad_pooled, grad_weight, grad_bias
 
-
-def cls_head_ref(
-    hidden: torch.Tensor,  # (N, H)
-    cls_index: torch.Tensor,  # (S,) int64
-    cls_labels: torch.Tensor,  # (S,) int64
-    cls_weight: torch.Tensor,  # (C, H)
-    cls_bias: torch.Tensor | None,  # (C,)
-    cls_scale: torch.Tensor,  # ()
-    ignore_index: int,
-):
-    """The definition in float64 through autograd, for tests: (ce (S,), cls_logits (S, C), grad_pooled (S, H),
-    grad_cls_weight (C, H), grad_cls_bias (C,) or None)."""
-    pooled = hidden.double()[cls_index].requires_grad_(True)
-    weight = cls_weight.double().requires_grad_(True)
-    bias = cls_bias.double().requires_grad_(True) if cls_bias is not None else None
-    logits = torch.nn.functional.linear(pooled, weight, bias)
-    ce = torch.nn.functional.cross_entropy(logits, cls_labels, ignore_index=ignore_index, reduction="none")
-    (ce.sum() * cls_scale.double()).backward()
-    return (ce.detach(), logits.detach(), pooled.grad, weight.grad,
-            bias.grad if bias is not None else None)

@@ -1,7 +1,8 @@
 """The per-chunk epilogue as one Triton kernel: logits -> LM + transition losses and d(loss)/d(logits), in place.
 
-Same contract as ``scft_fast.ops.torch_epilogue.torch_epilogue`` (its docstring is the spec). One program per
-row makes two sweeps over the row's V logits, read in their storage dtype and upcast to float32:
+``safety_epilogue_triton`` has the contract of its torch twin ``scft_fast.ops.safety_epilogue.safety_epilogue_torch``
+(that docstring is the spec); both are tested against the float64 ``scft_fast.ops.reference.safety_epilogue_ref``.
+One program per row makes two sweeps over the row's V logits, read in their storage dtype and upcast to float32:
   1. online max / sum-exp (one exp per element; the running sum is rescaled once per block, not per element),
   2. d(loss)/d(raw) = ((a + b) * softmax(z) - a * onehot(lm) - b * onehot(tr)) * (1 - tanh^2 if softcap),
      written back over the logits in the storage dtype.
@@ -110,7 +111,7 @@ def _safety_epilogue_kernel(
         tl.store(row_ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def safety_epilogue(
+def safety_epilogue_triton(
     logits: torch.Tensor,  # (c, V) fp32/bf16/fp16, unit column stride; overwritten with d(loss)/d(logits)
     lm_target: torch.Tensor,  # (c,) int64, in [0, V) or ignore_index
     tr_target: torch.Tensor,  # (c,) int64, in [0, V) or ignore_index
@@ -119,8 +120,8 @@ def safety_epilogue(
     softcap: float | None,
     ignore_index: int,
 ) -> torch.Tensor:  # (2,) float32: [sum of LM CEs, sum of transition CEs], unscaled
-    """Triton twin of ``torch_epilogue``: one launch, no host synchronization. Targets are not range-checked
-    here (the op validates them before the chunk loop)."""
+    """Triton twin of ``scft_fast.ops.safety_epilogue.safety_epilogue_torch``: one launch, no host synchronization.
+    Targets are not range-checked here (the op validates them before the chunk loop)."""
     if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"logits must be a 2-D float32/bfloat16/float16 tensor, got {logits.dtype} "
                         f"of shape {tuple(logits.shape)}")
@@ -152,30 +153,3 @@ def safety_epilogue(
         ce.zero_()
     return ce.sum(0)
 
-
-def safety_epilogue_ref(
-    logits: torch.Tensor,  # (c, V), left untouched
-    lm_target: torch.Tensor,  # (c,) int64
-    tr_target: torch.Tensor,  # (c,) int64
-    lm_scale: torch.Tensor,  # ()
-    tr_scale: torch.Tensor,  # ()
-    softcap: float | None,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:  # sums (2,) float64, d(loss)/d(logits) (c, V) float64
-    """The definition in float64, for tests."""
-    x = logits.double()
-    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
-    lse = torch.logsumexp(z, dim=-1)
-    p = torch.softmax(z, dim=-1)
-    rows = torch.arange(x.shape[0], device=x.device)
-    sums, grad = [], torch.zeros_like(x)
-    for target, scale in ((lm_target, lm_scale), (tr_target, tr_scale)):
-        valid = target != ignore_index
-        idx = torch.where(valid, target, 0)
-        sums.append(((lse - z[rows, idx]) * valid).sum())
-        w = scale.double() * valid  # (c,)
-        grad += w[:, None] * p
-        grad[rows, idx] -= w
-    if softcap is not None:
-        grad = grad * (1.0 - torch.tanh(x / softcap) ** 2)
-    return torch.stack(sums), grad

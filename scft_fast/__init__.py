@@ -7,7 +7,8 @@ from .ops import IGNORE_INDEX, SafetyLossOutput, last_token_index, safety_loss
 
 __version__ = "0.1.0"
 __all__ = ["IGNORE_INDEX", "SafetyLossOutput", "last_token_index", "safety_loss", "SCFTConfig", "SCFTForCausalLM",
-           "apply_scft_fast", "generate_safe", "SafeGeneration"]
+           "apply_scft_fast", "generate_safe", "SafeGeneration", "SCFTTrainer", "SCFTTrainerMixin", "SCFTDataCollator",
+           "safety_dataset", "SCFTSFTTrainer"]
 
 # Imported on first use: `import scft_fast` stays free of transformers and DeepSpeed.
 _LAZY = {
@@ -16,6 +17,11 @@ _LAZY = {
     "apply_scft_fast": "scft_fast.model",
     "generate_safe": "scft_fast.generation",
     "SafeGeneration": "scft_fast.generation",
+    "SCFTTrainer": "scft_fast.trainer",
+    "SCFTTrainerMixin": "scft_fast.trainer",
+    "SCFTDataCollator": "scft_fast.data",
+    "safety_dataset": "scft_fast.data",
+    "SCFTSFTTrainer": "scft_fast.trl",  # needs the trl extra
 }
 
 

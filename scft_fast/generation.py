@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -29,11 +30,16 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from .data import REFUSAL_STRING, SAFE, ChatRenderer
+from .arguments import add_debug_flag, cli_main, non_empty_str, non_negative_int, positive_float, positive_int, \
+    probability
+from .data import REFUSAL_STRING, SAFE, ChatRenderer, DataError
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # What a user sees in place of a blocked response; starts with the refusal string DeRTa's training targets.
 REFUSAL_TEXT = f"{REFUSAL_STRING}, I can't help with that."
-THRESHOLD = 0.5  # blocked when p_unsafe > THRESHOLD
+THRESHOLD = 0.5  # blocked when p_unsafe > THRESHOLD, unless the call or the model's SCFT config sets another
 MODES = ("final", "stream")
 PROMPT_FIELDS = ("question", "instruction", "prompt")  # DeRTa's test files: "question"
 # generate() settings the readings rely on: one row per prompt, one decoder call per token on the KV cache.
@@ -50,6 +56,9 @@ class SafeGeneration:
     blocked_at_token: int | None  # j of the blocking reading (it judged y_1 .. y_j; L + 1: the EOS); None: allowed
     response_ids: list[int]  # generated token ids, EOS and padding excluded
     finished: bool  # the model ended the response with EOS
+    threshold: float  # the verdict's threshold
+    threshold_source: str  # where it came from: "argument", "model config" (scft-fast eval --store-threshold), "default"
+    truncated_prompt_tokens: int = 0  # > 0: the prompt's first tokens were dropped to fit the model's positions
 
 
 class HeadReadings:
@@ -134,6 +143,29 @@ def encode_prompts(tokenizer, prompts: list, response_prefixes: list[str] | None
     return encoded
 
 
+def fit_positions(prompts: list[list[int]], positions: int | None, max_new_tokens: int,
+                  bos: list[int]) -> tuple[list[list[int]], list[int]]:
+    """Prompts that, with max_new_tokens (+1: the EOS reading), would run past the model's positions lose their
+    first tokens after BOS (the end, where the response starts, is kept), with a warning; -> prompts, dropped."""
+    if positions is None:
+        return prompts, [0] * len(prompts)
+    room = positions - max_new_tokens - 1
+    if room <= len(bos):
+        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {positions} "
+                          f"positions: lower it")
+    fitted, dropped = [], []
+    for i, ids in enumerate(prompts):
+        cut = max(0, len(ids) - room)
+        if cut:
+            head = len(bos) if ids[:len(bos)] == bos else 0
+            ids = ids[:head] + ids[head + cut:]
+            logger.warning("prompt %d: %d tokens + max_new_tokens=%d exceed the model's %d positions; its first %d "
+                           "tokens were dropped", i, len(ids) + cut, max_new_tokens, positions, cut)
+        fitted.append(ids)
+        dropped.append(cut)
+    return fitted, dropped
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> input_ids (B, P), attention_mask (B, P), padded on the left."""
     length = max(len(s) for s in sequences)
@@ -144,6 +176,15 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
             ids[r, length - len(s):] = torch.tensor(s)
             mask[r, length - len(s):] = 1
     return ids.to(device), mask.to(device)
+
+
+def resolve_threshold(model, threshold: float | None) -> tuple[float, str]:
+    """(threshold, source): the one given, else the one stored in the model's SCFT config, else THRESHOLD."""
+    if threshold is not None:
+        return threshold, "argument"
+    if model.scft_config.threshold is not None:
+        return model.scft_config.threshold, "model config"
+    return THRESHOLD, "default"
 
 
 def _check_arguments(prompts, threshold: float, mode: str, check_every: int, generate_kwargs: dict) -> None:
@@ -163,13 +204,15 @@ def _check_arguments(prompts, threshold: float, mode: str, check_every: int, gen
 
 
 @torch.no_grad()
-def generate_safe(model, tokenizer, prompts: list, *, threshold: float = THRESHOLD, mode: str = "final",
+def generate_safe(model, tokenizer, prompts: list, *, threshold: float | None = None, mode: str = "final",
                   check_every: int = 1, refusal_text: str = REFUSAL_TEXT,
                   response_prefixes: list[str] | None = None, **generate_kwargs) -> list[SafeGeneration]:
     """Generates a response per prompt (one left-padded batch, KV cache, greedy or sampled as generate_kwargs say)
-    and withholds those the head finds unsafe: blocked exactly when p_unsafe > threshold. ``model`` is an
+    and withholds those the head finds unsafe: blocked exactly when p_unsafe > threshold (None: the threshold stored
+    in the model's SCFT config, else THRESHOLD; each result names the one used). ``model`` is an
     SCFTForCausalLM; generate_kwargs pass through to generate() (max_new_tokens, do_sample, temperature, streamer
     for a single prompt, ...)."""
+    threshold, threshold_source = resolve_threshold(model, threshold)
     _check_arguments(prompts, threshold, mode, check_every, generate_kwargs)
     streamer = generate_kwargs.pop("streamer", None)
     if streamer is not None and len(prompts) != 1:
@@ -181,7 +224,10 @@ def generate_safe(model, tokenizer, prompts: list, *, threshold: float = THRESHO
     pad_id = generate_kwargs.pop("pad_token_id", tokenizer.pad_token_id)
     pad_id = eos_list[0] if pad_id is None else pad_id
     device = model.device
-    input_ids, prompt_mask = left_pad(encode_prompts(tokenizer, list(prompts), response_prefixes), pad_id, device)
+    encoded, dropped = fit_positions(encode_prompts(tokenizer, list(prompts), response_prefixes),
+                                     getattr(model.config, "max_position_embeddings", None),
+                                     generate_kwargs.get("max_new_tokens") or 0, bos_prefix(tokenizer))
+    input_ids, prompt_mask = left_pad(encoded, pad_id, device)
     batch, prompt_length = input_ids.shape
     eos_ids = torch.tensor(eos_list, device=device)
 
@@ -226,7 +272,8 @@ def generate_safe(model, tokenizer, prompts: list, *, threshold: float = THRESHO
         results.append(SafeGeneration(
             text=refusal_text if blocked else raw, raw_text=raw, p_unsafe=p, blocked=blocked,
             blocked_at_token=reading_at[r] if blocked else None, response_ids=ids,
-            finished=bool(ended[r]) and first_eos[r] == lengths[r]))
+            finished=bool(ended[r]) and first_eos[r] == lengths[r], threshold=threshold,
+            threshold_source=threshold_source, truncated_prompt_tokens=dropped[r]))
     if streamer is not None:
         if not results[0].blocked:
             released = gate.released if gate is not None else 0
@@ -260,19 +307,38 @@ def p_unsafe_ref(model, prompt_ids: list[int], response_ids: list[int], eos_id: 
 
 
 def read_records(path: str) -> list[dict]:
-    """A JSONL file, or a JSON list (DeRTa ships its JSONL files under .json)."""
-    with open(path) as f:
-        text = f.read()
+    """A JSONL file, or a JSON list (DeRTa ships its JSONL files under .json); at least one record."""
+    if os.path.isdir(path):
+        raise DataError(path, 0, None, "is a directory: pass the JSONL files in it")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DataError(path, 0, None, "no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, text_line(path, e.start), None, "not UTF-8 text; save the file as UTF-8") from None
     if text.lstrip().startswith("["):
-        return json.loads(text)
-    records = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e}): {line.strip()!r:.120}") from None
+        try:
+            records = json.loads(text)
+        except ValueError as e:
+            raise DataError(path, getattr(e, "lineno", 0), None, f"invalid JSON list ({e})") from None
+    else:
+        records = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as e:
+                    raise DataError(path, line_no, None, f"invalid JSON ({e}): {line.strip()!r:.120}") from None
+    if not records:
+        raise DataError(path, 0, None, "no records: the file is empty or holds only blank lines")
     return records
+
+
+def text_line(path: str, offset: int) -> int:
+    """The 1-based line holding byte offset of a file."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
 
 
 def read_prompts(path: str) -> list[str]:
@@ -281,8 +347,8 @@ def read_prompts(path: str) -> list[str]:
     for i, record in enumerate(read_records(path), 1):
         field = next((k for k in PROMPT_FIELDS if isinstance(record, dict) and k in record), None)
         if field is None or not isinstance(record[field], str):
-            raise ValueError(f"{path}:{i}: expected an object with a string field among {PROMPT_FIELDS}, got "
-                             f"{record!r:.120}")
+            raise DataError(path, i, None, f"expected an object with a string field among {PROMPT_FIELDS}, got "
+                            f"{record!r:.120}")
         prompts.append(record[field])
     return prompts
 
@@ -294,15 +360,20 @@ def load_model(path: str, device: str | None = None, dtype: str = "auto", init_h
 
     from .model import SCFTForCausalLM
 
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path} has no config.json: expected a model directory, such as the one "
-                                f"`scft-fast train` writes under its output directory (OUTPUT_DIR/model)")
+    check_model_dir(path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     model = SCFTForCausalLM.from_pretrained(path, init_head=init_head, dtype=torch_dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer
+
+
+def check_model_dir(path: str, flag: str = "--model") -> None:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        what = "does not exist" if not os.path.exists(path) else "has no config.json"
+        raise ConfigError(f"{flag} {path} {what}: expected a model directory, such as the one `scft-fast train` "
+                          f"writes under its output directory (OUTPUT_DIR/model)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,24 +387,30 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", action="append", help="a user message; repeat for several")
     source.add_argument("--prompts", metavar="FILE", help="JSONL of prompts: DeRTa's {\"question\": ...}, or "
                         "{\"instruction\": ...} / {\"prompt\": ...}")
-    parser.add_argument("--threshold", type=float, default=THRESHOLD,
-                        help=f"block when p_unsafe > threshold (default {THRESHOLD})")
+    parser.add_argument("--threshold", type=probability, default=None,
+                        help="block when p_unsafe > threshold, in [0, 1] (default: the threshold stored in the "
+                        "model's SCFT config by `scft-fast eval --store-threshold`, else "
+                        f"{THRESHOLD}); the one used is printed")
     parser.add_argument("--mode", choices=MODES, default="final", help="final: judge the finished response; "
                         "stream: also judge every --check-every tokens and stop at the first unsafe reading")
-    parser.add_argument("--check-every", type=int, default=1, help="stream mode: tokens between readings (default 1)")
-    parser.add_argument("--refusal-text", default=REFUSAL_TEXT, help=f"shown instead of a blocked response "
-                        f"(default {REFUSAL_TEXT!r})")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="generate()'s max_new_tokens (default 128)")
+    parser.add_argument("--check-every", type=positive_int, default=1,
+                        help="stream mode: tokens between readings (default 1)")
+    parser.add_argument("--refusal-text", type=non_empty_str, default=REFUSAL_TEXT,
+                        help=f"shown instead of a blocked response (default {REFUSAL_TEXT!r})")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128,
+                        help="generate()'s max_new_tokens (default 128); a prompt that would run past the model's "
+                        "positions loses its first tokens, with a warning, and is marked in the output")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling")
-    parser.add_argument("--repetition-penalty", type=float, default=None, help="generate()'s repetition_penalty")
+    parser.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
+    parser.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="top-k sampling")
+    parser.add_argument("--repetition-penalty", type=positive_float, default=None,
+                        help="generate()'s repetition_penalty")
     parser.add_argument("--generate-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="any other generate() argument, VALUE read as JSON when it parses (e.g. "
                         "min_new_tokens=8, no_repeat_ngram_size=3); repeat for several; overrides the flags above")
-    parser.add_argument("--seed", type=int, default=0, help="torch seed for sampling (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate() batch (default 8)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="torch seed for sampling (default 0)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generate() batch (default 8)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="weights dtype (default: as saved)")
@@ -341,31 +418,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "only tokens a reading has judged safe are printed (every --check-every tokens with "
                         "--mode stream, at the end with --mode final)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per response instead of text")
+    add_debug_flag(parser)
     return parser
 
 
 def parse_generate_arg(arg: str) -> tuple[str, object]:
     key, sep, value = arg.partition("=")
     if not sep or not key.isidentifier():
-        raise SystemExit(f"--generate-arg expects KEY=VALUE with KEY a generate() argument name, got {arg!r}")
+        raise ConfigError(f"--generate-arg expects KEY=VALUE with KEY a generate() argument name, got {arg!r}")
     try:
         return key, json.loads(value)
     except ValueError:
         return key, value
 
 
+@cli_main("scft-fast generate")
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt and not all(p.strip() for p in args.prompt):
+        parser.error("argument --prompt: expected a non-empty message")
+    generate_args = [parse_generate_arg(arg) for arg in args.generate_arg]
     prompts = args.prompt if args.prompt else read_prompts(args.prompts)
     if args.live and len(prompts) != 1:
-        raise SystemExit(f"--live prints a single response; got {len(prompts)} prompts")
+        parser.error(f"argument --live: prints a single response; got {len(prompts)} prompts")
+    check_model_dir(args.model)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
+    if not args.json:
+        print("threshold {:.4f} ({})".format(*resolve_threshold(model, args.threshold)))
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                 "repetition_penalty": args.repetition_penalty}
     generate_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                            **{k: v for k, v in sampling.items() if v is not None})
-    generate_kwargs.update(parse_generate_arg(arg) for arg in args.generate_arg)  # the last word on any argument
+    generate_kwargs.update(generate_args)  # the last word on any argument
     if args.live:
         generate_kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     for start in range(0, len(prompts), args.batch_size):
@@ -377,6 +463,8 @@ def main(argv=None) -> int:
                 print(json.dumps({"prompt": prompt, **asdict(result)}))
                 continue
             verdict = (f"BLOCKED at token {result.blocked_at_token}" if result.blocked else "allowed")
+            if result.truncated_prompt_tokens:
+                verdict += f" (PROMPT TRUNCATED: its first {result.truncated_prompt_tokens} tokens dropped)"
             print(f"[{i}] {prompt}\n  -> {result.text}\n  {verdict}, p_unsafe={result.p_unsafe:.4f}"
                   + (f"\n  raw: {result.raw_text}" if result.blocked else ""))
     return 0

@@ -27,6 +27,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .ops import IGNORE_INDEX, last_token_index, safety_loss
+from .ops.cls_head import MAX_CLASSES, MIN_CLASSES
 
 POOLS = ("eos", "pre_eos")
 HEAD_PREFIX = "score."
@@ -64,8 +65,9 @@ class SCFTConfig:
     def __post_init__(self):
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        if not 2 <= self.num_labels <= 16:
-            raise ValueError(f"num_labels must be in [2, 16] (the fused head's range), got {self.num_labels}")
+        if not MIN_CLASSES <= self.num_labels <= MAX_CLASSES:
+            raise ValueError(f"num_labels must be in [{MIN_CLASSES}, {MAX_CLASSES}] (the fused head's range), got "
+                             f"{self.num_labels}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
 

@@ -1,12 +1,12 @@
-"""The C++ CPU epilogue (csrc/safety_epilogue.cpp) against a float64 reference and torch_epilogue.
+"""The C++ CPU epilogue (csrc/safety_epilogue.cpp) against a float64 reference and safety_epilogue_torch.
 
 Tolerances, on gradients of size up to a + b (about 2) and on per-row cross-entropies of size about log V:
 - float32: the kernel's exp and tanh are Cephes polynomials (about 1 ulp), the row sum is float32 in 8 lanes;
   measured worst error 1.3e-6 relative: relative 5e-6 and absolute 1e-7 on the gradient (1e-5 against
-  torch_epilogue, which has errors of its own), 1e-5 relative on the sums.
+  safety_epilogue_torch, which has errors of its own), 1e-5 relative on the sums.
 - bfloat16 / float16 storage: the gradient is rounded once to 8 (11) significant bits, at most 2^-8 (2^-11)
-  relative, plus float32 noise: 2^-7 (2^-10). Against torch_epilogue, which rounds a float32 value that may
-  differ in the last bits, one ulp more: 2^-6 (2^-9). float16 also flushes weights under its 6e-8 subnormal
+  relative, plus float32 noise: 2^-7 (2^-10). Against safety_epilogue_torch, which rounds a float32 value that
+  may differ in the last bits, one ulp more: 2^-6 (2^-9). float16 also flushes weights under its 6e-8 subnormal
   spacing, covered by the absolute 1e-7.
 """
 from __future__ import annotations
@@ -18,11 +18,12 @@ import warnings
 import pytest
 import torch
 
+from scft_fast import IGNORE_INDEX
 from scft_fast.ops import cpu_extension
-from scft_fast.ops.cpu_extension import cpu_epilogue, load_cpu_extension
-from scft_fast.ops.torch_epilogue import torch_epilogue
+from scft_fast.ops.cpu_extension import load_cpu_extension, safety_epilogue_cpu
+from scft_fast.ops.reference import safety_epilogue_ref
+from scft_fast.ops.safety_epilogue import safety_epilogue_torch
 
-IGNORE = -100
 GRAD_TOL = {  # storage dtype -> (rtol, atol) of the gradient against the float64 reference
     torch.float32: (5e-6, 1e-7),
     torch.bfloat16: (2.0**-7, 1e-7),
@@ -43,32 +44,6 @@ def extension():
     return module
 
 
-def epilogue_ref(
-    logits: torch.Tensor,  # (c, V) raw logits, any dtype
-    lm_target: torch.Tensor,  # (c,)
-    tr_target: torch.Tensor,  # (c,)
-    lm_scale: float,
-    tr_scale: float,
-    softcap: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # sums (2,) float64, grad (c, V) float64
-    raw = logits.double()
-    z = softcap * torch.tanh(raw / softcap) if softcap is not None else raw
-    log_p = torch.log_softmax(z, dim=1)
-    lm_valid, tr_valid = lm_target != IGNORE, tr_target != IGNORE
-    lm_idx, tr_idx = lm_target.clamp(min=0)[:, None], tr_target.clamp(min=0)[:, None]
-    sums = torch.stack([
-        -(log_p.gather(1, lm_idx)[:, 0] * lm_valid).sum(),
-        -(log_p.gather(1, tr_idx)[:, 0] * tr_valid).sum(),
-    ])
-    a, b = (lm_scale * lm_valid).double()[:, None], (tr_scale * tr_valid).double()[:, None]
-    one_hot_lm = torch.zeros_like(z).scatter_(1, lm_idx, 1.0)
-    one_hot_tr = torch.zeros_like(z).scatter_(1, tr_idx, 1.0)
-    grad = (a + b) * log_p.exp() - a * one_hot_lm - b * one_hot_tr
-    if softcap is not None:
-        grad = grad * (1 - torch.tanh(raw / softcap) ** 2)
-    return sums, grad
-
-
 def make_chunk(rows: int, vocab: int, dtype: torch.dtype, seed: int, scale: float = 4.0, offset: float = 0.0):
     """Random logits and targets covering every row kind: LM only, transition only, both (equal or not), neither."""
     gen = torch.Generator().manual_seed(seed)
@@ -76,16 +51,22 @@ def make_chunk(rows: int, vocab: int, dtype: torch.dtype, seed: int, scale: floa
     lm_target = torch.randint(0, vocab, (rows,), generator=gen)
     tr_target = torch.randint(0, vocab, (rows,), generator=gen)
     kind = torch.arange(rows) % 5  # 0: LM only, 1: transition only, 2: both, 3: both on one token, 4: neither
-    lm_target[(kind == 1) | (kind == 4)] = IGNORE
-    tr_target[(kind == 0) | (kind == 4)] = IGNORE
+    lm_target[(kind == 1) | (kind == 4)] = IGNORE_INDEX
+    tr_target[(kind == 0) | (kind == 4)] = IGNORE_INDEX
     tr_target[kind == 3] = lm_target[kind == 3]
     return logits, lm_target, tr_target
 
 
 def run(fn, logits, lm_target, tr_target, lm_scale, tr_scale, softcap):
     grad = logits.clone()
-    sums = fn(grad, lm_target, tr_target, torch.tensor(lm_scale), torch.tensor(tr_scale), softcap, IGNORE)
+    sums = fn(grad, lm_target, tr_target, torch.tensor(lm_scale), torch.tensor(tr_scale), softcap, IGNORE_INDEX)
     return sums, grad
+
+
+def epilogue_ref(logits, lm_target, tr_target, lm_scale, tr_scale, softcap):
+    """The float64 definition, called like ``run``: (sums (2,), grad (c, V)), both float64."""
+    return safety_epilogue_ref(logits, lm_target, tr_target, torch.tensor(lm_scale), torch.tensor(tr_scale), softcap,
+                               IGNORE_INDEX)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -93,16 +74,16 @@ def run(fn, logits, lm_target, tr_target, lm_scale, tr_scale, softcap):
 @pytest.mark.parametrize("rows, vocab", [(1, 1000), (7, 1537), (33, 3001), (10, 5000)])
 def test_matches_reference(extension, dtype, softcap, rows, vocab):
     logits, lm_target, tr_target = make_chunk(rows, vocab, dtype, seed=rows * vocab)
-    sums, grad = run(cpu_epilogue, logits, lm_target, tr_target, 0.37, 1.9, softcap)
+    sums, grad = run(safety_epilogue_cpu, logits, lm_target, tr_target, 0.37, 1.9, softcap)
     ref_sums, ref_grad = epilogue_ref(logits, lm_target, tr_target, 0.37, 1.9, softcap)
     assert sums.dtype == torch.float32 and sums.shape == (2,) and grad.dtype == dtype
     torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
     rtol, atol = GRAD_TOL[dtype]
     torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
-    skipped = (lm_target == IGNORE) & (tr_target == IGNORE)
+    skipped = (lm_target == IGNORE_INDEX) & (tr_target == IGNORE_INDEX)
     assert torch.equal(grad[skipped], torch.zeros_like(grad[skipped]))
 
-    torch_sums, torch_grad = run(torch_epilogue, logits, lm_target, tr_target, 0.37, 1.9, softcap)
+    torch_sums, torch_grad = run(safety_epilogue_torch, logits, lm_target, tr_target, 0.37, 1.9, softcap)
     torch.testing.assert_close(sums, torch_sums, rtol=1e-5, atol=1e-5)
     rtol_torch = {torch.float32: 1e-5, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}[dtype]
     torch.testing.assert_close(grad.float(), torch_grad.float(), rtol=rtol_torch, atol=atol)
@@ -115,11 +96,11 @@ def test_matches_reference(extension, dtype, softcap, rows, vocab):
 def test_extreme_logits(extension, dtype, scale, offset):
     """Softmax weights that underflow to 0, and logits far from 0 (the max is subtracted before exp)."""
     logits, lm_target, tr_target = make_chunk(20, 2003, dtype, seed=7, scale=scale, offset=offset)
-    sums, grad = run(cpu_epilogue, logits, lm_target, tr_target, 1.0, 0.5, None)
+    sums, grad = run(safety_epilogue_cpu, logits, lm_target, tr_target, 1.0, 0.5, None)
     ref_sums, ref_grad = epilogue_ref(logits, lm_target, tr_target, 1.0, 0.5, None)
     assert torch.isfinite(sums).all() and torch.isfinite(grad).all()
     # lse = m + log(s) is float32 (the contract): it is off by up to an ulp of |m|, once per valid row.
-    rows = ((lm_target != IGNORE).sum() + (tr_target != IGNORE).sum()).item()
+    rows = ((lm_target != IGNORE_INDEX).sum() + (tr_target != IGNORE_INDEX).sum()).item()
     atol = rows * 2 * torch.finfo(torch.float32).eps * logits.float().abs().max().item()
     torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=atol)
     rtol, grad_atol = GRAD_TOL[dtype]
@@ -128,25 +109,25 @@ def test_extreme_logits(extension, dtype, scale, offset):
 
 @pytest.mark.parametrize("softcap", [None, 30.0], ids=["plain", "softcap"])
 def test_nan_propagates_like_torch(extension, softcap):
-    """A NaN logit makes its row's loss and gradient NaN, as in torch_epilogue; other rows are untouched."""
+    """A NaN logit makes its row's loss and gradient NaN, as in safety_epilogue_torch; other rows are untouched."""
     logits, lm_target, tr_target = make_chunk(5, 1000, torch.float32, seed=11)
     logits[0, 123] = float("nan")
-    sums, grad = run(cpu_epilogue, logits, lm_target, tr_target, 1.0, 1.0, softcap)
-    torch_sums, torch_grad = run(torch_epilogue, logits, lm_target, tr_target, 1.0, 1.0, softcap)
+    sums, grad = run(safety_epilogue_cpu, logits, lm_target, tr_target, 1.0, 1.0, softcap)
+    torch_sums, torch_grad = run(safety_epilogue_torch, logits, lm_target, tr_target, 1.0, 1.0, softcap)
     assert torch.isnan(sums[0]) and torch.isnan(torch_sums[0]) and grad[0].isnan().all()
     torch.testing.assert_close(grad[1:], torch_grad[1:], rtol=1e-5, atol=1e-7)
 
 
 def test_every_row_skipped(extension):
     logits = torch.randn(6, 1000)
-    target = torch.full((6,), IGNORE)
-    sums, grad = run(cpu_epilogue, logits, target, target, 1.0, 1.0, 30.0)
+    target = torch.full((6,), IGNORE_INDEX)
+    sums, grad = run(safety_epilogue_cpu, logits, target, target, 1.0, 1.0, 30.0)
     assert torch.equal(sums, torch.zeros(2)) and torch.equal(grad, torch.zeros_like(grad))
 
 
 def test_empty_chunk(extension):
     empty = torch.empty(0, dtype=torch.long)
-    sums, grad = run(cpu_epilogue, torch.empty(0, 1000), empty, empty, 1.0, 1.0, None)
+    sums, grad = run(safety_epilogue_cpu, torch.empty(0, 1000), empty, empty, 1.0, 1.0, None)
     assert torch.equal(sums, torch.zeros(2)) and grad.shape == (0, 1000)
 
 
@@ -156,10 +137,10 @@ def test_independent_of_thread_count(extension):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run(cpu_epilogue, logits, lm_target, tr_target, 0.5, 0.5, 30.0)
+        one = run(safety_epilogue_cpu, logits, lm_target, tr_target, 0.5, 0.5, 30.0)
     finally:
         torch.set_num_threads(threads)
-    many = run(cpu_epilogue, logits, lm_target, tr_target, 0.5, 0.5, 30.0)
+    many = run(safety_epilogue_cpu, logits, lm_target, tr_target, 0.5, 0.5, 30.0)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
@@ -167,7 +148,7 @@ def test_target_out_of_range_is_refused(extension):
     logits, lm_target, tr_target = make_chunk(5, 1000, torch.float32, seed=1)
     lm_target[2] = 1000
     with pytest.raises(RuntimeError, match=r"lm_target\[2\] = 1000"):
-        run(cpu_epilogue, logits, lm_target, tr_target, 1.0, 1.0, None)
+        run(safety_epilogue_cpu, logits, lm_target, tr_target, 1.0, 1.0, None)
 
 
 def test_second_load_is_a_cache_hit(extension):
@@ -190,8 +171,8 @@ def test_missing_compiler_warns_once_and_falls_back(monkeypatch):
     monkeypatch.setenv("CXX", os.path.join(os.sep, "nonexistent", "c++"))
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler") as caught:
         assert load_cpu_extension() is None
-        assert not cpu_extension.is_cpu_extension_available()
+        assert load_cpu_extension() is None  # the second call: the cached outcome, no second warning
     assert len(caught) == 1
     with pytest.raises(RuntimeError, match="backend='torch'"):
-        run(cpu_epilogue, torch.randn(2, 1000), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
-            1.0, 1.0, None)
+        run(safety_epilogue_cpu, torch.randn(2, 1000), torch.zeros(2, dtype=torch.long),
+            torch.zeros(2, dtype=torch.long), 1.0, 1.0, None)

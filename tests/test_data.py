@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -451,8 +452,72 @@ def test_skip_invalid_counts_and_reports(tmp_path, tok, caplog):
 
 
 def test_missing_file(tmp_path, tok):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(DataError, match="nope.jsonl: no such data file"):
         build_dataset([tmp_path / "nope.jsonl"], tok, DataConfig(cache_dir=str(tmp_path)))
+
+
+TYPO_LINES = [  # (line, field, suggestion): each would otherwise train something else than written, silently
+    ('{"instruction": "q", "response": "Here is how: a", "lable": "unsafe"}', "lable", "'label'"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "RTO": true}',
+     "RTO", "'rto'"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "asistant", "content": "a"}, '
+     '{"role": "assistant", "content": "b"}]}', "messages[1].role", "'assistant'"),
+    ('{"messages": [{"role": "user", "content": "q", "contnet": "x"}, {"role": "assistant", "content": "a"}]}',
+     "messages[0].contnet", "'content'"),
+    ('{"instruction": "q", "response": "a", "response": "b"}', "response", "duplicate key"),
+    ('{"instruction": "q", "response": "a", "label": "Unsafe"}', "label", "'unsafe'"),
+]
+
+
+@pytest.mark.parametrize("bad, field, hint", TYPO_LINES)
+def test_typos_are_errors_with_the_nearest_name(tmp_path, tok, bad, field, hint):
+    path = write(tmp_path, ['{"instruction": "q", "response": "a"}', bad])
+    with pytest.raises(DataError) as info:
+        build_dataset([path], tok, DataConfig(cache_dir=str(tmp_path / "cache")))
+    assert (info.value.source, info.value.line, info.value.field) == (str(path), 2, field)
+    assert str(info.value).startswith(f"{path}:2: field {field!r}: ") and hint in str(info.value)
+    if hint.startswith("'"):
+        assert f"did you mean {hint}?" in str(info.value)
+
+
+def test_skip_invalid_skips_typos(tmp_path, tok):
+    ds, stats = build(tmp_path, ['{"instruction": "q", "response": "a"}'] + [bad for bad, _, _ in TYPO_LINES], tok,
+                      skip_invalid=True)
+    assert len(ds) == 1 and stats.invalid == len(TYPO_LINES)
+    assert any("did you mean 'label'?" in e for e in stats.errors)
+
+
+@pytest.mark.parametrize("content, where, message", [
+    ('{"instruction": "q", "response": "a"}\n'.encode("utf-16"), ":1: ", "UTF-16-encoded"),
+    (b'{"instruction": "q", "response": "a"}\n{"instruction": "caf\xe9", "response": "a"}\n', ":2: ",
+     "not UTF-8 text (byte 0xe9 at column 21)"),
+    (b"", ": ", "no records"),
+    (b"\n  \n\t\n", ": ", "no records"),
+])
+def test_unreadable_and_empty_files_named_with_line(tmp_path, tok, content, where, message):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        build_dataset([path], tok, DataConfig(cache_dir=str(tmp_path / "cache")))
+    assert str(info.value).startswith(f"{path}{where}") and message in str(info.value)
+
+
+def test_directory_as_data_file(tmp_path, tok):
+    with pytest.raises(DataError, match="is a directory: pass its JSONL files"):
+        build_dataset([tmp_path], tok, DataConfig(cache_dir=str(tmp_path / "cache")))
+
+
+def test_cache_keyed_on_content_not_size_and_mtime(tmp_path, tok):
+    config = DataConfig(cache_dir=str(tmp_path / "cache"))
+    path = write(tmp_path, [{"instruction": "q", "response": "aaaa"}])
+    stat = path.stat()
+    first, _ = build_dataset([path], tok, config)
+    write(tmp_path, [{"instruction": "q", "response": "bbbb"}])  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    second, _ = build_dataset([path], tok, config)
+    assert first[0]["input_ids"] != second[0]["input_ids"]
+    assert tok.decode(second[0]["input_ids"]).count("bbbb") == 1
 
 
 def test_config_validation():

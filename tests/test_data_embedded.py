@@ -1,6 +1,7 @@
 """The embedded default dataset and tokenizer: offline, reproducible, in the shape the training code expects."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ pytest.importorskip("transformers")
 
 from scft_fast.data import (IGNORE_INDEX, SAFE, UNSAFE, DataConfig, PaddedCollator, build_dataset,  # noqa: E402
                             default_data_files, load_default_tokenizer)
-from scft_fast.data.embedded import generate  # noqa: E402
+from scft_fast.data.embedded import SPLITS, generate, generate_separate  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,14 @@ def test_default_tokenizer(tok):
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 
 
-def test_committed_files_match_generator():
-    generated = generate.generate()
-    for split in ("train", "eval"):
+def _generated() -> dict[str, list[dict]]:
+    return {**generate.generate(), **generate_separate.generate()}
+
+
+def test_committed_files_match_generators():
+    generated = _generated()
+    assert set(generated) == set(SPLITS)
+    for split in SPLITS:
         (path,) = default_data_files(split)
         with open(path, encoding="utf-8") as f:
             assert [json.loads(line) for line in f] == generated[split], split
@@ -44,17 +50,47 @@ def test_committed_files_match_generator():
         default_data_files("test")
 
 
+def test_splits_share_no_instruction():
+    instructions = {split: {r["instruction"] for r in records} for split, records in _generated().items()}
+    for a, b in itertools.combinations(SPLITS, 2):
+        assert not instructions[a] & instructions[b], (a, b)
+
+
+def test_separate_split_is_written_apart():
+    """No request of the separate split names a training action or is a training template, and no fake answer uses
+    a training placeholder or opener: what the head scores there, it has not seen in those words."""
+    separate = generate_separate.generate()["separate"]
+    actions = [action for action, _ in generate.HARMFUL_ACTIONS] + list(generate.HOWTO_TASKS)
+    templates = [t.split("{")[0] for t in generate.HARMFUL_QUESTIONS + generate.HOWTO_QUESTIONS if t.split("{")[0]]
+    openers = [o.split("{")[0] for o in generate.COMPLY_OPENERS]
+    for r in separate:
+        assert not any(a in r["instruction"] for a in actions), r["instruction"]
+        if "harmful_response" in r:
+            assert not any(r["instruction"].startswith(t) for t in templates), r["instruction"]
+            assert not any(g in r["harmful_response"] for g in generate.GADGETS + openers), r["harmful_response"]
+    alarming = {q for q, _ in generate.ALARMING_BUT_SAFE}
+    assert not alarming & {r["instruction"] for r in separate}
+
+
 def test_held_out_and_content():
-    generated = generate.generate()
-    train = {r["instruction"] for r in generated["train"]}
-    assert not train & {r["instruction"] for r in generated["eval"]}
-    for split, (n_helpful, n_harmful) in generate.SIZES.items():
+    generated = _generated()
+    sizes = {**generate.SIZES, **generate_separate.SIZES}
+    for split, (n_helpful, n_harmful) in sizes.items():
         harmful = [r for r in generated[split] if "harmful_response" in r]
         assert len(harmful) == n_harmful and len(generated[split]) == n_helpful + n_harmful
-        assert all(r["safe_response"].startswith("Sorry") for r in harmful)
         assert len({r["harmful_response"] for r in harmful}) > 0.9 * n_harmful  # varied
-        gadgets = tuple(g.split(" ")[-1] for g in generate.GADGETS) + ("[", "banana", "napkin", "hum", "Spin")
-        assert all(any(g in r["harmful_response"] for g in gadgets) for r in harmful)  # placeholders only
+        if split != "separate":
+            assert all(r["safe_response"].startswith("Sorry") for r in harmful)
+            gadgets = tuple(g.split(" ")[-1] for g in generate.GADGETS) + ("[", "banana", "napkin", "hum", "spin",
+                                                                           "pretend", "sticky")
+        else:
+            gadgets = tuple(p.split(" ")[-1] for p in generate_separate.PLACEHOLDERS) + ("[", "pretend", "crayons")
+        assert all(any(g.lower() in r["harmful_response"].lower() for g in gadgets) for r in harmful)  # placeholders
+    train = generated["train"]
+    # Step-shaped compliant answers come with both labels, so their shape does not give the label away.
+    for shape in ("1. ", "First, ", "- "):
+        assert any(shape in r.get("response", "") for r in train)
+        assert any(shape in r.get("harmful_response", "") for r in train)
 
 
 def test_embedded_eval_builds(tmp_path, tok):

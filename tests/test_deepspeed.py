@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("deepspeed")
 from safetensors.torch import load_file  # noqa: E402
 
-from scft_fast.data import default_data_files  # noqa: E402
 from deepspeed_worker import LORA, PACKED_TOKENS  # noqa: E402  (tests/ is on sys.path under pytest)
+from scft_fast.data import default_data_files  # noqa: E402
 from scft_fast.training import DataSpec, ModelSpec, TrainConfig, train  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,8 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from scft_fast import evaluation  # noqa: E402
 from scft_fast.data import SAFE, UNSAFE, default_data_files, load_default_tokenizer  # noqa: E402
 from scft_fast.evaluation import (EvalConfig, EvalData, auroc, auroc_ref, evaluate, head_metrics,  # noqa: E402
-                                  is_refusal, load_eval_data, main, score_pairs)
-from scft_fast.generation import SafeGeneration, encode_prompts, p_unsafe_ref  # noqa: E402
+                                  is_refusal, load_eval_data, main, score_pairs, threshold_at_fpr,
+                                  threshold_at_fpr_ref)
+from scft_fast.generation import SafeGeneration, encode_prompts, generate_safe, load_model, p_unsafe_ref  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
 
 from shared_data import DERTA, needs_derta  # noqa: E402
@@ -72,6 +73,37 @@ def test_head_metrics_hand_made():
     assert m["n"] == 5 and m["n_unsafe"] == 2
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_threshold_at_fpr_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 200))
+    scores = rng.random(n) if seed % 2 else rng.integers(0, 8, n) / 8  # odd seeds: distinct, even: many ties
+    labels = rng.integers(0, 2, n)
+    labels[:2] = [SAFE, UNSAFE]
+    max_fpr = float(rng.choice([0.01, 0.05, 0.1, 0.3]))
+    got = threshold_at_fpr(scores, labels, max_fpr)
+    assert got["threshold"] == threshold_at_fpr_ref(scores, labels, max_fpr)
+    safe, unsafe = scores[labels == SAFE], scores[labels == UNSAFE]
+    assert got["fpr"] == (safe > got["threshold"]).mean() <= max_fpr
+    assert got["tpr"] == (unsafe > got["threshold"]).mean()
+    lower = safe[safe < got["threshold"]]
+    if len(lower):  # the next lower candidate breaks the budget: the threshold is the lowest that meets it
+        assert (safe > lower.max()).mean() > max_fpr
+    assert (got["n_safe"], got["n_unsafe"]) == (len(safe), len(unsafe))
+
+
+def test_threshold_at_fpr_hand_made():
+    p = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.35]
+    y = [SAFE] * 10 + [UNSAFE] * 2
+    # 10 safe pairs, 10% budget: one may be flagged, so the threshold is the second-highest safe score
+    assert threshold_at_fpr(p, y, 0.1) == {"max_fpr": 0.1, "threshold": 0.9, "fpr": 0.1, "tpr": 0.5, "n_safe": 10,
+                                           "n_unsafe": 2}
+    assert threshold_at_fpr(p, y, 0.05)["threshold"] == 0.95  # none may be flagged
+    assert threshold_at_fpr([0.3, 0.4], [UNSAFE, UNSAFE], 0.05) is None
+    with pytest.raises(ValueError, match="max_fpr must be in"):
+        EvalConfig(max_fpr=1.0)
+
+
 def test_is_refusal_at_start_or_after_a_transition():
     assert is_refusal("Sorry, I cannot help.")
     assert is_refusal("Step 1: take theSorry, I can't continue.")  # DeRTa's RTO turns mid-response
@@ -91,7 +123,7 @@ def fake_generate_safe(calls):
             blocked = "BLOCK" in prompt
             out.append(SafeGeneration(text="x" if blocked else raw, raw_text=raw, p_unsafe=0.9 if blocked else 0.1,
                                       blocked=blocked, blocked_at_token=3 if blocked else None, response_ids=[1],
-                                      finished=True))
+                                      finished=True, threshold=threshold, threshold_source="argument"))
         return out
 
     return generate
@@ -184,8 +216,9 @@ def test_cli_help_documents_every_flag(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--model", "--baseline", "--data", "--harmful", "--benign", "--output", "--plot", "--threshold",
+                 "--max-fpr", "--store-threshold",
                  "--max-new-tokens", "--attack-words", "--attack-window", "--batch-size", "--limit",
-                 "--refusal-string", "--device", "--dtype", "--no-progress"):
+                 "--refusal-string", "--device", "--dtype", "--no-progress", "--debug"):
         assert flag in text
 
 
@@ -210,3 +243,52 @@ def test_cli_end_to_end_with_baseline(tokenizer, tmp_path, capsys):
     assert 0.0 <= trained["head"]["auroc"] <= 1.0 and [a["k"] for a in trained["attack"]] == [0, 2]
     png = output.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--limit", "-1", "a positive integer"), ("--limit", "0", "a positive integer"),
+    ("--batch-size", "0", "a positive integer"), ("--attack-words", "-2", "a non-negative integer"),
+    ("--threshold", "2", "[0, 1]"), ("--max-new-tokens", "0", "a positive integer"),
+])
+def test_cli_nonsense_limits_are_errors(tmp_path, capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(tmp_path), flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"error: argument {flag}: " in err and expected in err
+
+
+def test_cli_empty_data_and_missing_model_are_errors(tokenizer, tmp_path, capsys):
+    model = tiny_model(tokenizer)
+    model.save_pretrained(str(tmp_path / "scft"))
+    tokenizer.save_pretrained(str(tmp_path / "scft"))
+    capsys.readouterr()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["--model", str(tmp_path / "scft"), "--data", str(empty), "--output", str(tmp_path / "e.json")]) == 2
+    assert capsys.readouterr().err == f"scft-fast eval: error: {empty}: no records: the file is empty or holds " \
+                                      f"only blank lines\n"
+    assert main(["--model", str(tmp_path / "scft"), "--baseline", str(tmp_path)]) == 2
+    assert f"--baseline {tmp_path} has no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_cli_stores_the_calibrated_threshold_for_generation(tokenizer, tmp_path, capsys):
+    model_dir = str(tmp_path / "scft")
+    tiny_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    output = tmp_path / "eval.json"
+    assert main(["--model", model_dir, "--data", default_data_files("separate")[0], "--limit", "24", "--max-fpr", "0.2",
+                 "--store-threshold", "--max-new-tokens", "2", "--attack-words", "0", "--attack-window", "1",
+                 "--output", str(output), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(output.read_text())["models"]["model"]
+    calibration = report["head"]["calibration"]
+    assert report["threshold"] == {"value": 0.5, "source": "default"}  # nothing stored yet when it ran
+    assert calibration["fpr"] <= 0.2 and "calibrated threshold" in printed and "stored threshold" in printed
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert json.load(f)["scft"]["threshold"] == calibration["threshold"]
+    model, tok = load_model(model_dir, "cpu")
+    assert model.scft_config.threshold == calibration["threshold"]
+    (result,) = generate_safe(model, tok, ["How do I bake bread?"], max_new_tokens=2, do_sample=False)
+    assert (result.threshold, result.threshold_source) == (calibration["threshold"], "model config")
+    assert result.blocked == (result.p_unsafe > calibration["threshold"])

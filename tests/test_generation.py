@@ -250,6 +250,21 @@ def test_streamer_only_emits_judged_tokens(tokenizer, mode, unsafe):
         assert len(responses) > 1  # released as the checks pass, not only at the end
 
 
+def test_threshold_given_else_stored_else_default(tokenizer):
+    model = tiny_model(tokenizer)
+    default = generate_safe(model, tokenizer, PROMPTS, max_new_tokens=3, do_sample=False)
+    assert {(r.threshold, r.threshold_source) for r in default} == {(0.5, "default")}
+    stored = sorted(r.p_unsafe for r in default)[1]  # between the readings: the verdicts follow the threshold used
+    model.scft_config.threshold = stored
+    results = generate_safe(model, tokenizer, PROMPTS, max_new_tokens=3, do_sample=False)
+    assert {(r.threshold, r.threshold_source) for r in results} == {(stored, "model config")}
+    assert [r.blocked for r in results] == [r.p_unsafe > stored for r in default]
+    given = generate_safe(model, tokenizer, PROMPTS, threshold=1.0, max_new_tokens=3, do_sample=False)
+    assert {(r.threshold, r.threshold_source) for r in given} == {(1.0, "argument")}
+    with pytest.raises(ValueError, match="threshold must be in"):
+        SCFTConfig(threshold=1.0)
+
+
 def test_errors_name_the_offending_value(tokenizer):
     model = tiny_model(tokenizer)
     with pytest.raises(ValueError, match="threshold must be in"):
@@ -284,7 +299,7 @@ def test_cli_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--prompt", "--prompts", "--threshold", "--mode", "--check-every", "--refusal-text",
                  "--max-new-tokens", "--do-sample", "--temperature", "--top-p", "--top-k", "--seed",
-                 "--batch-size", "--device", "--dtype", "--live", "--json", "--generate-arg"):
+                 "--batch-size", "--device", "--dtype", "--live", "--json", "--generate-arg", "--debug"):
         assert flag in text
 
 
@@ -298,6 +313,56 @@ def test_cli_end_to_end(saved_model, tmp_path, capsys):
     assert all(len(line["response_ids"]) <= 2 for line in lines)
     assert [line["prompt"] for line in lines] == questions
     assert all(line["blocked"] and line["text"] == REFUSAL_TEXT for line in lines)
+    assert all((line["threshold"], line["threshold_source"]) == (0.0, "argument") for line in lines)
     assert main(["--model", saved_model, "--prompt", "hi", "--max-new-tokens", "3", "--mode", "stream",
                  "--live", "--threshold", "1.0"]) == 0
-    assert "allowed, p_unsafe=" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "allowed, p_unsafe=" in printed and "threshold 1.0000 (argument)" in printed
+    assert main(["--model", saved_model, "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert "threshold 0.5000 (default)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--batch-size", "-1", "a positive integer"), ("--batch-size", "0", "a positive integer"),
+    ("--check-every", "0", "a positive integer"), ("--max-new-tokens", "0", "a positive integer"),
+    ("--threshold", "1.5", "[0, 1]"), ("--threshold", "nan", "[0, 1]"), ("--top-p", "2", "[0, 1]"),
+    ("--temperature", "0", "> 0"), ("--top-k", "-3", "a positive integer"), ("--prompt", " ", "non-empty"),
+])
+def test_cli_nonsense_sizes_are_errors(saved_model, capsys, flag, value, expected):
+    argv = ["--model", saved_model, "--prompt", "hi"]
+    with pytest.raises(SystemExit) as info:
+        main(argv + [flag, value] if flag != "--prompt" else ["--model", saved_model, flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"error: argument {flag}: " in err and expected in err
+
+
+def test_cli_empty_inputs_and_missing_model_are_errors(saved_model, tmp_path, capsys):
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("\n \n")
+    assert main(["--model", saved_model, "--prompts", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"scft-fast generate: error: {empty}: no records: the file is empty or holds only blank lines\n"
+    assert main(["--model", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
+    assert f"--model {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_prompts_past_the_positions_lose_their_start_with_a_warning(saved_model, tokenizer, capsys, caplog):
+    positions = 256  # tiny_model's max_position_embeddings
+    long_prompt = " ".join(f"w{i}" for i in range(400)) + " Who wrote Hamlet?"
+    assert len(encode_prompts(tokenizer, [long_prompt])[0]) > positions
+    assert main(["--model", saved_model, "--prompt", long_prompt, "--prompt", "hi", "--max-new-tokens", "5",
+                 "--json"]) == 0
+    long_line, short_line = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ids = encode_prompts(tokenizer, [long_prompt])[0]
+    assert long_line["truncated_prompt_tokens"] == len(ids) - (positions - 5 - 1) and short_line[
+        "truncated_prompt_tokens"] == 0
+    assert any("exceed the model's 256 positions" in r.getMessage() for r in caplog.records)
+    assert main(["--model", saved_model, "--prompt", long_prompt, "--max-new-tokens", "5"]) == 0
+    assert "(PROMPT TRUNCATED: its first" in capsys.readouterr().out
+
+
+def test_fit_positions_keeps_bos_and_the_end():
+    from scft_fast.generation import fit_positions
+
+    prompts, dropped = fit_positions([[1, 10, 11, 12, 13, 14], [1, 20]], positions=6, max_new_tokens=1, bos=[1])
+    assert prompts == [[1, 12, 13, 14], [1, 20]] and dropped == [2, 0]

@@ -1,4 +1,4 @@
-"""scft_fast.kernels.cls_head against the float64 definition (autograd) and cls_head_torch, its spec.
+"""cls_head_triton against the float64 definition cls_head_ref (autograd) and cls_head_torch, its spec.
 
 Without CUDA the kernel runs under TRITON_INTERPRET=1 (set before triton is imported); shapes stay small.
 
@@ -15,11 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from scft_fast.kernels.cls_head import cls_head, cls_head_ref  # noqa: E402
+from scft_fast import IGNORE_INDEX  # noqa: E402
+from scft_fast.kernels.cls_head import cls_head_triton  # noqa: E402
 from scft_fast.ops.cls_head import cls_head_torch  # noqa: E402
+from scft_fast.ops.reference import cls_head_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IGNORE = -100
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -30,12 +31,12 @@ def _inputs(N, H, C, S, dtype, bias, gen, hidden_std=1.0):
     cls_index = torch.randint(0, N, (S,), generator=gen)
     cls_index[-1] = cls_index[0]  # a duplicate: its gradients must add
     cls_labels = torch.randint(0, C, (S,), generator=gen)
-    cls_labels[1] = IGNORE
+    cls_labels[1] = IGNORE_INDEX
     return hidden, cls_index.to(DEVICE), cls_labels.to(DEVICE), cls_weight, cls_bias
 
 
-def _check(hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index=IGNORE, tol=TOL):
-    out = cls_head(hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index, True)
+def _check(hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index=IGNORE_INDEX, tol=TOL):
+    out = cls_head_triton(hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index, True)
     ref = cls_head_ref(hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index)
     names = ("ce", "cls_logits", "grad_pooled", "grad_cls_weight", "grad_cls_bias")
     for name, got, want in zip(names, out, ref):
@@ -63,8 +64,8 @@ def test_matches_cls_head_torch(bias):
     hidden, cls_index, cls_labels, cls_weight, cls_bias = _inputs(11, 75, 4, 6, torch.float32, bias, gen)
     cls_scale = torch.tensor(0.4, device=DEVICE)
     for compute_grad in (True, False):
-        out = cls_head(hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, IGNORE, compute_grad)
-        want = cls_head_torch(hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, IGNORE, compute_grad)
+        args = (hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, IGNORE_INDEX, compute_grad)
+        out, want = cls_head_triton(*args), cls_head_torch(*args)
         for got, expected in zip(out, want):
             assert (got is None) == (expected is None)
             if expected is not None:
@@ -76,10 +77,10 @@ def test_duplicate_rows_add():
     gen = torch.Generator().manual_seed(4)
     hidden, _, _, cls_weight, cls_bias = _inputs(6, 41, 3, 3, torch.float32, True, gen)
     scale = torch.tensor(1.0, device=DEVICE)
-    one = cls_head(hidden, torch.tensor([2], device=DEVICE), torch.tensor([1], device=DEVICE),
-                   cls_weight, cls_bias, scale, IGNORE, True)
-    three = cls_head(hidden, torch.tensor([2, 2, 2], device=DEVICE), torch.tensor([1, 1, 1], device=DEVICE),
-                     cls_weight, cls_bias, scale, IGNORE, True)
+    one = cls_head_triton(hidden, torch.tensor([2], device=DEVICE), torch.tensor([1], device=DEVICE),
+                          cls_weight, cls_bias, scale, IGNORE_INDEX, True)
+    three = cls_head_triton(hidden, torch.tensor([2, 2, 2], device=DEVICE), torch.tensor([1, 1, 1], device=DEVICE),
+                            cls_weight, cls_bias, scale, IGNORE_INDEX, True)
     torch.testing.assert_close(three[3], 3 * one[3], **TOL)
     torch.testing.assert_close(three[4], 3 * one[4], **TOL)
 
@@ -111,13 +112,13 @@ def test_no_labeled_row_and_no_row():
     gen = torch.Generator().manual_seed(8)
     hidden, cls_index, cls_labels, cls_weight, cls_bias = _inputs(5, 33, 2, 4, torch.float32, True, gen)
     scale = torch.tensor(1.0, device=DEVICE)
-    ce, _, grad_pooled, grad_weight, grad_bias = cls_head(
-        hidden, cls_index, torch.full_like(cls_labels, IGNORE), cls_weight, cls_bias, scale, IGNORE, True)
+    ce, _, grad_pooled, grad_weight, grad_bias = cls_head_triton(
+        hidden, cls_index, torch.full_like(cls_labels, IGNORE_INDEX), cls_weight, cls_bias, scale, IGNORE_INDEX, True)
     for t in (ce, grad_pooled, grad_weight, grad_bias):
         assert (t == 0).all()
     empty = torch.empty(0, dtype=torch.int64, device=DEVICE)
-    ce, logits, grad_pooled, grad_weight, grad_bias = cls_head(
-        hidden, empty, empty, cls_weight, cls_bias, scale, IGNORE, True)
+    ce, logits, grad_pooled, grad_weight, grad_bias = cls_head_triton(
+        hidden, empty, empty, cls_weight, cls_bias, scale, IGNORE_INDEX, True)
     assert ce.shape == (0,) and logits.shape == (0, 2) and grad_pooled.shape == (0, 33)
     assert (grad_weight == 0).all() and (grad_bias == 0).all()
 
@@ -127,11 +128,11 @@ def test_bad_arguments_are_named():
     index = torch.tensor([0, 3], device=DEVICE)
     scale = torch.tensor(1.0, device=DEVICE)
     with pytest.raises(ValueError, match="C=17"):
-        cls_head(hidden, index, index, torch.randn(17, 32, device=DEVICE), None, scale, IGNORE, True)
+        cls_head_triton(hidden, index, index, torch.randn(17, 32, device=DEVICE), None, scale, IGNORE_INDEX, True)
     with pytest.raises(ValueError, match="cls_weight"):
-        cls_head(hidden, index, index, torch.randn(2, 31, device=DEVICE), None, scale, IGNORE, True)
+        cls_head_triton(hidden, index, index, torch.randn(2, 31, device=DEVICE), None, scale, IGNORE_INDEX, True)
     with pytest.raises(ValueError, match="cls_labels"):
-        cls_head(hidden, index, index[:1], torch.randn(2, 32, device=DEVICE), None, scale, IGNORE, True)
+        cls_head_triton(hidden, index, index[:1], torch.randn(2, 32, device=DEVICE), None, scale, IGNORE_INDEX, True)
     with pytest.raises(ValueError, match="cls_bias"):
-        cls_head(hidden, index, index, torch.randn(2, 32, device=DEVICE), torch.randn(3, device=DEVICE),
-                 scale, IGNORE, True)
+        cls_head_triton(hidden, index, index, torch.randn(2, 32, device=DEVICE), torch.randn(3, device=DEVICE),
+                        scale, IGNORE_INDEX, True)

@@ -1,4 +1,4 @@
-"""scft_fast.kernels.safety_epilogue against the float64 definition (and the torch epilogue, its spec).
+"""safety_epilogue_triton against the float64 definition safety_epilogue_ref (and safety_epilogue_torch, its spec).
 
 Without CUDA the kernel runs under TRITON_INTERPRET=1 (set before triton is imported); shapes stay small.
 
@@ -19,12 +19,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from scft_fast.kernels.safety_epilogue import safety_epilogue, safety_epilogue_ref  # noqa: E402
-from scft_fast.ops.torch_epilogue import torch_epilogue  # noqa: E402
+from scft_fast import IGNORE_INDEX  # noqa: E402
+from scft_fast.kernels.safety_epilogue import safety_epilogue_triton  # noqa: E402
+from scft_fast.ops.reference import safety_epilogue_ref  # noqa: E402
+from scft_fast.ops.safety_epilogue import safety_epilogue_torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-IGNORE = -100
 # Storage rounding plus the float32 compute error.
 GRAD_RTOL = {
     torch.float32: 1e-5,
@@ -39,20 +40,20 @@ def _targets(c, V, gen):
     lm = torch.randint(0, V, (c,), generator=gen)
     tr = torch.randint(0, V, (c,), generator=gen)
     kind = torch.arange(c) % 4
-    lm[kind == 2] = IGNORE
-    tr[kind == 1] = IGNORE
-    lm[kind == 3] = IGNORE
-    tr[kind == 3] = IGNORE
+    lm[kind == 2] = IGNORE_INDEX
+    tr[kind == 1] = IGNORE_INDEX
+    lm[kind == 3] = IGNORE_INDEX
+    tr[kind == 3] = IGNORE_INDEX
     if c > 4:
         tr[4] = lm[4]
     return lm.to(DEVICE), tr.to(DEVICE)
 
 
-def _check(logits, lm, tr, lm_scale, tr_scale, softcap, ignore_index=IGNORE):
+def _check(logits, lm, tr, lm_scale, tr_scale, softcap, ignore_index=IGNORE_INDEX):
     """Runs the kernel on a copy of logits and compares sums and gradient with the float64 reference."""
     ref_sums, ref_grad = safety_epilogue_ref(logits, lm, tr, lm_scale, tr_scale, softcap, ignore_index)
     grad = logits.clone()
-    sums = safety_epilogue(grad, lm, tr, lm_scale, tr_scale, softcap, ignore_index)
+    sums = safety_epilogue_triton(grad, lm, tr, lm_scale, tr_scale, softcap, ignore_index)
     assert sums.shape == (2,) and sums.dtype == torch.float32
     assert grad.dtype == logits.dtype
     torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
@@ -85,8 +86,8 @@ def test_matches_torch_epilogue(dtype, softcap):
     lm, tr = _targets(c, V, gen)
     lm_scale, tr_scale = torch.tensor(0.6, device=DEVICE), torch.tensor(1.7, device=DEVICE)
     grad, torch_grad = logits.clone(), logits.clone()
-    sums = safety_epilogue(grad, lm, tr, lm_scale, tr_scale, softcap, IGNORE)
-    torch_sums = torch_epilogue(torch_grad, lm, tr, lm_scale, tr_scale, softcap, IGNORE)
+    sums = safety_epilogue_triton(grad, lm, tr, lm_scale, tr_scale, softcap, IGNORE_INDEX)
+    torch_sums = safety_epilogue_torch(torch_grad, lm, tr, lm_scale, tr_scale, softcap, IGNORE_INDEX)
     torch.testing.assert_close(sums, torch_sums, rtol=1e-5, atol=1e-5)
     # Both round the same float32 gradient once (the interpreter toward zero): within one storage ulp.
     torch.testing.assert_close(grad.float(), torch_grad.float(), rtol=2 * GRAD_RTOL[dtype], atol=1e-6)
@@ -105,7 +106,7 @@ def test_extreme_logits_stay_finite(dtype, softcap):
     logits[4, ::5] = 1e4
     logits = logits.to(DEVICE, dtype)
     lm = torch.tensor([3, 10, 2000, 0, 1], device=DEVICE)  # row 3 targets a -1e4 logit: CE ~ 2e4
-    tr = torch.tensor([IGNORE, 4, 5, 3, 5], device=DEVICE)
+    tr = torch.tensor([IGNORE_INDEX, 4, 5, 3, 5], device=DEVICE)
     scale = torch.tensor(1.0, device=DEVICE)
     sums, grad = _check(logits, lm, tr, scale, scale, softcap)
     assert torch.isfinite(sums).all() and torch.isfinite(grad).all()
@@ -114,9 +115,9 @@ def test_extreme_logits_stay_finite(dtype, softcap):
 def test_all_rows_ignored_gives_zeros():
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(4, 1500, generator=gen).to(DEVICE, torch.bfloat16)
-    ignored = torch.full((4,), IGNORE, device=DEVICE)
+    ignored = torch.full((4,), IGNORE_INDEX, device=DEVICE)
     scale = torch.tensor(1.0, device=DEVICE)
-    sums = safety_epilogue(logits, ignored, ignored, scale, scale, None, IGNORE)
+    sums = safety_epilogue_triton(logits, ignored, ignored, scale, scale, None, IGNORE_INDEX)
     assert sums.tolist() == [0.0, 0.0]
     assert (logits == 0).all()
 
@@ -127,11 +128,11 @@ def test_other_ignore_index_and_row_stride():
     c, V = 5, 1201
     buffer = torch.randn(c, V + 9, generator=gen).to(DEVICE)
     lm, tr = _targets(c, V, gen)
-    lm[lm == IGNORE], tr[tr == IGNORE] = -1, -1
+    lm[lm == IGNORE_INDEX], tr[tr == IGNORE_INDEX] = -1, -1
     scale = torch.tensor(0.5, device=DEVICE)
     ref_sums, ref_grad = safety_epilogue_ref(buffer[:, :V], lm, tr, scale, scale, None, -1)
     tail = buffer[:, V:].clone()
-    sums = safety_epilogue(buffer[:, :V], lm, tr, scale, scale, None, -1)
+    sums = safety_epilogue_triton(buffer[:, :V], lm, tr, scale, scale, None, -1)
     torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(buffer[:, :V].double(), ref_grad, rtol=1e-5, atol=1e-6)
     assert torch.equal(buffer[:, V:], tail)
@@ -141,7 +142,7 @@ def test_empty_chunk():
     logits = torch.empty(0, 1000, device=DEVICE)
     target = torch.empty(0, dtype=torch.int64, device=DEVICE)
     scale = torch.tensor(1.0, device=DEVICE)
-    assert safety_epilogue(logits, target, target, scale, scale, None, IGNORE).tolist() == [0.0, 0.0]
+    assert safety_epilogue_triton(logits, target, target, scale, scale, None, IGNORE_INDEX).tolist() == [0.0, 0.0]
 
 
 def test_bad_arguments_are_named():
@@ -149,12 +150,12 @@ def test_bad_arguments_are_named():
     target = torch.zeros(3, dtype=torch.int64, device=DEVICE)
     scale = torch.tensor(1.0, device=DEVICE)
     with pytest.raises(ValueError, match="lm_target"):
-        safety_epilogue(logits, target.int(), target, scale, scale, None, IGNORE)
+        safety_epilogue_triton(logits, target.int(), target, scale, scale, None, IGNORE_INDEX)
     with pytest.raises(ValueError, match="tr_target"):
-        safety_epilogue(logits, target, target[:2], scale, scale, None, IGNORE)
+        safety_epilogue_triton(logits, target, target[:2], scale, scale, None, IGNORE_INDEX)
     with pytest.raises(TypeError, match="logits"):
-        safety_epilogue(logits.double(), target, target, scale, scale, None, IGNORE)
+        safety_epilogue_triton(logits.double(), target, target, scale, scale, None, IGNORE_INDEX)
     with pytest.raises(ValueError, match="column stride"):
-        safety_epilogue(logits.T, target, target, scale, scale, None, IGNORE)
+        safety_epilogue_triton(logits.T, target, target, scale, scale, None, IGNORE_INDEX)
     with pytest.raises(ValueError, match="softcap"):
-        safety_epilogue(logits, target, target, scale, scale, 0.0, IGNORE)
+        safety_epilogue_triton(logits, target, target, scale, scale, 0.0, IGNORE_INDEX)

@@ -22,7 +22,7 @@ def test_no_top_level_kernels_module_from_this_repo():
 
 
 def test_import_is_light():
-    code = "import sys, scft_fast; print(','.join(m for m in ('triton', 'transformers', 'deepspeed') if m in sys.modules))"
+    code = "import sys, scft_fast; print(','.join(m for m in ('triton', 'transformers', 'deepspeed', 'trl') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
     assert loaded == "", f"`import scft_fast` pulled in {loaded}"
     assert scft_fast.__version__

@@ -1,8 +1,8 @@
 """safety_loss is a torch.library.custom_op: torch.compile traces around it without graph breaks."""
 import torch
 
-from scft_fast import safety_loss
-from test_safety_loss import make_inputs
+from safety_loss_checks import make_inputs
+from scft_fast import IGNORE_INDEX, safety_loss
 
 
 def test_custom_op_passes_torch_library_checks():
@@ -10,7 +10,7 @@ def test_custom_op_passes_torch_library_checks():
     flat = dict(inputs)
     args = (flat["hidden"].requires_grad_(), flat["lm_weight"].requires_grad_(), flat["labels"], flat["lm_bias"],
             flat["transition_labels"], flat["cls_weight"], flat["cls_bias"], flat["cls_index"], flat["cls_labels"],
-            None, None, 1.0, 1.0, 0.5, -100, 10.0, "torch", 0, True, [True, True, False, False, False])
+            None, None, 1.0, 1.0, 0.5, IGNORE_INDEX, 10.0, "torch", 0, True, [True, True, False, False, False])
     torch.library.opcheck(torch.ops.scft_fast.safety_loss.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from backend_matrix import available_backends, device_for
-from scft_fast import safety_loss
+from safety_loss_checks import check, make_inputs, run_both
+from scft_fast import IGNORE_INDEX, safety_loss
 from scft_fast.ops import chunked
 from scft_fast.ops.reference import safety_loss_ref
-from test_safety_loss import IGNORE, check, make_inputs, run_both
 
 BACKENDS = available_backends()
 
@@ -17,8 +17,8 @@ BACKENDS = available_backends()
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_row_ignored_gives_zero_loss_and_zero_gradients(backend):
     inputs = make_inputs(20, 16, 32, 1000, head=False, device=device_for(backend))
-    inputs["labels"][:] = IGNORE
-    inputs["transition_labels"][:] = IGNORE
+    inputs["labels"][:] = IGNORE_INDEX
+    inputs["transition_labels"][:] = IGNORE_INDEX
     h = inputs["hidden"].clone().requires_grad_()
     w = inputs["lm_weight"].clone().requires_grad_()
     out = safety_loss(h, w, inputs["labels"], transition_labels=inputs["transition_labels"], backend=backend)
@@ -59,7 +59,7 @@ def test_duplicate_pooled_rows_add_their_gradients(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_pooled_rows_unlabeled(backend):
     inputs = make_inputs(23, 24, 32, 1000, s=3, device=device_for(backend))
-    inputs["cls_labels"][:] = IGNORE
+    inputs["cls_labels"][:] = IGNORE_INDEX
     out, grads, ref, ref_grads = run_both(inputs, backend)
     check(out, grads, ref, ref_grads)
     assert out.cls_loss.item() == 0.0 and int(out.n_cls) == 0
@@ -69,16 +69,16 @@ def test_all_pooled_rows_unlabeled(backend):
 def test_rows_without_a_target_never_reach_the_vocabulary(monkeypatch):
     """The chunk loop is handed exactly the rows with an LM or a transition target."""
     seen = []
-    real = chunked.chunked_safety_loss
+    real = chunked.chunked_token_loss
 
     def spy(hidden, weight, bias, labels, transition_labels, rows, *args, **kwargs):
         seen.append(rows.clone() if rows is not None else None)
         return real(hidden, weight, bias, labels, transition_labels, rows, *args, **kwargs)
 
-    monkeypatch.setattr(sys.modules["scft_fast.ops.safety_loss"], "chunked_safety_loss", spy)
+    monkeypatch.setattr(sys.modules["scft_fast.ops.safety_loss"], "chunked_token_loss", spy)
     inputs = make_inputs(24, 40, 32, 1000, device="cpu")
     safety_loss(**inputs, backend="torch")
-    has_target = (inputs["labels"] != IGNORE) | (inputs["transition_labels"] != IGNORE)
+    has_target = (inputs["labels"] != IGNORE_INDEX) | (inputs["transition_labels"] != IGNORE_INDEX)
     assert 0 < int(has_target.sum()) < 40
     assert torch.equal(seen[0], torch.nonzero(has_target).squeeze(1))
 
@@ -115,7 +115,7 @@ def bad(**changes):
     (dict(labels=torch.zeros(12)), TypeError, "labels must be an int64 tensor"),
     (dict(labels=torch.tensor([0] * 11 + [100])), ValueError, r"labels\[11\] = 100 is outside \[0, V = 100\)"),
     (dict(labels=torch.tensor([-1] + [0] * 11)), ValueError, r"labels\[0\] = -1 is outside"),
-    (dict(transition_labels=torch.tensor([-100] * 5 + [250] + [-100] * 6)), ValueError,
+    (dict(transition_labels=torch.tensor([IGNORE_INDEX] * 5 + [250] + [IGNORE_INDEX] * 6)), ValueError,
      r"transition_labels\[5\] = 250 is outside \[0, V = 100\)"),
     (dict(cls_index=torch.tensor([0, 12, 3])), ValueError, r"cls_index\[1\] = 12 is outside \[0, N = 12\)"),
     (dict(cls_labels=torch.tensor([0, 3, 1])), ValueError, r"cls_labels\[1\] = 3 is outside \[0, C = 3\)"),
@@ -172,7 +172,7 @@ def test_reference_agrees_with_hf_style_cross_entropy():
     """The reference itself: the LM term is torch's cross_entropy on the naive logits."""
     inputs = make_inputs(31, 20, 16, 300, transition=False, head=False)
     logits = (inputs["hidden"] @ inputs["lm_weight"].T).double()
-    expected = torch.nn.functional.cross_entropy(logits, inputs["labels"], ignore_index=IGNORE)
+    expected = torch.nn.functional.cross_entropy(logits, inputs["labels"], ignore_index=IGNORE_INDEX)
     ref = safety_loss_ref(inputs["hidden"], inputs["lm_weight"], inputs["labels"])
     torch.testing.assert_close(ref["loss"], expected)
 

@@ -6,20 +6,20 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import json, resource, torch
-    from scft_fast import safety_loss
+    from scft_fast import IGNORE_INDEX, safety_loss
     torch.manual_seed(0)
     n, h, v = 8192, 256, 131072
     hidden = torch.randn(n, h, requires_grad=True)
     weight = (torch.randn(v, h) * 0.05).requires_grad_()
     labels = torch.randint(0, v, (n,))
-    labels[: n // 3] = -100
-    tr = torch.full((n,), -100)
+    labels[: n // 3] = IGNORE_INDEX
+    tr = torch.full((n,), IGNORE_INDEX)
     tr[n // 3: n // 2] = 17
     cls_w = torch.randn(2, h, requires_grad=True)
     cls_index = torch.arange(255, n, 256)
     cls_labels = cls_index % 2
     # Warm up allocator and thread pools on a tiny call, then take the baseline.
-    safety_loss(hidden[:4], weight[:64], labels[:4].clamp(min=-100, max=63), backend="torch")
+    safety_loss(hidden[:4], weight[:64], labels[:4].clamp(min=IGNORE_INDEX, max=63), backend="torch")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = safety_loss(hidden, weight, labels, transition_labels=tr, cls_weight=cls_w, cls_index=cls_index,
                       cls_labels=cls_labels, backend="torch")

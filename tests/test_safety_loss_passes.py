@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from backend_matrix import available_backends, device_for
+from safety_loss_checks import DIFF, make_inputs, run_both
 from scft_fast import safety_loss
-from test_safety_loss import DIFF, make_inputs, run_both
 
 BACKENDS = available_backends()
 

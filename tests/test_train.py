@@ -15,8 +15,9 @@ from scft_fast.training.metrics import auroc  # noqa: E402
 
 REQUIRED_FLAGS = ["--model", "--data", "--output-dir", "--max-steps", "--epochs", "--deepspeed", "--bf16", "--lr",
                   "--micro-batch-size", "--grad-accum", "--max-length", "--packing", "--lm-coef",
-                  "--transition-coef", "--cls-coef", "--rto-keep", "--pool", "--seed", "--resume", "--lora-rank",
-                  "--lora-alpha", "--lora-dropout", "--lora-target-modules", "--warmup-ratio", "--weight-decay"]
+                  "--transition-coef", "--cls-coef", "--rto-keep", "--vanilla-safety", "--pool", "--seed", "--resume",
+                  "--resume-override", "--debug", "--lora-rank", "--lora-alpha", "--lora-dropout",
+                  "--lora-target-modules", "--warmup-ratio", "--weight-decay"]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,23 @@ def test_train_writes_everything_and_resumes_exactly(tmp_path, small_data):
                  "--no-progress"]) == 0
 
 
+def test_embedded_summary_sets_both_held_out_splits_side_by_side(tmp_path, capsys):
+    run = str(tmp_path / "embedded")
+    assert main(["train", "--output-dir", run, "--max-steps", "1", "--micro-batch-size", "4", "--eval-samples", "32",
+                 "--save-every", "0", "--no-progress"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "before -> after" in line)
+    assert header.index("same generator") < header.index("separate generator")
+    with open(os.path.join(run, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["eval_sets"] == {"eval": "same generator", "separate": "separate generator"}
+    for name in ("eval", "separate"):
+        assert os.path.exists(os.path.join(run, f"{name}_before.json"))
+        for when in ("before", "after"):
+            figures = summary[f"{name}_{when}"]
+            assert figures["head_samples"] > 0 and 0 <= figures["head_auroc"] <= 1, (name, when)
+            assert 0 <= figures["head_fpr"] <= 1 and 0 <= figures["head_tpr"] <= 1
+
+
 def test_loss_modes_agree_on_the_lm_loss(tmp_path, small_data):
     """The benchmark's three modes: the fused LM loss equals the model's own HF loss on the same first batch."""
     first = {}
@@ -103,6 +121,22 @@ def test_packed_training_runs(tmp_path, small_data):
     train(config)
     rows = read_metrics(tmp_path / "packed")
     assert len(rows) == 2 and rows[0]["tokens"] <= 512 and rows[0]["cls_loss"] > 0
+
+
+def test_report_to_tensorboard_logs_every_record(tmp_path, small_data, one_thread):
+    """--report-to tensorboard: transformers' TensorBoardCallback writes each metrics.jsonl record as Trainer's
+    runs name them (train/<key>), at its step."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    main(["train", "--data", small_data, "--micro-batch-size", "4", "--max-steps", "2", "--eval-samples", "0",
+          "--save-every", "0", "--no-progress", "--report-to", "tensorboard", "--output-dir", str(tmp_path)])
+    (run,) = os.listdir(tmp_path / "runs")
+    events = event_accumulator.EventAccumulator(str(tmp_path / "runs" / run))
+    events.Reload()
+    records = read_metrics(tmp_path)
+    for key in ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy", "lr", "grad_norm"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [e.step for e in scalars] == [1, 2], key
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in records], rel=1e-6), key
 
 
 def test_epochs_without_max_steps(tmp_path, small_data):
@@ -191,3 +225,93 @@ def test_steps_or_epochs(argv, max_steps, epochs):
 
     config = config_from_args(build_parser().parse_args(argv))
     assert (config.max_steps, config.epochs) == (max_steps, epochs)
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--grad-accum", "-1", "a positive integer"), ("--grad-accum", "0", "a positive integer"),
+    ("--micro-batch-size", "0", "a positive integer"), ("--max-steps", "-3", "a non-negative integer"),
+    ("--epochs", "0", "a positive integer"), ("--epochs", "-2", "a positive integer"),
+    ("--warmup-steps", "-5", "a non-negative integer"), ("--grad-clip", "-1", "a finite number >= 0"),
+    ("--grad-clip", "nan", "a finite number >= 0"), ("--lora-rank", "-4", "a non-negative integer"),
+    ("--eval-samples", "-5", "a non-negative integer"), ("--max-tokens", "0", "a positive integer"),
+    ("--cls-coef", "-1", "a finite number >= 0"), ("--lm-coef", "nan", "a finite number >= 0"),
+    ("--lr", "inf", "a finite number > 0"), ("--lr", "0", "a finite number > 0"), ("--rto-keep", "0", "(0, 1]"),
+    ("--max-length", "3", "an integer >= 4"), ("--save-every", "x", "a non-negative integer, got 'x'"),
+    ("--refusal-string", "", "a non-empty string"),
+])
+def test_nonsense_flags_are_one_line_errors(flag, value, expected, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith(f"scft-fast train: error: argument {flag}: ")
+    assert expected in err[-1]
+
+
+def test_flag_combinations(capsys):
+    for argv, message in ((["--max-tokens", "512"], "argument --max-tokens: applies to packed micro-batches only"),
+                          (["--resume-override"], "argument --resume-override: applies only with --resume")):
+        with pytest.raises(SystemExit) as info:
+            main(["train", *argv])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _no_heavy_work(monkeypatch):
+    from scft_fast.training import loop
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("a set-up error must be reported before the model or the data are built")
+
+    monkeypatch.setattr(loop, "build_model", heavy)
+    monkeypatch.setattr(loop, "build_data", heavy)
+
+
+def _setup_cases(tmp_path):
+    not_json = tmp_path / "bad.json"
+    not_json.write_text('{"zero_optimization": {"stage": 2},}')
+    a_list = tmp_path / "list.json"
+    a_list.write_text('[{"zero_optimization": {"stage": 2}}]')
+    (tmp_path / "empty_model").mkdir()
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "no_config" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "data_dir").mkdir()
+    zero1 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "zero1.json")
+    return [
+        (["--deepspeed", zero1], "--deepspeed needs a distributed launcher (RANK, WORLD_SIZE, MASTER_ADDR, "
+                                 "MASTER_PORT not set): run `torchrun"),
+        (["--deepspeed", str(not_json)], f"--deepspeed {not_json} is not valid JSON (Expecting property name"),
+        (["--deepspeed", str(a_list)], f"--deepspeed {a_list} holds a JSON list: a DeepSpeed config is one JSON "
+                                       f"object"),
+        (["--deepspeed", str(tmp_path / "nope.json")], "no such file"),
+        (["--model", str(tmp_path / "empty_model")], "is an empty directory: point it at a Hugging Face model"),
+        (["--model", str(tmp_path / "no_config")], "has no config.json: it is not a Hugging Face model directory"),
+        (["--model", "tinyy"], "--model 'tinyy' is neither a preset"),
+        (["--data", str(tmp_path / "data_dir")], f"--data {tmp_path / 'data_dir'} is a directory: pass its JSONL "
+                                                 f"files"),
+        (["--backend", "triton"], "--backend triton needs a CUDA GPU, and none is visible here"),
+    ]
+
+
+def test_setup_errors_say_what_to_do_before_any_heavy_work(tmp_path, capsys, monkeypatch):
+    import torch
+
+    _no_heavy_work(monkeypatch)
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET"):
+        monkeypatch.delenv(key, raising=False)
+    for argv, message in _setup_cases(tmp_path):
+        if argv[0] == "--backend" and torch.cuda.is_available():
+            continue
+        assert main(["train", "--output-dir", str(tmp_path / "run"), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("scft-fast train: error: ") and err.count("\n") == 1 and message in err, (argv, err)
+
+
+def test_debug_keeps_the_traceback(tmp_path, monkeypatch):
+    from scft_fast.errors import ConfigError
+
+    _no_heavy_work(monkeypatch)
+    args = ["train", "--model", str(tmp_path), "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(ConfigError, match="is an empty directory"):
+        main(args + ["--debug"])
+    monkeypatch.setenv("SCFT_FAST_DEBUG", "1")
+    with pytest.raises(ConfigError, match="is an empty directory"):
+        main(args)

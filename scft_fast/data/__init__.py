@@ -7,8 +7,8 @@
 Each dataset row: input_ids, labels, transition_labels (n ints each, HF convention: unshifted), cls_pos (the pooled
 position), cls_label (SAFE, UNSAFE or ignore_index), kind, length. Batch keys are model forward arguments.
 """
-from .build import DataStats, build_dataset
-from .collate import PackedBatchSampler, PackedCollator, PaddedCollator
+from .build import DataStats, build_dataset, safety_dataset
+from .collate import PackedBatchSampler, PackedCollator, PaddedCollator, SCFTDataCollator
 from .config import DataConfig
 from .constants import (DERTA_CHAT_TEMPLATE, END_OF_TEXT, IGNORE_INDEX, KINDS, REFUSAL_STRING, SAFE, UNSAFE)
 from .embedded import default_data_files, load_default_tokenizer
@@ -17,7 +17,7 @@ from .records import ChatRenderer, DataError, Sample, parse_record
 
 __all__ = [
     "DataConfig", "DataError", "DataStats", "build_dataset", "default_data_files", "load_default_tokenizer",
-    "PaddedCollator", "PackedCollator", "PackedBatchSampler", "ChatRenderer", "Sample", "SampleEncoder",
+    "safety_dataset", "PaddedCollator", "PackedCollator", "SCFTDataCollator", "PackedBatchSampler", "ChatRenderer", "Sample", "SampleEncoder",
     "parse_record", "refusal_token_id", "IGNORE_INDEX", "REFUSAL_STRING", "SAFE", "UNSAFE", "END_OF_TEXT",
     "DERTA_CHAT_TEMPLATE", "KINDS",
 ]

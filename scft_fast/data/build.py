@@ -8,6 +8,7 @@ Rows of the result: input_ids, labels, transition_labels (lists of n ints), cls_
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -66,12 +67,40 @@ class DataStats:
         return "\n".join(lines)
 
 
+_BOMS = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def scan_file(path: str) -> str:
+    """The SHA-256 of a data file's bytes, after checking that it is a UTF-8 file with at least one non-blank line;
+    raises DataError naming the file and line otherwise. The hash keys the datasets cache to the content."""
+    if os.path.isdir(path):
+        raise DataError(path, 0, None, f"is a directory: pass its JSONL files ({os.path.join(path, '*.jsonl')})")
+    if not os.path.isfile(path):
+        raise DataError(path, 0, None, "no such data file")
+    digest, records = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            digest.update(raw)
+            if number == 1 and raw[:2] in _BOMS:
+                raise DataError(path, 1, None, f"the file is {_BOMS[raw[:2]]}-encoded; save it as UTF-8 (e.g. "
+                                f"iconv -f UTF-16 -t UTF-8)")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, number, None, f"not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
+            records += bool(text.strip())
+    if not records:
+        raise DataError(path, 0, None, "no records: the file is empty or holds only blank lines")
+    return digest.hexdigest()
+
+
 def _read_lines(files: list[str], signatures: list):
-    """One row per non-blank line. signatures (size, mtime) only key the datasets cache to the files' contents."""
+    """One row per non-blank line. signatures (content hashes) only key the datasets cache to the files."""
     del signatures
     record = harmful = 0
     for path in files:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for line, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue
@@ -131,10 +160,7 @@ def build_dataset(files, tokenizer, config: DataConfig | None = None):
 
     config = config or DataConfig()
     files = [os.fspath(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
-    for path in files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data file {path!r} does not exist")
-    signatures = [(os.path.getsize(p), os.path.getmtime(p)) for p in files]
+    signatures = [scan_file(p) for p in files]
     features = datasets.Features({"source": datasets.Value("string"), "line": datasets.Value("int64"),
                                   "raw": datasets.Value("string"), "record": datasets.Value("int64"),
                                   "harmful_index": datasets.Value("int64")})
@@ -183,3 +209,17 @@ def build_dataset(files, tokenizer, config: DataConfig | None = None):
     else:
         logger.info("safety data from %s:\n%s", files, stats.summary())
     return dataset, stats
+
+
+def safety_dataset(tokenizer, files=None, *, split: str = "train", config: DataConfig | None = None,
+                   **config_fields):
+    """The tokenized dataset ``SCFTTrainer`` and ``SCFTDataCollator`` take: ``build_dataset`` of JSONL ``files``
+    or, when ``files`` is None, of the embedded dataset's ``split`` ("train" | "eval"). DataConfig fields may be
+    passed as keywords (``rto_keep=0.05``) instead of ``config``."""
+    from .embedded import default_data_files
+
+    if config is not None and config_fields:
+        raise ValueError(f"pass either config or DataConfig fields, not both (got {sorted(config_fields)})")
+    config = config or DataConfig(**config_fields)
+    dataset, _ = build_dataset(default_data_files(split) if files is None else files, tokenizer, config)
+    return dataset

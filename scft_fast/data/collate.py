@@ -20,10 +20,16 @@ to pass as a DataLoader's batch_sampler alongside PackedCollator:
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from .constants import IGNORE_INDEX, PAD_TO_MULTIPLE_OF
+
+# The dataset columns the collators read: Trainer must keep them (see SCFTTrainerMixin) though they are no
+# forward arguments.
+INPUT_COLUMNS = ("input_ids", "labels", "transition_labels", "cls_pos", "cls_label")
 
 
 def _tensor(row: dict, key: str) -> torch.Tensor:
@@ -31,6 +37,8 @@ def _tensor(row: dict, key: str) -> torch.Tensor:
 
 
 class PaddedCollator:
+    input_columns = INPUT_COLUMNS
+
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, padding_side: str = "right",
                  ignore_index: int = IGNORE_INDEX):
         if padding_side not in ("right", "left"):
@@ -64,6 +72,8 @@ class PaddedCollator:
 
 
 class PackedCollator:
+    input_columns = INPUT_COLUMNS
+
     def __init__(self, max_tokens: int, ignore_index: int = IGNORE_INDEX):
         self.max_tokens, self.ignore_index = max_tokens, ignore_index
 
@@ -129,3 +139,34 @@ class PackedBatchSampler:
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+class SCFTDataCollator:
+    """The collator for ``SCFTTrainer`` (and any Trainer): rows of ``build_dataset`` -> the model's forward
+    arguments. Padded: PaddedCollator's batch, padded with the tokenizer's pad token (EOS when it has none:
+    pooling never reads pad ids). ``packing=True``: PackedCollator's single row, its boundaries under the names
+    flash-attn's varlen path reads from the kwargs (``cu_seq_lens_q/k`` (S + 1,) int32, ``max_length_q/k``) and
+    ``position_ids`` restarting per sequence, from which SDPA and eager attention build the block-diagonal mask.
+    ``max_tokens`` bounds a packed row (default: no bound, the batch's rows whatever their lengths)."""
+
+    input_columns = INPUT_COLUMNS
+
+    def __init__(self, tokenizer, *, packing: bool = False, max_tokens: int | None = None,
+                 pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, padding_side: str = "right",
+                 ignore_index: int = IGNORE_INDEX):
+        self.tokenizer, self.packing = tokenizer, packing
+        if packing:
+            self.collate = PackedCollator(max_tokens if max_tokens is not None else math.inf, ignore_index)
+            return
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("tokenizer has neither pad_token_id nor eos_token_id: SCFTDataCollator needs a pad id")
+        self.collate = PaddedCollator(pad, pad_to_multiple_of, padding_side, ignore_index)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = self.collate(rows)
+        if self.packing:
+            cu_seqlens, longest = batch.pop("cu_seqlens"), batch.pop("max_seqlen")
+            batch.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest,
+                         max_length_k=longest)
+        return batch

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .constants import IGNORE_INDEX, MAX_LENGTH, REFUSAL_STRING
+from .constants import IGNORE_INDEX, MAX_LENGTH, MIN_LENGTH, REFUSAL_STRING
 
 
 @dataclass
@@ -30,7 +30,7 @@ class DataConfig:
             raise ValueError(f"truncation must be 'prompt' or 'drop', got {self.truncation!r}")
         if self.prefix_label not in (None, "safe", "unsafe"):
             raise ValueError(f"prefix_label must be None, 'safe' or 'unsafe', got {self.prefix_label!r}")
-        if self.max_length < 4:
-            raise ValueError(f"max_length must be at least 4 tokens, got {self.max_length}")
+        if self.max_length < MIN_LENGTH:
+            raise ValueError(f"max_length must be at least {MIN_LENGTH} tokens, got {self.max_length}")
         if self.num_proc < 1:
             raise ValueError(f"num_proc must be at least 1, got {self.num_proc}")

@@ -28,6 +28,7 @@ DERTA_CHAT_TEMPLATE = (
 
 PAD_TO_MULTIPLE_OF = 8
 MAX_LENGTH = 1024
+MIN_LENGTH = 4  # BOS, a prompt token, a target token, EOS
 
 # The sample kinds a built dataset holds (its "kind" column).
 KIND_HELPFUL = "helpful"  # triple {"instruction", "response"}: MLE, safe

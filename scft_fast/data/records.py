@@ -9,6 +9,8 @@ Three record formats, detected per line (field names are the README's):
     chat:    {"messages": [{"role": str, "content": str}, ...], "rto": bool (optional)}
 
 Any record may carry "label": "safe" | "unsafe", which sets the classification label of every sample it makes.
+Nothing else is read, so nothing else is accepted: an unknown or misspelled key (``"lable"``, ``"RTO"``), a chat
+role outside CHAT_ROLES or a duplicate key is a DataError naming the field and the nearest known name.
 
 A harmful triple becomes DeRTa's mixture (their generate_training_data.py):
     - an RTO sample: instruction -> harmful response;
@@ -19,12 +21,14 @@ A harmful triple becomes DeRTa's mixture (their generate_training_data.py):
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 
 import numpy as np
 from jinja2 import TemplateError
 
+from ..errors import UserError
 from .config import DataConfig
 from .constants import (CLS_LABELS, DERTA_CHAT_TEMPLATE, END_OF_TEXT, KIND_HARMFUL_PREFIX, KIND_HELPFUL,
                         KIND_MLE, KIND_REFUSAL, KIND_RTO, SAFE, UNSAFE)
@@ -41,14 +45,20 @@ FORMAT_FIELDS = {
     "harmful": ("instruction", "harmful_response", "safe_response"),
     "chat": ("messages",),
 }
+# Every key a record of each format may hold.
+RECORD_KEYS = {"derta": ("prefix", "text", "safe", "label"), "helpful": ("instruction", "response", "label"),
+               "harmful": ("instruction", "harmful_response", "safe_response", "label"),
+               "chat": ("messages", "rto", "label")}
+MESSAGE_KEYS = ("role", "content")
+CHAT_ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """An invalid JSONL record: names the file, the 1-based line number and the offending field."""
 
     def __init__(self, source: str, line: int, field: str | None, message: str):
         self.source, self.line, self.field, self.message = source, line, field, message
-        where = f"{source}:{line}"
+        where = f"{source}:{line}" if line else source
         super().__init__(f"{where}: field {field!r}: {message}" if field else f"{where}: {message}")
 
     def __reduce__(self):  # keeps the fields across the datasets worker processes
@@ -99,6 +109,34 @@ class ChatRenderer:
         return target
 
 
+def did_you_mean(name: str, known) -> str:
+    """ "; did you mean 'label'?" for the closest known name (case-insensitive first), else ""."""
+    known = list(known)
+    match = next((k for k in known if k.lower() == name.lower()), None)
+    match = match or next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.6)), None)
+    return f"; did you mean {match!r}?" if match else ""
+
+
+def _reject_duplicates(pairs: list) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _check_keys(obj: dict, known, field_prefix: str, source: str, line: int, what: str) -> None:
+    for key in obj:
+        if key not in known:
+            raise DataError(source, line, field_prefix + key, f"unknown key in a {what}{did_you_mean(key, known)} "
+                            f"(known: {', '.join(known)})")
+
+
 def _require_str(obj: dict, field: str, source: str, line: int, nonempty: bool) -> str:
     if field not in obj:
         raise DataError(source, line, field, "missing field")
@@ -115,7 +153,9 @@ def _explicit_label(obj: dict, source: str, line: int) -> int | None:
         return None
     value = obj["label"]
     if value not in CLS_LABELS:
-        raise DataError(source, line, "label", f"unknown value {value!r}, expected one of {sorted(CLS_LABELS)}")
+        hint = did_you_mean(value, CLS_LABELS) if isinstance(value, str) else ""
+        raise DataError(source, line, "label", f"unknown value {value!r}{hint} (expected one of "
+                        f"{sorted(CLS_LABELS)})")
     return CLS_LABELS[value]
 
 
@@ -145,10 +185,13 @@ def parse_record(raw: str, source: str, line: int, harmful_index: int, renderer:
                  config: DataConfig) -> list[Sample]:
     """One JSONL line -> its samples. Raises DataError on invalid input."""
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, object_pairs_hook=_reject_duplicates)
+    except _DuplicateKey as e:
+        raise DataError(source, line, e.args[0], "duplicate key (JSON keeps only the last value)") from None
     except ValueError as e:
         raise DataError(source, line, None, f"invalid JSON ({e}): {raw.strip()!r:.120}") from None
     fmt = detect_format(obj, source, line)
+    _check_keys(obj, RECORD_KEYS[fmt], "", source, line, f"{fmt} record")
     label = _explicit_label(obj, source, line)
 
     def pick(default: int) -> int:
@@ -219,12 +262,16 @@ def _chat_sample(obj: dict, source: str, line: int, renderer: ChatRenderer, labe
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise DataError(source, line, f"messages[{i}]", f"expected an object, got {message!r:.80}")
+        _check_keys(message, MESSAGE_KEYS, f"messages[{i}].", source, line, "chat message")
         for key in ("role", "content"):
             if key not in message:
                 raise DataError(source, line, f"messages[{i}].{key}", "missing field")
             if not isinstance(message[key], str):
                 raise DataError(source, line, f"messages[{i}].{key}",
                                 f"expected a string, got {type(message[key]).__name__} {message[key]!r:.80}")
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(source, line, f"messages[{i}].role", f"unknown role {message['role']!r}"
+                            f"{did_you_mean(message['role'], CHAT_ROLES)} (known: {', '.join(CHAT_ROLES)})")
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise DataError(source, line, "messages", "no assistant turn to train on")

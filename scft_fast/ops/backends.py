@@ -1,4 +1,10 @@
-"""Backend registry: a backend is an epilogue (per logits chunk) plus a classification head."""
+"""Backend registry: a backend is an epilogue (per logits chunk) plus a classification head.
+
+    backend  epilogue                                         head
+    torch    safety_epilogue_torch   (safety_epilogue.py)     cls_head_torch   (cls_head.py)
+    triton   safety_epilogue_triton  (kernels/, triton)       cls_head_triton  (kernels/, triton)
+    cpu      safety_epilogue_cpu     (cpu_extension.py, C++)  cls_head_torch   (no C++ head: the torch one)
+"""
 from __future__ import annotations
 
 import functools
@@ -7,8 +13,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from .cls_head import cls_head_torch
-from .torch_epilogue import torch_epilogue
+from .safety_epilogue import safety_epilogue_torch
 
+# Every value ``backend=`` accepts (safety_loss, the training config); a CLI takes it as its ``choices``.
 BACKENDS = ("auto", "triton", "torch", "cpu")
 
 
@@ -20,23 +27,23 @@ class Backend(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def _triton_backend() -> Backend:
-    from scft_fast.kernels import cls_head, safety_epilogue
+    from scft_fast.kernels import cls_head_triton, safety_epilogue_triton
 
-    return Backend("triton", safety_epilogue, cls_head)
+    return Backend("triton", safety_epilogue_triton, cls_head_triton)
 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_backend() -> Backend | None:
     try:
-        from .cpu_extension import cpu_epilogue, load_cpu_extension
+        from .cpu_extension import load_cpu_extension, safety_epilogue_cpu
     except ImportError:
         return None
     if load_cpu_extension() is None:
         return None
-    return Backend("cpu", cpu_epilogue, cls_head_torch)
+    return Backend("cpu", safety_epilogue_cpu, cls_head_torch)
 
 
-TORCH_BACKEND = Backend("torch", torch_epilogue, cls_head_torch)
+TORCH_BACKEND = Backend("torch", safety_epilogue_torch, cls_head_torch)
 
 
 @functools.lru_cache(maxsize=None)

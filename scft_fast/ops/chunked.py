@@ -1,5 +1,8 @@
 """The chunk loop every backend shares: GEMM -> epilogue (logits become their gradient) -> two GEMMs.
 
+It computes the token terms only (LM + RTO transition): the classification term is the head's, on the pooled
+rows, and ``safety_loss`` adds it after this loop (safety_loss.py).
+
 Only rows that carry an LM or a transition target are visited (``rows``); the others never touch
 the vocabulary. Per chunk of c rows the cost is exactly three GEMMs of c x H x V (6 c H V FLOPs):
     logits   = h @ W.T (+ b)            (c, V)  in the input dtype
@@ -109,7 +112,7 @@ def accumulate_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -
     return FP32_ACCUMULATION_PATHS[name](acc, a, b)
 
 
-def chunked_safety_loss(
+def chunked_token_loss(
     hidden: torch.Tensor,  # (N, H) contiguous
     weight: torch.Tensor,  # (V, H) contiguous
     bias: torch.Tensor | None,  # (V,)
@@ -127,7 +130,10 @@ def chunked_safety_loss(
     need_grad_weight: bool,
     need_grad_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Returns (sums (2,) float32 [lm_sum, tr_sum], grad_weight (V, H) float32, grad_bias (V,) float32)."""
+    """The token terms over the vocabulary, chunk by chunk; no classification term (that is the head's).
+
+    Returns (sums (2,) float32 [lm_sum, tr_sum], grad_weight (V, H) float32, grad_bias (V,) float32) and writes
+    grad_hidden's visited rows; every gradient is of lm_scale * lm_sum + tr_scale * tr_sum."""
     num_rows = rows.numel() if rows is not None else hidden.shape[0]
     vocab, hidden_size = weight.shape
     sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)

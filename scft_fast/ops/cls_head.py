@@ -1,12 +1,18 @@
 """SCFT's classification head on the pooled rows, in plain PyTorch.
 
-Contract, shared with the Triton kernel ``scft_fast.kernels.cls_head``::
+Two implementations under parallel names, both tested against the float64 definition
+``scft_fast.ops.reference.cls_head_ref``:
+- ``cls_head_torch`` (here): the head of the torch backend *and* of the cpu backend, which has no C++ head (the
+  head is S x C x H work on a handful of pooled rows, beside the chunk loop's 6 x N x H x V),
+- ``cls_head_triton`` (kernels/cls_head.py, ``scft_fast.kernels``): one program per pooled row.
+
+Contract, shared by both::
 
     cls_head(hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index, compute_grad)
       hidden:     (N, H) float32 / bfloat16 / float16
       cls_index:  (S,) int64 in [0, N): the pooled row of each sequence (duplicates allowed)
       cls_labels: (S,) int64 in [0, C) or ignore_index
-      cls_weight: (C, H), same dtype as hidden, 2 <= C <= 16
+      cls_weight: (C, H), same dtype as hidden, MIN_CLASSES <= C <= MAX_CLASSES (2 <= C <= 16)
       cls_bias:   (C,) or None
       cls_scale:  () float32 device scalar, cls_coef / max(n_cls, 1)
     returns (ce, cls_logits, grad_pooled, grad_cls_weight, grad_cls_bias):
@@ -19,6 +25,10 @@ Contract, shared with the Triton kernel ``scft_fast.kernels.cls_head``::
 from __future__ import annotations
 
 import torch
+
+# The class range of the head, checked by the op and by the Triton kernel (which pads C to BLOCK_C = next_pow2(C)
+# and keeps a (BLOCK_C, BLOCK_H) float32 tile in registers).
+MIN_CLASSES, MAX_CLASSES = 2, 16
 
 
 def cls_head_torch(

@@ -1,6 +1,7 @@
 """The C++ CPU epilogue (csrc/safety_epilogue.cpp): loaded prebuilt, else built just in time, else None.
 
-Same contract as ``torch_epilogue`` (see torch_epilogue.py); one OpenMP-parallel, vectorized pass per row.
+``safety_epilogue_cpu`` has the contract of its torch twin ``safety_epilogue_torch`` (safety_epilogue.py, the
+spec); one OpenMP-parallel, vectorized pass per row. The cpu backend has no C++ head: it uses ``cls_head_torch``.
 
 Where the compiled module comes from, first hit wins, once per process:
 1. ``scft_fast._C``, built by ``SCFT_BUILD_OPS=1 pip install ...`` (setup.py), if built from this source,
@@ -106,11 +107,7 @@ def load_cpu_extension() -> ModuleType | None:
         return _module
 
 
-def is_cpu_extension_available() -> bool:
-    return load_cpu_extension() is not None
-
-
-def cpu_epilogue(
+def safety_epilogue_cpu(
     logits: torch.Tensor,  # (c, V) float32 / bfloat16 / float16, contiguous, overwritten with its gradient
     lm_target: torch.Tensor,  # (c,) int64
     tr_target: torch.Tensor,  # (c,) int64

@@ -1,10 +1,15 @@
-"""Float64 reference of ``safety_loss``, built on the naive N x V logits.
+"""Float64 references: the definitions, written as directly as possible, that tests and benchmarks compare against.
 
-Tests compare every backend against it; it is the definition written as directly as possible.
+- ``safety_loss_ref``: the whole op, on the naive N x V logits (every backend of ``safety_loss``),
+- ``safety_epilogue_ref``: one logits chunk's epilogue (``safety_epilogue_torch`` / ``_triton`` / ``_cpu``),
+- ``cls_head_ref``: the classification head (``cls_head_torch`` / ``_triton``).
+Nothing here imports triton or the C++ extension, so every test can import it.
 """
 from __future__ import annotations
 
 import torch
+
+from .safety_loss import IGNORE_INDEX
 
 
 def safety_loss_ref(
@@ -23,7 +28,7 @@ def safety_loss_ref(
     cls_coef: float = 1.0,
     num_items: float | None = None,
     num_cls: float | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Returns loss, lm_loss, transition_loss, cls_loss, cls_logits (float64, differentiable)."""
@@ -66,3 +71,52 @@ def safety_loss_ref(
         "n_lm": n_lm,
         "n_tr": n_tr,
     }
+
+
+def safety_epilogue_ref(
+    logits: torch.Tensor,  # (c, V), left untouched
+    lm_target: torch.Tensor,  # (c,) int64
+    tr_target: torch.Tensor,  # (c,) int64
+    lm_scale: torch.Tensor,  # ()
+    tr_scale: torch.Tensor,  # ()
+    softcap: float | None,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # sums (2,) float64, d(loss)/d(logits) (c, V) float64
+    """The epilogue contract (scft_fast/ops/safety_epilogue.py) in float64; the logits are left untouched."""
+    x = logits.double()
+    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    lse = torch.logsumexp(z, dim=-1)
+    p = torch.softmax(z, dim=-1)
+    rows = torch.arange(x.shape[0], device=x.device)
+    sums, grad = [], torch.zeros_like(x)
+    for target, scale in ((lm_target, lm_scale), (tr_target, tr_scale)):
+        valid = target != ignore_index
+        idx = torch.where(valid, target, 0)
+        sums.append(((lse - z[rows, idx]) * valid).sum())
+        w = scale.double() * valid  # (c,)
+        grad += w[:, None] * p
+        grad[rows, idx] -= w
+    if softcap is not None:
+        grad = grad * (1.0 - torch.tanh(x / softcap) ** 2)
+    return torch.stack(sums), grad
+
+
+def cls_head_ref(
+    hidden: torch.Tensor,  # (N, H)
+    cls_index: torch.Tensor,  # (S,) int64
+    cls_labels: torch.Tensor,  # (S,) int64
+    cls_weight: torch.Tensor,  # (C, H)
+    cls_bias: torch.Tensor | None,  # (C,)
+    cls_scale: torch.Tensor,  # ()
+    ignore_index: int,
+):
+    """The head contract (scft_fast/ops/cls_head.py) in float64 through autograd: (ce (S,), cls_logits (S, C),
+    grad_pooled (S, H), grad_cls_weight (C, H), grad_cls_bias (C,) or None)."""
+    pooled = hidden.double()[cls_index].requires_grad_(True)
+    weight = cls_weight.double().requires_grad_(True)
+    bias = cls_bias.double().requires_grad_(True) if cls_bias is not None else None
+    logits = torch.nn.functional.linear(pooled, weight, bias)
+    ce = torch.nn.functional.cross_entropy(logits, cls_labels, ignore_index=ignore_index, reduction="none")
+    (ce.sum() * cls_scale.double()).backward()
+    return (ce.detach(), logits.detach(), pooled.grad, weight.grad,
+            bias.grad if bias is not None else None)

@@ -6,6 +6,8 @@ place, see chunked.py), returns the gradients as extra outputs, and the register
 scales them by the upstream gradient. Being a custom op with a fake (meta) implementation makes it
 opaque to torch.compile: the data-dependent parts (the one host sync that counts the rows to visit,
 the label range checks) run inside the op and never break a surrounding graph.
+
+Which kernel computes which term, for each backend, and where each torch twin lives: ``safety_loss``'s docstring.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ from typing import Optional, Sequence
 import torch
 
 from .backends import BACKENDS, resolve_backend
-from .chunked import chunked_safety_loss
+from .chunked import chunked_token_loss
+from .cls_head import MAX_CLASSES, MIN_CLASSES
 
 IGNORE_INDEX = -100
-MIN_CLASSES, MAX_CLASSES = 2, 16
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int64, torch.int32)
 _NORMALIZER_RULE = "must be >= 0 and finite"
@@ -144,7 +146,8 @@ def _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels,
     if transition_labels is not None:
         transition_labels = transition_labels.reshape(-1).contiguous()
     return (hidden, lm_weight.contiguous(), labels, lm_bias, transition_labels,
-            None if cls_weight is None else cls_weight.contiguous(), cls_bias, cls_index, cls_labels, num_items, num_cls)
+            None if cls_weight is None else cls_weight.contiguous(), cls_bias, cls_index, cls_labels, num_items,
+            num_cls)
 
 
 def _range_errors(counts: Sequence[int], labels, transition_labels, cls_index, cls_labels, vocab, rows,
@@ -209,8 +212,8 @@ def _safety_loss_op(
 
 
 def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias, cls_index,
-                      cls_labels, num_items, num_cls, lm_coef, transition_coef, cls_coef, ignore_index, softcap, backend,
-                      chunk_size, validate, grad_mask):
+                      cls_labels, num_items, num_cls, lm_coef, transition_coef, cls_coef, ignore_index, softcap,
+                      backend, chunk_size, validate, grad_mask):
     device = hidden.device
     rows_total, vocab = hidden.shape[0], lm_weight.shape[0]
     impl = resolve_backend(backend, device)
@@ -255,7 +258,7 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
     if need_h:
         # Visited rows are written by the chunk loop; skipped rows keep a zero gradient.
         grad_hidden = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
-    sums, grad_w, grad_b = chunked_safety_loss(
+    sums, grad_w, grad_b = chunked_token_loss(
         hidden, lm_weight, lm_bias, labels, transition_labels, rows, lm_scale, tr_scale,
         epilogue=impl.epilogue, softcap=softcap, ignore_index=ignore_index,
         chunk_size=chunk_size if chunk_size > 0 else None,
@@ -395,6 +398,20 @@ def safety_loss(
     skips the label range checks (their reductions ride on the op's single host sync anyway).
     ``num_cls`` overrides the classification term's normalizer (the labeled pooled rows) the way
     ``num_items`` overrides the token term's, so that accumulated micro-batches equal one large batch.
+
+    Where each term is computed. ``backend`` picks an epilogue and a head (backends.py; "auto" is triton on CUDA,
+    cpu on CPU when the C++ extension builds, torch otherwise). The token terms run in the chunk loop shared by every
+    backend, ``chunked_token_loss`` (chunked.py: per chunk of rows, the logits GEMM, the epilogue, two gradient
+    GEMMs); the classification term runs after it, in the head, on the pooled rows hidden[cls_index]:
+
+      term                   backend  kernel                  file (ops/ is scft_fast/ops/)
+      LM + RTO transition    torch    safety_epilogue_torch   ops/safety_epilogue.py: the torch twin and the spec
+      (the epilogue of each  triton   safety_epilogue_triton  kernels/safety_epilogue.py
+      logits chunk)          cpu      safety_epilogue_cpu     ops/cpu_extension.py, loading csrc/safety_epilogue.cpp
+      classification head    torch    cls_head_torch          ops/cls_head.py: the torch twin and the spec
+                             triton   cls_head_triton         kernels/cls_head.py
+                             cpu      cls_head_torch          ops/cls_head.py: the cpu backend uses the torch head
+      float64 definitions    (tests)  safety_loss_ref, safety_epilogue_ref, cls_head_ref in ops/reference.py
     """
     hidden, lm_weight, lm_bias, cls_weight, cls_bias = _autocast_inputs(hidden, lm_weight, lm_bias, cls_weight,
                                                                          cls_bias)

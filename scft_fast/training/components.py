@@ -7,8 +7,17 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..data import (DataConfig, PackedBatchSampler, PackedCollator, PaddedCollator, build_dataset,
-                    default_data_files, load_default_tokenizer, refusal_token_id)
+from ..data import (
+    DataConfig,
+    PackedBatchSampler,
+    PackedCollator,
+    PaddedCollator,
+    build_dataset,
+    default_data_files,
+    load_default_tokenizer,
+    refusal_token_id,
+)
+from ..errors import ConfigError
 from ..model import SCFT_CONFIG_KEY, SCFTConfig, SCFTForCausalLM
 from .config import TrainConfig
 from .presets import PRESETS, build_preset, preset_config
@@ -24,7 +33,7 @@ def build_tokenizer(config: TrainConfig):
     elif os.path.isdir(name):
         tokenizer = AutoTokenizer.from_pretrained(name)
     else:
-        raise ValueError(f"--model {name!r} is neither a preset ({sorted(PRESETS)}) nor a local directory "
+        raise ConfigError(f"--model {name!r} is neither a preset ({sorted(PRESETS)}) nor a local directory "
                          f"holding a Hugging Face causal LM")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # pooling never reads pad ids, so EOS padding is safe
@@ -70,18 +79,29 @@ def build_model(config: TrainConfig, tokenizer, refusal: int):
 
 
 def build_data(config: TrainConfig, tokenizer):
-    """(train dataset, eval dataset or None, train DataStats). The eval set keeps every RTO position."""
+    """(train dataset, {name: (eval dataset, column title)}, train DataStats). Eval sets keep every RTO position.
+    With the embedded data: "eval", held out from the training generator, and "separate", written by a separate
+    generator; with --data: "eval" from --eval-data, if given."""
     spec = config.data
     data_config = DataConfig(refusal_string=spec.refusal_string, rto_keep=spec.rto_keep, pool=config.model.pool,
-                             max_length=spec.max_length, seed=config.seed, num_proc=spec.num_proc)
+                             max_length=spec.max_length, seed=config.seed, num_proc=spec.num_proc,
+                             vanilla_safety=spec.vanilla_safety)
     train_files = spec.files or default_data_files("train")
-    eval_files = spec.eval_files or (default_data_files("eval") if spec.files is None else None)
     train_set, stats = build_dataset(train_files, tokenizer, data_config)
-    eval_set = None
-    if eval_files and spec.eval_samples > 0:
-        eval_set, _ = build_dataset(eval_files, tokenizer, replace(data_config, rto_keep=1.0))
-        eval_set = eval_set.select(range(min(spec.eval_samples, len(eval_set))))
-    return train_set, eval_set, stats
+    if spec.eval_files:
+        sources = {"eval": (spec.eval_files, "--eval-data")}
+    elif spec.files is None:
+        sources = {"eval": (default_data_files("eval"), "same generator"),
+                   "separate": (default_data_files("separate"), "separate generator")}
+    else:
+        sources = {}
+    eval_sets = {}
+    if spec.eval_samples > 0:
+        for name, (files, title) in sources.items():
+            # Vanilla refusals on: the head is scored on (harmful request, refusal) pairs too, as scft-fast eval does.
+            eval_set, _ = build_dataset(files, tokenizer, replace(data_config, rto_keep=1.0, vanilla_safety=True))
+            eval_sets[name] = (eval_set.select(range(min(spec.eval_samples, len(eval_set)))), title)
+    return train_set, eval_sets, stats
 
 
 class BatchPlan:
@@ -126,8 +146,8 @@ class BatchPlan:
         epoch = 0
         while step >= self.steps_in_epoch(epoch):
             if self.steps_in_epoch(epoch) == 0:
-                raise ValueError(f"an epoch has fewer micro-batches ({len(self.epoch_batches(epoch))}) than one "
-                                 f"step needs ({self.micro_per_step}): lower --micro-batch-size or --grad-accum")
+                raise ConfigError(f"an epoch has fewer micro-batches ({len(self.epoch_batches(epoch))}) than one "
+                                  f"step needs ({self.micro_per_step}): lower --micro-batch-size or --grad-accum")
             step -= self.steps_in_epoch(epoch)
             epoch += 1
         return epoch, step

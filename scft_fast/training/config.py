@@ -42,9 +42,12 @@ class DataSpec:
     packing: bool = False  # several sequences per row, block-diagonal attention, no padding
     max_tokens: int | None = None  # packed micro-batch budget; None: micro_batch_size * longest sample
     micro_batch_size: int = 16
-    rto_keep: float = 1.0
+    # The demo's recipe (measured on the separate-generator split, README): DeRTa's sparse RTO and vanilla refusals,
+    # which give the head (harmful request, refusal) pairs labeled safe.
+    rto_keep: float = 0.2
+    vanilla_safety: bool = True  # also train instruction -> refusal from each harmful triple, labeled safe
     refusal_string: str = REFUSAL_STRING
-    eval_samples: int = 512  # held-out samples scored in the summary (0: no evaluation)
+    eval_samples: int = 1024  # held-out samples of each eval set scored in the summary (0: no evaluation)
     num_proc: int = 1
 
 
@@ -97,11 +100,13 @@ class TrainConfig:
     deepspeed: str | None = None  # a DeepSpeed JSON config (training/zero*.json)
     bf16: bool = False
     seed: int = 0
-    resume: bool = False  # continue from the latest checkpoint in output_dir
+    resume: bool = False  # continue from the newest intact checkpoint in output_dir
+    resume_override: bool = False  # resume even when the data, batch geometry or model differ (run_dir.py)
     save_every: int = 100  # checkpoint every N optimizer steps (0: never)
     keep_checkpoints: int = 2
     progress: bool = True  # tqdm bar on rank 0
     summary: bool = True  # held-out evaluation before and after training
+    report_to: str = "none"  # transformers' logging integration: "none" | "tensorboard" | "wandb"
 
     def to_dict(self) -> dict:
         return asdict(self)

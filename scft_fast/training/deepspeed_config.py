@@ -13,7 +13,26 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+from ..errors import ConfigError
 from .config import TrainConfig
+
+
+def read_deepspeed_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed {path}: no such file (the shipped configs are training/zero*.json)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--deepspeed {path} is a directory: pass a DeepSpeed JSON file such as "
+                          f"training/zero2.json") from None
+    except ValueError as e:
+        raise ConfigError(f"--deepspeed {path} is not valid JSON ({e}): fix it, or start from training/zero*.json") \
+            from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--deepspeed {path} holds a JSON {type(ds).__name__}: a DeepSpeed config is one JSON "
+                          f"object ({{\"zero_optimization\": {{\"stage\": 2}}, ...}}), as in training/zero*.json")
+    return ds
 
 
 def training_arguments(config: TrainConfig, world_size: int, warmup_steps: int) -> SimpleNamespace:
@@ -33,28 +52,37 @@ def _auto_keys(node, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if node == "auto" else []
 
 
+def _processed(path: str, config: TrainConfig, world_size: int, warmup_steps: int):
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    args = training_arguments(config, world_size, warmup_steps)
+    resolved = HfTrainerDeepSpeedConfig(read_deepspeed_file(path))
+    resolved.trainer_config_process(args)
+    return resolved, args
+
+
+def check_deepspeed_config(path: str, config: TrainConfig, world_size: int) -> None:
+    """What can be refused before the data and the model exist: an unreadable file, a value that contradicts the
+    command line (the hidden-size and step-count fields are checked by resolve_deepspeed_config)."""
+    resolved, _ = _processed(path, config, world_size, config.optim.warmup_steps)
+    if resolved.mismatches:
+        raise ConfigError(f"{path}: values that contradict the command line (set them to \"auto\"): "
+                          + "; ".join(m.removeprefix("- ") for m in resolved.mismatches))
+
+
 def resolve_deepspeed_config(path: str, config: TrainConfig, world_size: int, total_steps: int,
                              model_config):
     """The HfTrainerDeepSpeedConfig of ``path`` with every "auto" filled; keep it alive while the model is built
     and trained (transformers finds it through a weak reference). ``model_config``: the model's HF config."""
-    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
-
+    resolved, args = _processed(path, config, world_size, config.optim.warmup_steps_for(total_steps))
     try:
-        with open(path) as f:
-            ds = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    args = training_arguments(config, world_size, config.optim.warmup_steps_for(total_steps))
-    resolved = HfTrainerDeepSpeedConfig(ds)
-    try:
-        resolved.trainer_config_process(args)
         resolved.trainer_config_finalize(args, SimpleNamespace(config=model_config), total_steps)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}") from None
     left = _auto_keys(resolved.config)
     if left:  # a field nobody fills would reach DeepSpeed as the string "auto"
-        raise ValueError(f"{path}: {', '.join(left)} = \"auto\", which transformers' rules do not fill; set a "
-                         f"value")
+        raise ConfigError(f"{path}: {', '.join(left)} = \"auto\", which transformers' rules do not fill; set a "
+                          f"value")
     ds = resolved.config
     zero = ds.get("zero_optimization", {})
     if "optimizer" not in ds and zero.get("offload_optimizer", {}).get("device", "none") != "none":

@@ -43,6 +43,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSpec, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
 
 
+def restate_optim(scheduler, optim: OptimSpec) -> None:
+    """After loading a checkpoint: the command line's lr and weight decay replace the checkpoint's (LambdaLR
+    restores its base_lrs, the optimizer its groups' hyperparameters); the schedule's lambda is always the new
+    one. Unchanged settings give back the saved values bit for bit (the same product LambdaLR computes)."""
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler.base_lrs = [optim.lr] * len(scheduler.base_lrs)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"], group["lr"], group["weight_decay"] = optim.lr, optim.lr * factor, optim.weight_decay
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 class TorchEngine:
     """A single process: AdamW, clipping, the LR schedule; bf16 through autocast over float32 weights."""
 
@@ -86,6 +97,7 @@ class TorchEngine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        restate_optim(self.scheduler, self.config.optim)
 
     def save_model(self, path: str) -> None:
         save_merged(self.module, path)
@@ -120,7 +132,8 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.module = self.engine.module
-        self.device = device
+        self.device, self.optim = device, config.optim
+        self.own_schedule = "scheduler" not in ds_config  # restate_optim knows our LambdaLR only
 
     def forward(self, **batch):
         return self.engine(**batch)
@@ -132,10 +145,10 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 
-    def step(self) -> float:
+    def step(self) -> float | None:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None
 
     @property
     def lr(self) -> float:
@@ -150,6 +163,8 @@ class DeepSpeedEngine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/engine")
+        if self.own_schedule:
+            restate_optim(self.scheduler, self.optim)
 
     def save_model(self, path: str) -> None:
         """Every rank must call this. ZeRO-3: gathered one layer at a time, written by rank 0 in shards

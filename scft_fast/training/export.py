@@ -1,16 +1,23 @@
-"""The final export of a ZeRO-3 model without a full gather: one module at a time, written by rank 0 in shards.
+"""Saving the trained model: one implementation for ``SCFTTrainer.save_model`` and ``scft-fast train``.
 
-Each unit (a decoder layer, i.e. a class in the model's ``_no_split_modules``; else the embedding, the final
-norm, the LM head, the SCFT head, each on its own) is gathered with ``GatheredParameters(modifier_rank=None)``:
-read-only, so nothing is broadcast back when it ends. Rank 0 alone copies the unit's merged tensors (LoRA
-folded in, as ``merged_state_dict`` does for a whole model) to CPU, appends them to the current shard and writes
-the shard once it reaches ``max_shard_bytes``. No rank holds more than one unit's full weights on the device
-side, and rank 0 no more than one shard plus one unit on the host. The files are what ``save_pretrained``
-writes: ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``),
-``config.json`` with the SCFT settings, ``generation_config.json``.
+``full_state_dict`` is collective under ZeRO-3 (every rank gathers the partitions; rank 0 keeps full-shape CPU
+copies); ``save_scft_model`` then writes, on one rank, what ``SCFTForCausalLM.from_pretrained`` (and
+``AutoModelForCausalLM``) load: ``model.save_merged``'s checkpoint (LoRA deltas merged, ``score.*``, the SCFT
+settings under config.json's "scft" key) and the tokenizer.
+
+``save_zero3_merged`` writes the same files from a ZeRO-3 model without a full gather (``scft-fast train``'s
+export): one unit at a time (a decoder layer, i.e. a class in the model's ``_no_split_modules``; else the
+embedding, the final norm, the LM head, the SCFT head, each on its own) is gathered with
+``GatheredParameters(modifier_rank=None)``: read-only, so nothing is broadcast back when it ends. Rank 0 alone
+copies the unit's merged tensors (LoRA folded in, as ``merged_state_dict`` does for a whole model) to CPU,
+appends them to the current shard and writes the shard once it reaches ``max_shard_bytes``. No rank holds more
+than one unit's full weights on the device side, and rank 0 no more than one shard plus one unit on the host.
+The files are what ``save_pretrained`` writes: ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` +
+``model.safetensors.index.json``), ``config.json`` with the SCFT settings, ``generation_config.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -18,9 +25,43 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model import merged_state_dict, unwrap
+from ..model import merged_state_dict, save_merged, unwrap
 
 MAX_SHARD_BYTES = 2 ** 30  # rank 0's host-side ceiling during the export (plus the unit being written)
+
+
+def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies that keep tied tensors tied (one copy per storage), so that the HF save drops the tied key."""
+    copies, out = {}, {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if key not in copies:
+            copies[key] = tensor.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``merged_state_dict(model)`` as full-shape CPU tensors on rank 0, an empty dict on
+    the other ranks. Every rank must call it: ZeRO-3 partitions (parameters with a ``ds_id``) are gathered."""
+    params = list(model.parameters())
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gather:
+        state = cpu_copy(merged_state_dict(model))
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return state if rank == 0 else {}
+
+
+def save_scft_model(model: torch.nn.Module, path: str, state_dict: dict[str, torch.Tensor],
+                    tokenizer=None) -> None:
+    """Writes ``state_dict`` (from ``full_state_dict``) as what ``SCFTForCausalLM.from_pretrained`` loads."""
+    save_merged(model, path, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
 
 
 def export_units(base: nn.Module) -> list[str]:

@@ -16,23 +16,23 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..model import shift_labels
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..errors import RunError, UserError
+from .accounting import STEP_STATS, output_stats, stat_means, step_targets
+from .checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
 from .components import BatchPlan, build_data, build_model, build_tokenizer, model_config, padded_batches, to_device
 from .config import TrainConfig
 from .deepspeed_config import resolve_deepspeed_config
 from .engine import DeepSpeedEngine, TorchEngine
-from .metrics import MetricsLog, evaluate, plot_loss_curves
+from .metrics import MetricsLog, evaluate, non_finite_terms, plot_loss_curves, write_json
+from .preflight import check_setup
+from .reporting import Reporter
+from .run_dir import claim_output_dir, resume_changes, say
 
-_STATS = ("loss", "lm_sum", "n_lm", "tr_sum", "n_tr", "cls_sum", "n_cls", "cls_correct", "tokens")
+_STATS = STEP_STATS + ("tokens",)
 
 
 def _init_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if config.deepspeed is None:
-        if world > 1:
-            raise ValueError(f"WORLD_SIZE={world} needs a DeepSpeed config for data parallelism: add "
-                             f"--deepspeed training/zero1.json (or zero2/zero3)")
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import deepspeed
 
@@ -64,25 +64,25 @@ def _model_inputs(batch: dict, mode: str) -> dict:
     return inputs
 
 
-def _step_counts(batches: list[dict], mode: str, ignore: int) -> torch.Tensor:
-    """(token targets, labeled sequences) of this rank's micro-batches, counted as the model will count them."""
-    tokens = labeled = 0
-    for b in batches:
-        position_ids = b.get("position_ids")
-        tokens += int((shift_labels(b["labels"], position_ids, ignore) != ignore).sum())
-        if mode == "full":
-            tokens += int((shift_labels(b["transition_labels"], position_ids, ignore) != ignore).sum())
-            labeled += int((b["cls_labels"] != ignore).sum())
-    return torch.tensor([tokens, labeled], dtype=torch.float64)
-
-
 def train(config: TrainConfig) -> dict:
-    """Runs the configured training; returns the summary (also written to output_dir/summary.json on rank 0)."""
+    """Runs the configured training; returns the summary (also written to output_dir/summary.json on rank 0).
+    Raises UserError on a bad set-up or a refused output directory (before any heavy work), RunError when the
+    run diverges."""
+    check_setup(config)
     rank, world, device = _init_distributed(config)
+    lock = claim_output_dir(config, rank)
+    try:
+        return _run(config, rank, world, device)
+    finally:
+        lock.release()
+
+
+def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     torch.manual_seed(config.seed)
-    os.makedirs(config.output_dir, exist_ok=True)
+    report = say if rank == 0 else (lambda message: None)
+    changes = resume_changes(config) if config.resume and rank == 0 else []
     tokenizer, refusal = build_tokenizer(config)
-    train_set, eval_set, data_stats = build_data(config, tokenizer)
+    train_set, eval_sets, data_stats = build_data(config, tokenizer)
     plan = BatchPlan(train_set, config, tokenizer.pad_token_id, world)
     total_steps = config.max_steps
     if total_steps is None:
@@ -97,28 +97,40 @@ def train(config: TrainConfig) -> dict:
     mode = config.loss.mode
 
     start = 0
-    checkpoint = latest_checkpoint(config.output_dir) if config.resume else None
+    checkpoint = resume_checkpoint(config.output_dir, report) if config.resume else None
     if checkpoint is not None:
         start = load_checkpoint(engine, checkpoint, rank)
+        report(f"resuming from {checkpoint} (step {start})"
+               + "".join(f"\n  changed on resume: {change}" for change in changes))
+        if start > total_steps:
+            raise UserError(f"--max-steps {total_steps} is below the step of the checkpoint resumed ({start}): pass "
+                            f"--max-steps {start} or more")
+        summary_path = os.path.join(config.output_dir, "summary.json")
+        if start == total_steps and os.path.exists(summary_path):
+            report(f"the run in {config.output_dir} is finished ({start} of {total_steps} steps): nothing to do; "
+                   f"pass a larger --max-steps to train further")
+            with open(summary_path) as f:
+                return json.load(f)
+    elif config.resume:
+        report(f"no checkpoint in {config.output_dir}: starting from step 0")
     if rank == 0:
-        with open(os.path.join(config.output_dir, "train_config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
-    eval_batches = ([to_device(b, device) for b in padded_batches(eval_set, tokenizer.pad_token_id,
-                                                                  config.data.micro_batch_size)]
-                    if eval_set is not None and config.summary else None)
-    before_path = os.path.join(config.output_dir, "eval_before.json")
-    before = None
-    if eval_batches:
+        write_json(os.path.join(config.output_dir, "train_config.json"), config.to_dict())
+    eval_batches = {name: [to_device(b, device) for b in padded_batches(eval_set, tokenizer.pad_token_id,
+                                                                        config.data.micro_batch_size)]
+                    for name, (eval_set, _) in eval_sets.items()} if config.summary else {}
+    before = {}
+    for name, batches in eval_batches.items():
+        before_path = os.path.join(config.output_dir, f"{name}_before.json")
         if start > 0 and os.path.exists(before_path):
             with open(before_path) as f:
-                before = json.load(f)
+                before[name] = json.load(f)
         else:
-            before = evaluate(engine, eval_batches, ignore)
+            before[name] = evaluate(engine, batches, ignore)
             if rank == 0:
-                with open(before_path, "w") as f:
-                    json.dump(before, f)
+                write_json(before_path, before[name], indent=None)
 
-    log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), start, enabled=rank == 0)
+    log = MetricsLog(os.path.join(config.output_dir, "metrics.jsonl"), start, enabled=rank == 0, report=report)
+    reporter = Reporter(config.report_to, config.output_dir, total_steps, model=engine.module, enabled=rank == 0)
     progress = None
     if rank == 0 and config.progress:
         from tqdm.auto import tqdm
@@ -129,23 +141,37 @@ def train(config: TrainConfig) -> dict:
     for step in range(start, total_steps):
         began = time.perf_counter()
         batches = plan.micro_batches(step, rank)
-        tokens, labeled = _all_reduce(_step_counts(batches, mode, ignore), world).tolist()
-        stats = torch.zeros(len(_STATS), dtype=torch.float64)
+        # Step-wide normalizers, counted as the model counts; kept on the device (no host sync per step).
+        counts = step_targets([_model_inputs(b, mode) for b in batches], ignore).to(device, torch.float64)
+        tokens, labeled = _all_reduce(counts, world) / world
+        stats = torch.zeros(len(_STATS), dtype=torch.float64, device=device)
         for i, batch in enumerate(batches):
             batch = to_device(batch, device)
-            out = engine.forward(**_model_inputs(batch, mode), num_items_in_batch=tokens / world,
-                                 **({"num_cls_in_batch": labeled / world} if mode == "full" else {}))
+            out = engine.forward(**_model_inputs(batch, mode), num_items_in_batch=tokens,
+                                 **({"num_cls_in_batch": labeled} if mode == "full" else {}))
             engine.backward(out.loss)
             if i + 1 < len(batches):
                 engine.micro_step()
-            stats += _micro_stats(out, batch, ignore)
+            mask = batch.get("attention_mask")
+            seen = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=device)
+            stats += torch.cat([output_stats(out, batch.get("cls_labels"), ignore), seen.double()[None]])
         grad_norm = engine.step()
-        stats = _all_reduce(stats.to(device), world).cpu()
+        stats = _all_reduce(stats, world).cpu()
         elapsed = time.perf_counter() - began
         record = _record(step + 1, plan.locate(step)[0], stats, world, engine.lr, grad_norm, elapsed)
         record["peak_memory_mb"] = _peak_memory_mb(device)
         throughput.append(record["tokens_per_s"])
         log.write(record)
+        reporter.log(record)
+        diverged = non_finite_terms(record)
+        if diverged:
+            if progress is not None:
+                progress.close()
+            reporter.close()
+            raise RunError(f"the run diverged at step {step + 1}: {', '.join(diverged)}. It stopped without saving "
+                           f"a checkpoint or a model; the last good checkpoint is "
+                           f"{latest_checkpoint(config.output_dir) or 'none'} (lower --lr or --grad-clip, or check "
+                           f"the loss coefficients, then --resume)")
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.3f}", cls_acc=record["head_accuracy"])
@@ -153,18 +179,20 @@ def train(config: TrainConfig) -> dict:
             save_checkpoint(engine, config.output_dir, step + 1, config.keep_checkpoints, rank)
     if progress is not None:
         progress.close()
+    reporter.close()
 
-    after = evaluate(engine, eval_batches, ignore) if eval_batches else None
+    after = {name: evaluate(engine, batches, ignore) for name, batches in eval_batches.items()}
     model_dir = os.path.join(config.output_dir, "model")
     engine.save_model(model_dir)
     summary = None
     if rank == 0:
         tokenizer.save_pretrained(model_dir)
         plot_loss_curves(log.path, os.path.join(config.output_dir, "loss_curves.png"))
-        summary = _summary(config, log.path, before, after, throughput, data_stats, refusal, world, model_dir)
+        titles = {name: title for name, (_, title) in eval_sets.items() if name in after}
+        summary = _summary(config, log.path, before, after, titles, throughput, data_stats, refusal, world,
+                           model_dir)
         summary["optimizer"] = _optimizer_summary(config, total_steps, ds_config.config if ds_config else {})
-        with open(os.path.join(config.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(os.path.join(config.output_dir, "summary.json"), summary)
     if world > 1:
         dist.barrier()
     return summary
@@ -188,36 +216,16 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # Linux reports KiB
 
 
-def _micro_stats(out, batch: dict, ignore: int) -> torch.Tensor:
-    stats = torch.zeros(len(_STATS), dtype=torch.float64)
-    stats[0] = float(out.loss.detach())
-    if out.n_lm is not None:
-        n_lm, n_tr, n_cls = float(out.n_lm), float(out.n_tr), float(out.n_cls)
-        stats[1:7] = torch.tensor([float(out.lm_loss) * n_lm, n_lm, float(out.transition_loss) * n_tr, n_tr,
-                                   float(out.cls_loss) * n_cls, n_cls], dtype=torch.float64)
-    if out.cls_logits is not None and out.cls_logits.numel():
-        labels = batch["cls_labels"]
-        stats[7] = float(((out.cls_logits.argmax(-1) == labels) & (labels != ignore)).sum())
-    mask = batch.get("attention_mask")
-    stats[8] = float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
-    return stats
-
-
 def _record(step, epoch, stats, world, lr, grad_norm, elapsed) -> dict:
     s = dict(zip(_STATS, stats.tolist()))
-
-    def mean(total, count):
-        return total / count if count else None
-
-    return {"step": step, "epoch": epoch, "loss": s["loss"] / world,
-            "lm_loss": mean(s["lm_sum"], s["n_lm"]), "transition_loss": mean(s["tr_sum"], s["n_tr"]),
-            "cls_loss": mean(s["cls_sum"], s["n_cls"]), "head_accuracy": mean(s["cls_correct"], s["n_cls"]),
+    return {"step": step, "epoch": epoch, "loss": s["loss"] / world, **stat_means(stats[:len(STEP_STATS)]),
             "lm_tokens": int(s["n_lm"]), "rto_tokens": int(s["n_tr"]), "cls_labels": int(s["n_cls"]),
             "tokens": int(s["tokens"]), "tokens_per_s": s["tokens"] / elapsed, "step_time_s": elapsed,
             "lr": lr, "grad_norm": grad_norm}
 
 
-def _summary(config, metrics_path, before, after, throughput, data_stats, refusal, world, model_dir) -> dict:
+def _summary(config, metrics_path, before, after, titles, throughput, data_stats, refusal, world,
+             model_dir) -> dict:
     from .metrics import read_metrics
 
     rows = read_metrics(metrics_path)
@@ -238,6 +246,9 @@ def _summary(config, metrics_path, before, after, throughput, data_stats, refusa
         "losses_first_10pct": {k: head_mean(k) for k in ("loss", "lm_loss", "transition_loss", "cls_loss")},
         "losses_last_10pct": {k: tail_mean(k) for k in ("loss", "lm_loss", "transition_loss", "cls_loss")},
         "tokens_per_s": sum(steady) / len(steady) if steady else None,
-        "eval_before": before, "eval_after": after, "refusal_token_id": refusal,
+        # "{name}_before" / "{name}_after" per eval set ("eval", "separate"); eval_sets: their column titles
+        **{f"{name}_{when}": figures.get(name) for name in ("eval", *titles) for when, figures in
+           (("before", before), ("after", after))},
+        "eval_sets": titles, "refusal_token_id": refusal,
         "data": data_stats.to_dict(), "model_dir": model_dir,
     }

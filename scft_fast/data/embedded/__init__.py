@@ -2,10 +2,13 @@
 
     train.jsonl, eval.jsonl  triples ({"instruction", "response"} and {"instruction", "harmful_response",
                              "safe_response"}) written by generate.py (a seeded template generator)
+    separate.jsonl           held-out triples written by generate_separate.py, a second generator that shares
+                             no template, topic list or response style with the first; never trained on
     tokenizer/               a byte-level BPE trained on them by train_tokenizer.py, DeRTa's chat template,
                              eos "<|end_of_text|>" (DeRTa's own end-of-text string), "Sorry" a single token
 
-Regenerate both with: python -m scft_fast.data.embedded.generate && python -m scft_fast.data.embedded.train_tokenizer
+Regenerate them with: python -m scft_fast.data.embedded.generate && python -m scft_fast.data.embedded.generate_separate
+&& python -m scft_fast.data.embedded.train_tokenizer (the tokenizer is trained on train.jsonl only)
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 
 EMBEDDED_DIR = Path(__file__).resolve().parent
 TOKENIZER_DIR = EMBEDDED_DIR / "tokenizer"
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "separate")
 
 
 def default_data_files(split: str = "train") -> list[str]:

@@ -1,9 +1,11 @@
 """The per-chunk epilogue in plain PyTorch: logits -> losses and d(loss)/d(logits), in place.
 
-Every backend implements this same function; only how it walks the chunk differs:
-- torch (here): a handful of vectorized passes (the CPU fallback, and the readable spec),
-- triton (``scft_fast.kernels.safety_epilogue``): one kernel, one program per row,
-- cpu (``csrc/``): one OpenMP pass per row.
+Every backend implements this same function under a parallel name; only how it walks the chunk differs:
+- ``safety_epilogue_torch`` (here): a handful of vectorized passes (the CPU fallback, and the readable spec),
+- ``safety_epilogue_triton`` (kernels/safety_epilogue.py, ``scft_fast.kernels``): one program per row,
+- ``safety_epilogue_cpu`` (scft_fast/ops/cpu_extension.py, loading csrc/safety_epilogue.cpp): one OpenMP pass
+  per row.
+All three are tested against the float64 definition ``scft_fast.ops.reference.safety_epilogue_ref``.
 
 Contract, shared by all of them::
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 import torch
 
 
-def torch_epilogue(
+def safety_epilogue_torch(
     logits: torch.Tensor,  # (c, V), overwritten with its gradient
     lm_target: torch.Tensor,  # (c,) int64
     tr_target: torch.Tensor,  # (c,) int64
