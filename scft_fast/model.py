@@ -203,6 +203,8 @@ def apply_scft_fast(model: nn.Module, config: SCFTConfig | None = None, *, check
     base = unwrap(model)
     if isinstance(base, SCFTForCausalLM):
         if config is None or config == base.scft_config:
+            if base is not model and base.scft_config is not None:  # LoRA put on a loaded SCFT model
+                _train_head_with_adapter(model, base)
             return model
         if base.scft_config is not None:
             raise ValueError(f"the model already has an SCFT head ({base.scft_config}); apply_scft_fast cannot "
@@ -309,14 +311,19 @@ class SCFTForCausalLM:
 
     @torch.no_grad()
     def init_head(self) -> None:
-        """The head as the architecture initializes a linear layer: N(0, initializer_range), zero bias."""
+        """The head as the architecture initializes a linear layer: N(0, initializer_range), zero bias.
+
+        Through ``torch.nn.init``, which transformers' ``no_init_weights`` disables: inside from_pretrained /
+        _from_config (ZeRO-3's zero.Init route included) transformers initializes the head itself with the
+        missing or new weights, in its module order, and a draw here would shift the random stream of every
+        weight initialized after it (on rank 0 only, under ZeRO-3), so that runs would differ from one process."""
         std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
         params = list(self.score.parameters())
         with _zero3_gathered(params, modifier_rank=0):
             if self.score.weight.device.type != "meta" and self.score.weight.numel():
-                self.score.weight.normal_(0.0, std)
+                nn.init.normal_(self.score.weight, 0.0, std)
                 if self.score.bias is not None:
-                    self.score.bias.zero_()
+                    nn.init.zeros_(self.score.bias)
 
     @torch.no_grad()
     def _check_logits_match(self) -> None:
@@ -491,18 +498,20 @@ class SCFTForCausalLM:
         return self.score(hidden.reshape(batch * length, -1)[index]).float().softmax(-1)
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, torch.Tensor]:
     """The causal LM's state dict under its own key names, LoRA deltas merged in and PEFT's copy of the head
-    unwrapped, without touching the model."""
+    unwrapped, without touching the model. ``submodule`` (a module name of the causal LM, e.g. "model.layers.3"):
+    only that module's entries, under their full names (a ZeRO-3 export gathers one module at a time)."""
     base = unwrap(model)
-    state = base.state_dict()
+    root = base.get_submodule(submodule)
+    state = root.state_dict(prefix=f"{submodule}." if submodule else "")
     if base is model:
         return state
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import ModulesToSaveWrapper
 
     state = {k: v for k, v in state.items() if ".lora_" not in k}
-    for name, module in base.named_modules():
+    for name, module in root.named_modules(prefix=submodule):
         if isinstance(module, LoraLayer):
             merged = state.pop(f"{name}.base_layer.weight").clone()
             for adapter in module.active_adapters:

@@ -8,10 +8,31 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import (add_debug_flag, cli_main, fraction, int_at_least, non_empty_str, non_negative_float,
-                        non_negative_int, positive_float, positive_int)
+from .arguments import (
+    add_debug_flag,
+    cli_main,
+    fraction,
+    int_at_least,
+    non_empty_str,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from .data.constants import MIN_LENGTH
-from .training.config import LOSS_MODES, TINY_PRESET, DataSpec, LossSpec, ModelSpec, OptimSpec, TrainConfig
+from .training.config import (
+    LOSS_MODES,
+    RECIPES,
+    TINY_PRESET,
+    DataSpec,
+    LossSpec,
+    ModelSpec,
+    OptimSpec,
+    TrainConfig,
+    default_recipe,
+)
+from .training.presets import PRESETS
 from .training.reporting import REPORT_TO
 
 _D, _O, _T = DataSpec(), OptimSpec(), TrainConfig()
@@ -40,11 +61,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "torchrun or the deepspeed launcher")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (autocast on one process, DeepSpeed's "
                                                         "bf16 mode under --deepspeed)")
-    p.add_argument("--lr", type=positive_float, default=_O.lr, help=f"peak learning rate of AdamW (default: {_O.lr})")
-    p.add_argument("--weight-decay", type=non_negative_float, default=_O.weight_decay,
-                   help="AdamW weight decay (default: 0)")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=_O.warmup_steps,
-                   help=f"linear warmup (default: {_O.warmup_steps})")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate (default: the recipe's: 3e-3 for a preset; with --model a checkpoint, "
+                        "DeRTa's 2e-5 for full-parameter training, 1e-4 with --lora-rank)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=None,
+                   help="AdamW weight decay (default: the recipe's, 0 for each)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                   help="linear warmup steps (default: the recipe's: 10 for a preset; for a checkpoint a warmup "
+                        "ratio of 0.03 of the steps, as DeRTa)")
+    p.add_argument("--warmup-ratio", type=fraction, default=None,
+                   help="linear warmup as a fraction of the steps, in (0, 1]; overrides --warmup-steps")
     p.add_argument("--schedule", choices=("cosine", "constant"), default=_O.schedule,
                    help="LR schedule after warmup (default: cosine down to 10%%)")
     p.add_argument("--grad-clip", type=non_negative_float, default=_O.grad_clip,
@@ -82,6 +108,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--lora-rank", type=non_negative_int, default=0,
                    help="LoRA rank on the base model's linear layers, the head fully trained (default: 0, full "
                         "fine-tuning)")
+    p.add_argument("--lora-alpha", type=positive_float, default=None,
+                   help="LoRA scaling numerator, the update is alpha / rank * B A (default: 2 * rank)")
+    p.add_argument("--lora-dropout", type=probability, default=0.0, help="dropout on LoRA's input (default: 0)")
+    p.add_argument("--lora-target-modules", type=non_empty_str, default="all-linear", metavar="NAMES",
+                   help="comma-separated module names LoRA adapts, or all-linear (default); DeRTa's 70B recipe: "
+                        "--lora-rank 96 --lora-alpha 16 --lora-dropout 0.05 --lora-target-modules "
+                        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--backend", choices=("auto", "triton", "torch", "cpu"), default="auto",
                    help="safety_loss backend (default: auto; triton needs a CUDA GPU)")
@@ -112,12 +145,29 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def optim_from_args(args: argparse.Namespace) -> OptimSpec:
+    """The flags given, the recipe's defaults for the rest (a preset's, or DeRTa's for a checkpoint)."""
+    recipe = default_recipe(args.model in PRESETS, args.lora_rank)
+    values = dict(RECIPES[recipe])
+    given = {"lr": args.lr, "weight_decay": args.weight_decay, "warmup_steps": args.warmup_steps,
+             "warmup_ratio": args.warmup_ratio}
+    values.update({k: v for k, v in given.items() if v is not None})
+    if args.warmup_steps is not None and args.warmup_ratio is None:
+        values["warmup_ratio"] = None  # explicit steps replace the recipe's ratio
+    overridden = sorted(k for k, v in given.items() if v is not None)
+    label = recipe + (f" defaults, {', '.join(overridden)} from the command line" if overridden else " defaults")
+    return OptimSpec(**values, schedule=args.schedule, grad_clip=args.grad_clip, recipe=label)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     max_steps = args.max_steps
     if max_steps is None:
         max_steps = None if args.epochs else _T.max_steps
+    targets = args.lora_target_modules
     return TrainConfig(
         model=ModelSpec(name_or_path=args.model, pool=args.pool, lora_rank=args.lora_rank,
+                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        lora_target_modules=targets if targets == "all-linear" else targets.split(","),
                         gradient_checkpointing=args.gradient_checkpointing),
         loss=LossSpec(mode=args.loss, lm_coef=args.lm_coef, transition_coef=args.transition_coef,
                       cls_coef=args.cls_coef, backend=args.backend),
@@ -125,8 +175,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                       max_tokens=args.max_tokens, micro_batch_size=args.micro_batch_size, rto_keep=args.rto_keep,
                       vanilla_safety=args.vanilla_safety,
                       refusal_string=args.refusal_string, eval_samples=args.eval_samples, num_proc=args.num_proc),
-        optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                        schedule=args.schedule, grad_clip=args.grad_clip),
+        optim=optim_from_args(args),
         output_dir=args.output_dir, max_steps=max_steps if max_steps and max_steps > 0 else None,
         epochs=args.epochs or _T.epochs, grad_accum=args.grad_accum, deepspeed=args.deepspeed, bf16=args.bf16,
         seed=args.seed, resume=args.resume, resume_override=args.resume_override, save_every=args.save_every,
@@ -174,6 +223,10 @@ def format_summary(s: dict) -> str:
                            ("head_fpr", "head FPR (argmax verdict)"), ("head_tpr", "head TPR (argmax verdict)"),
                            ("refusal_prob_rto", "P(refusal token) on RTO positions")):
             lines.append(f"  {label:36s}" + "".join(f"  {cell(name, key):18s}" for name in titles))
+    o = s.get("optimizer")
+    if o:
+        lines.append(f"  optimizer: {o['optimizer']}, lr {o['lr']:g}, weight decay {o['weight_decay']:g}, schedule "
+                     f"{o['scheduler']}, warmup {o['warmup_steps']} steps ({o['recipe']})")
     if s["tokens_per_s"] is not None:
         lines.append(f"  tokens/s {s['tokens_per_s']:.0f}")
     return "\n".join(lines)

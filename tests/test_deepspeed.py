@@ -17,14 +17,15 @@ import torch
 pytest.importorskip("deepspeed")
 from safetensors.torch import load_file  # noqa: E402
 
+from deepspeed_worker import LORA, PACKED_TOKENS  # noqa: E402  (tests/ is on sys.path under pytest)
 from scft_fast.data import default_data_files  # noqa: E402
-from deepspeed_worker import PACKED_TOKENS  # noqa: E402  (tests/ is on sys.path under pytest)
 from scft_fast.training import DataSpec, ModelSpec, TrainConfig, train  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["zero1", "zero2", "zero2_packed", "zero3", "zero3_tied", "zero3_offload"]
+STAGES = ["zero1", "zero2", "zero2_packed", "zero3", "zero3_tied", "zero3_offload", "zero3_checkpoint",
+          "zero3_lora", "zero1_sections"]
 REFERENCES = {"tiny": ["zero1", "zero2", "zero3", "zero3_offload"], "tiny-tied": ["zero3_tied"],
-              "tiny-packed": ["zero2_packed"]}
+              "tiny-packed": ["zero2_packed"], "checkpoint": ["zero3_checkpoint"], "checkpoint-lora": ["zero3_lora"]}
 LOSSES = ("loss", "lm_loss", "transition_loss", "cls_loss")
 
 
@@ -38,27 +39,56 @@ def small_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory, small_data):
+def checkpoint_dir(tmp_path_factory):
+    """A plain Llama checkpoint (no SCFT head) with its tokenizer: what --model points at in a real run."""
+    from transformers import LlamaForCausalLM
+
+    from scft_fast.data import load_default_tokenizer
+    from scft_fast.training.presets import preset_config
+
+    path = tmp_path_factory.mktemp("checkpoint")
+    tokenizer = load_default_tokenizer()
+    torch.manual_seed(1)
+    LlamaForCausalLM(preset_config("tiny", tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory, small_data, checkpoint_dir):
     out = tmp_path_factory.mktemp("ds")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     with socket.socket() as probe:  # a free port: other test runs may be launching ranks at the same time
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(REPO, "tests", "deepspeed_worker.py"), str(out), small_data, *STAGES]
+           os.path.join(REPO, "tests", "deepspeed_worker.py"), str(out), small_data, checkpoint_dir, *STAGES]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
 
 
-def single_process(tmp_path, data_file, reference):
+def single_process(tmp_path, data_file, reference, checkpoint):
     out = tmp_path / reference
     packing = reference.endswith("-packed")
-    train(TrainConfig(model=ModelSpec(name_or_path=reference.removesuffix("-packed")),
+    model = checkpoint if reference.startswith("checkpoint") else reference.removesuffix("-packed")
+    lora = LORA if reference.endswith("-lora") else {}
+    train(TrainConfig(model=ModelSpec(name_or_path=model, **lora),
                       data=DataSpec(files=[data_file], micro_batch_size=4, eval_samples=0, packing=packing,
                                     max_tokens=PACKED_TOKENS if packing else None),
                       output_dir=str(out), max_steps=3, grad_accum=4, save_every=0, progress=False, summary=False))
     return out
+
+
+def load_export(model_dir):
+    """The exported weights, from model.safetensors or from the shards its index lists."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return load_file(os.path.join(model_dir, "model.safetensors"))
+    with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    assert len(files) > 1
+    return {k: v for name in files for k, v in load_file(os.path.join(model_dir, name)).items()}
 
 
 def metrics_file(path):
@@ -71,10 +101,10 @@ def metrics(run_dir):
 
 
 @pytest.mark.parametrize("reference_name", list(REFERENCES))
-def test_zero_stages_match_one_process(distributed_runs, small_data, tmp_path, reference_name):
-    reference_dir = single_process(tmp_path, small_data, reference_name)
+def test_zero_stages_match_one_process(distributed_runs, small_data, checkpoint_dir, tmp_path, reference_name):
+    reference_dir = single_process(tmp_path, small_data, reference_name, checkpoint_dir)
     reference = metrics(reference_dir)
-    reference_model = load_file(os.path.join(reference_dir, "model", "model.safetensors"))
+    reference_model = load_export(os.path.join(reference_dir, "model"))
     for stage in REFERENCES[reference_name]:
         run = distributed_runs / stage
         steps = metrics(run)
@@ -83,7 +113,7 @@ def test_zero_stages_match_one_process(distributed_runs, small_data, tmp_path, r
             for key in LOSSES:
                 assert ours[key] == pytest.approx(ref[key], rel=1e-5), (stage, ours["step"], key)
             assert ours["tokens"] == ref["tokens"]
-        model = load_file(os.path.join(run, "model", "model.safetensors"))
+        model = load_export(os.path.join(run, "model"))
         assert model.keys() == reference_model.keys(), stage
         for name, tensor in model.items():
             assert tensor.shape == reference_model[name].shape, (stage, name)  # full shapes, even under ZeRO-3
@@ -110,3 +140,49 @@ def test_zero3_summary_and_single_writer(distributed_runs):
     assert len(metrics(run)) == 3  # one writer: two would duplicate every line
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["scft"]["num_labels"] == 2
+
+
+def test_zero3_build_from_checkpoint_is_partitioned(distributed_runs, checkpoint_dir):
+    """Right after the ZeRO-3 build (zero.Init through HfDeepSpeedConfig) no rank holds any parameter whole, the
+    head included, and the new head is the one a single process initializes from the same seed."""
+    from scft_fast.training.components import build_model, build_tokenizer
+
+    for rank in range(2):
+        params = json.loads((distributed_runs / f"build_rank{rank}.json").read_text())
+        assert "score.weight" in params and "lm_head.weight" in params
+        for name, p in params.items():
+            assert p["local"] == 0, (rank, name)  # the module's tensor is freed: only the partition is stored
+            assert p["partition"] == -(-p["full"] // 2), (rank, name)  # ceil(full / 2 ranks)
+    head = torch.load(distributed_runs / "build_head.pt")
+    config = TrainConfig(model=ModelSpec(name_or_path=checkpoint_dir))
+    tokenizer, refusal = build_tokenizer(config)
+    torch.manual_seed(config.seed)
+    reference = build_model(config, tokenizer, refusal).score.weight.detach()
+    assert head.shape == reference.shape == (2, 64)
+    torch.testing.assert_close(head, reference, rtol=0, atol=0)
+    assert 0.5 * 0.02 < float(head.std()) < 1.5 * 0.02  # initializer_range, not an uninitialized buffer
+
+
+def test_zero3_exports_load_as_hf_models(distributed_runs):
+    """The sharded ZeRO-3 export loads with transformers' own loader; LoRA's is merged."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = distributed_runs / "zero3_checkpoint" / "model"
+    assert (sharded / "model.safetensors.index.json").exists()
+    AutoModelForCausalLM.from_pretrained(sharded)
+    model = load_export(distributed_runs / "zero3_lora" / "model")
+    assert not any("lora" in k or "base_layer" in k or "modules_to_save" in k for k in model)
+    assert "score.weight" in model and "model.layers.0.self_attn.q_proj.weight" in model
+
+
+def test_json_optimizer_and_scheduler_sections_are_used(distributed_runs):
+    """DeepSpeed built the JSON's AdamW and WarmupLR (linear warmup from warmup_min_lr 0 to --lr over the tiny
+    preset's 10 warmup steps), not our AdamW and schedule: the logged learning rates are WarmupLR's."""
+    run = distributed_runs / "zero1_sections"
+    rows = metrics(run)
+    ours = metrics(distributed_runs / "zero1")
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * k / 10 for k in (0, 1, 2)], rel=1e-6, abs=1e-12)
+    assert [r["lr"] for r in ours] != pytest.approx([r["lr"] for r in rows])
+    assert rows[0]["loss"] == pytest.approx(ours[0]["loss"], rel=1e-5)  # same model and batch before any step
+    optimizer = json.loads((run / "summary.json").read_text())["optimizer"]
+    assert (optimizer["optimizer"], optimizer["scheduler"]) == ("AdamW", "WarmupLR")

@@ -1,20 +1,22 @@
 """`scft-fast train`: the CLI, every output file, exact resume, the loss modes the benchmark switches between."""
 import json
 import os
+import re
 import shutil
 
 import pytest
 
 pytest.importorskip("transformers")
 from scft_fast.cli import SUBCOMMANDS, main  # noqa: E402
-from scft_fast.training import DataSpec, LossSpec, TrainConfig, train  # noqa: E402
+from scft_fast.training import DataSpec, LossSpec, OptimSpec, TrainConfig, train  # noqa: E402
 from scft_fast.training.checkpoint import latest_checkpoint  # noqa: E402
 from scft_fast.training.metrics import auroc  # noqa: E402
 
 REQUIRED_FLAGS = ["--model", "--data", "--output-dir", "--max-steps", "--epochs", "--deepspeed", "--bf16", "--lr",
                   "--micro-batch-size", "--grad-accum", "--max-length", "--packing", "--lm-coef",
                   "--transition-coef", "--cls-coef", "--rto-keep", "--vanilla-safety", "--pool", "--seed", "--resume",
-                  "--resume-override", "--debug"]
+                  "--resume-override", "--debug", "--lora-rank", "--lora-alpha", "--lora-dropout",
+                  "--lora-target-modules", "--warmup-ratio", "--weight-decay"]
 
 
 def read_metrics(run):
@@ -145,19 +147,67 @@ def test_auroc():
     assert auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
 
 
-def test_deepspeed_config_fills_auto_and_refuses_contradictions(tmp_path):
-    from scft_fast.training.engine import deepspeed_config
+def _resolve(tmp_path, ds: dict | str, config: TrainConfig, world_size: int = 2):
+    from scft_fast.data import load_default_tokenizer
+    from scft_fast.training.deepspeed_config import resolve_deepspeed_config
+    from scft_fast.training.presets import preset_config
 
+    path = ds if isinstance(ds, str) else str(tmp_path / "ds.json")
+    if not isinstance(ds, str):
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+    return resolve_deepspeed_config(path, config, world_size, 100, preset_config("tiny", load_default_tokenizer()))
+
+
+def test_deepspeed_config_resolves_auto_as_transformers(tmp_path):
     config = TrainConfig(grad_accum=3, data=DataSpec(micro_batch_size=5))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    filled = deepspeed_config(os.path.join(repo, "training", "zero3_offload.json"), config, world_size=2)
+    filled = _resolve(tmp_path, os.path.join(repo, "training", "zero3_offload.json"), config).config
     assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
             filled["train_batch_size"], filled["gradient_clipping"]) == (5, 3, 30, 1.0)
     assert filled["bf16"]["enabled"] is False and filled["zero_force_ds_cpu_optimizer"] is False
-    contradiction = tmp_path / "ds.json"
-    contradiction.write_text(json.dumps({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 1}}))
-    with pytest.raises(ValueError, match="gradient_accumulation_steps = 8 disagrees"):
-        deepspeed_config(str(contradiction), config, world_size=1)
+    zero = filled["zero_optimization"]  # transformers' rules from the tiny preset's hidden size (64)
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (64 * 64, int(0.9 * 64 * 64), 640)
+    sections = {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                          "weight_decay": "auto", "torch_adam": True}},
+                "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                             "warmup_num_steps": "auto"}},
+                "zero_optimization": {"stage": 2}}
+    filled = _resolve(tmp_path, sections, TrainConfig(optim=OptimSpec(lr=2e-5, warmup_ratio=0.03))).config
+    assert filled["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0,
+                                             "torch_adam": True}
+    assert filled["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 2e-5, "warmup_num_steps": 3}
+
+
+@pytest.mark.parametrize("ds, named", [
+    ({"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 1}}, "gradient_accumulation_steps=8"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}, "optimizer.params.lr=1e-05"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.1}}}, "scheduler.params.warmup_max_lr=0.1"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled=True"),
+    ({"optimizer": {"type": "AdamW", "params": {"amsgrad": "auto"}}}, "optimizer.params.amsgrad"),
+])
+def test_deepspeed_config_conflict_names_the_field(tmp_path, ds, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        _resolve(tmp_path, ds, TrainConfig())
+
+
+def test_recipe_defaults_follow_the_model(tmp_path):
+    from scft_fast.train import build_parser, config_from_args
+
+    def optim(*argv):
+        return config_from_args(build_parser().parse_args(list(argv))).optim
+
+    preset, full, lora = optim(), optim("--model", str(tmp_path)), optim("--model", str(tmp_path), "--lora-rank", "8")
+    assert (preset.lr, preset.warmup_steps_for(100), preset.recipe) == (3e-3, 10, "tiny preset defaults")
+    assert (full.lr, full.weight_decay, full.schedule, full.warmup_steps_for(100)) == (2e-5, 0.0, "cosine", 3)
+    assert full.recipe == "DeRTa full-parameter defaults" and lora.lr == 1e-4
+    given = optim("--model", str(tmp_path), "--lr", "1e-5", "--warmup-steps", "7")
+    assert (given.lr, given.warmup_steps_for(100)) == (1e-5, 7) and "lr, warmup_steps from the command line" in \
+        given.recipe
+    spec = config_from_args(build_parser().parse_args(
+        ["--lora-rank", "96", "--lora-alpha", "16", "--lora-dropout", "0.05", "--lora-target-modules",
+         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"])).model
+    assert (spec.lora_rank, spec.lora_alpha, spec.lora_dropout, len(spec.lora_target_modules)) == (96, 16, 0.05, 7)
 
 
 @pytest.mark.parametrize("argv, max_steps, epochs", [([], 200, 1), (["--epochs", "3"], None, 3),

@@ -7,48 +7,75 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ..data import (DataConfig, PackedBatchSampler, PackedCollator, PaddedCollator, build_dataset,
-                    default_data_files, load_default_tokenizer, refusal_token_id)
+from ..data import (
+    DataConfig,
+    PackedBatchSampler,
+    PackedCollator,
+    PaddedCollator,
+    build_dataset,
+    default_data_files,
+    load_default_tokenizer,
+    refusal_token_id,
+)
 from ..errors import ConfigError
 from ..model import SCFT_CONFIG_KEY, SCFTConfig, SCFTForCausalLM
 from .config import TrainConfig
-from .presets import PRESETS, build_preset
+from .presets import PRESETS, build_preset, preset_config
 
 
-def build_model(config: TrainConfig):
-    """(SCFTForCausalLM, tokenizer, refusal token id) for a preset name or a local HF / SCFT checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def build_tokenizer(config: TrainConfig):
+    """(tokenizer, refusal token id): the embedded tokenizer for a preset, else the checkpoint's."""
+    from transformers import AutoTokenizer
 
-    spec, loss = config.model, config.loss
-    if spec.name_or_path in PRESETS:
+    name = config.model.name_or_path
+    if name in PRESETS:
         tokenizer = load_default_tokenizer()
-        causal_lm, saved = build_preset(spec.name_or_path, tokenizer), None
-    elif os.path.isdir(spec.name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(spec.name_or_path)
-        saved = getattr(AutoConfig.from_pretrained(spec.name_or_path), SCFT_CONFIG_KEY, None)
-        causal_lm = None if saved else AutoModelForCausalLM.from_pretrained(spec.name_or_path)
+    elif os.path.isdir(name):
+        tokenizer = AutoTokenizer.from_pretrained(name)
     else:
-        raise ValueError(f"--model {spec.name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor a local "
-                         f"directory holding a Hugging Face causal LM")
+        raise ConfigError(f"--model {name!r} is neither a preset ({sorted(PRESETS)}) nor a local directory "
+                         f"holding a Hugging Face causal LM")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # pooling never reads pad ids, so EOS padding is safe
-    refusal = refusal_token_id(tokenizer, config.data.refusal_string)
+    return tokenizer, refusal_token_id(tokenizer, config.data.refusal_string)
+
+
+def model_config(config: TrainConfig, tokenizer):
+    """The model's HF config, read before the model is built (DeepSpeed's "auto" sizes come from it)."""
+    from transformers import AutoConfig
+
+    name = config.model.name_or_path
+    return preset_config(name, tokenizer) if name in PRESETS else AutoConfig.from_pretrained(name)
+
+
+def build_model(config: TrainConfig, tokenizer, refusal: int):
+    """The SCFT model (PEFT-wrapped with LoRA) for a preset name or a local HF / SCFT checkpoint directory.
+
+    With a ZeRO-3 HfDeepSpeedConfig alive (resolve_deepspeed_config), transformers builds it inside
+    ``deepspeed.zero.Init``: every parameter, the head's included, is partitioned as it is created, a checkpoint
+    is loaded into the partitions, and no rank holds the whole model."""
+    spec, loss = config.model, config.loss
+    saved = getattr(model_config(config, tokenizer), SCFT_CONFIG_KEY, None)
     # A checkpoint's head keeps its shape (classes, bias); the command line sets how it is trained.
     scft = replace(SCFTConfig.from_dict(saved) if saved else SCFTConfig(), refusal_token_id=refusal, pool=spec.pool,
                    lm_coef=loss.lm_coef, transition_coef=loss.transition_coef, cls_coef=loss.cls_coef,
                    backend=loss.backend)
-    if saved:
-        model = SCFTForCausalLM.from_pretrained(spec.name_or_path, config=scft)
+    if spec.name_or_path in PRESETS:
+        model = build_preset(spec.name_or_path, tokenizer, scft)
     else:
-        if spec.lora_rank > 0:
-            import peft
+        model = SCFTForCausalLM.from_pretrained(spec.name_or_path, init_head=not saved, config=scft)
+    model._check_logits_match()
+    if spec.lora_rank > 0:
+        import peft
 
-            causal_lm = peft.get_peft_model(causal_lm, peft.LoraConfig(
-                r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, target_modules="all-linear", lora_dropout=0.0))
-        model = SCFTForCausalLM.from_causal_lm(causal_lm, scft)
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=spec.lora_rank, lora_alpha=spec.lora_alpha if spec.lora_alpha is not None else 2 * spec.lora_rank,
+            lora_dropout=spec.lora_dropout, target_modules=spec.lora_target_modules,
+            exclude_modules=["score"]))  # the head trains fully (modules_to_save), never through LoRA
+        model = SCFTForCausalLM.from_causal_lm(model, scft)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer, refusal
+    return model
 
 
 def build_data(config: TrainConfig, tokenizer):

@@ -7,24 +7,26 @@ undone by counts divided by the world size (see loop.py).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..model import save_merged
 from .config import OptimSpec, TrainConfig
+from .export import save_zero3_merged
 
 
 def lr_lambda(optim: OptimSpec, total_steps: int):
+    warmup = optim.warmup_steps_for(total_steps)
+
     def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / (optim.warmup_steps + 1)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
         if optim.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
@@ -34,8 +36,11 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSpec, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                   weight_decay=optim.weight_decay, foreach=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
-    return optimizer, scheduler
+    return optimizer, build_scheduler(optimizer, optim, total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSpec, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
 
 
 def restate_optim(scheduler, optim: OptimSpec) -> None:
@@ -94,6 +99,9 @@ class TorchEngine:
         self.scheduler.load_state_dict(state["scheduler"])
         restate_optim(self.scheduler, self.config.optim)
 
+    def save_model(self, path: str) -> None:
+        save_merged(self.module, path)
+
     def eval_forward(self, **batch):
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             return self.module(**batch)
@@ -102,64 +110,30 @@ class TorchEngine:
         self.module.train(mode)
 
 
-def read_deepspeed_file(path: str) -> dict:
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"--deepspeed {path}: no such file (the shipped configs are training/zero*.json)") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--deepspeed {path} is a directory: pass a DeepSpeed JSON file such as "
-                          f"training/zero2.json") from None
-    except ValueError as e:
-        raise ConfigError(f"--deepspeed {path} is not valid JSON ({e}): fix it, or start from training/zero*.json") \
-            from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"--deepspeed {path} holds a JSON {type(ds).__name__}: a DeepSpeed config is one JSON "
-                          f"object ({{\"zero_optimization\": {{\"stage\": 2}}, ...}}), as in training/zero*.json")
-    return ds
-
-
-def deepspeed_config(path: str, config: TrainConfig, world_size: int) -> dict:
-    """The JSON config with our batch geometry, clipping and precision filled in wherever it says "auto"."""
-    ds = read_deepspeed_file(path)
-    mb, gas = config.data.micro_batch_size, config.grad_accum
-    fill = {"train_micro_batch_size_per_gpu": mb, "gradient_accumulation_steps": gas,
-            "train_batch_size": mb * gas * world_size, "gradient_clipping": config.optim.grad_clip}
-    for key, value in fill.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-        elif ds[key] != value:
-            raise ConfigError(f"{path}: {key} = {ds[key]} disagrees with the command line ({value}); set it to "
-                              f"\"auto\"")
-    for precision in ("bf16", "fp16"):
-        section = ds.setdefault(precision, {})
-        if section.get("enabled", "auto") == "auto":
-            section["enabled"] = config.bf16 if precision == "bf16" else False
-    zero = ds.get("zero_optimization", {})
-    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
-        # Our optimizer is torch's AdamW (identical on every engine, no C++ build); DeepSpeed's CPU Adam is an
-        # optional speed-up it would otherwise insist on.
-        ds.setdefault("zero_force_ds_cpu_optimizer", False)
-    ds.setdefault("steps_per_print", 10 ** 9)
-    return ds
-
-
 class DeepSpeedEngine:
-    """DeepSpeed ZeRO 1/2/3 (+ offload) with our AdamW and schedule as client optimizer and scheduler."""
+    """DeepSpeed ZeRO 1/2/3 (+ offload). The JSON's optimizer / scheduler sections, when present, are DeepSpeed's
+    to build (their "auto" fields filled from our flags); otherwise our AdamW and schedule are the client
+    optimizer and scheduler. ``ds_config``: resolve_deepspeed_config's result (its ``.config`` dict)."""
 
-    def __init__(self, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device,
+                 ds_config: dict):
         import deepspeed
 
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
-        ds_config = deepspeed_config(config.deepspeed, config, self.world_size)
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        optimizer, scheduler = build_optimizer(model, config.optim, total_steps)
+        if "optimizer" in ds_config:
+            optimizer = None
+        else:
+            optimizer, _ = build_optimizer(model, config.optim, total_steps)
+        # A callable: DeepSpeed calls it on the optimizer it ends up with (ours or the JSON's).
+        scheduler = None if "scheduler" in ds_config else (lambda opt: build_scheduler(opt, config.optim,
+                                                                                      total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.module = self.engine.module
         self.device, self.optim = device, config.optim
+        self.own_schedule = "scheduler" not in ds_config  # restate_optim knows our LambdaLR only
 
     def forward(self, **batch):
         return self.engine(**batch)
@@ -189,7 +163,16 @@ class DeepSpeedEngine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/engine")
-        restate_optim(self.scheduler, self.optim)
+        if self.own_schedule:
+            restate_optim(self.scheduler, self.optim)
+
+    def save_model(self, path: str) -> None:
+        """Every rank must call this. ZeRO-3: gathered one layer at a time, written by rank 0 in shards
+        (export.save_zero3_merged); ZeRO-1/2: every rank holds the weights, rank 0 writes them."""
+        if self.zero_stage == 3:
+            save_zero3_merged(self.module, path, self.rank)
+        elif self.rank == 0:
+            save_merged(self.module, path)
 
     def eval_forward(self, **batch):
         with torch.no_grad():

@@ -19,10 +19,10 @@ import torch.distributed as dist
 from ..errors import RunError, UserError
 from .accounting import STEP_STATS, output_stats, stat_means, step_targets
 from .checkpoint import latest_checkpoint, load_checkpoint, resume_checkpoint, save_checkpoint
-from .components import BatchPlan, build_data, build_model, padded_batches, to_device
+from .components import BatchPlan, build_data, build_model, build_tokenizer, model_config, padded_batches, to_device
 from .config import TrainConfig
+from .deepspeed_config import resolve_deepspeed_config
 from .engine import DeepSpeedEngine, TorchEngine
-from .export import full_state_dict, save_scft_model
 from .metrics import MetricsLog, evaluate, non_finite_terms, plot_loss_curves, write_json
 from .preflight import check_setup
 from .reporting import Reporter
@@ -81,13 +81,18 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
     torch.manual_seed(config.seed)
     report = say if rank == 0 else (lambda message: None)
     changes = resume_changes(config) if config.resume and rank == 0 else []
-    model, tokenizer, refusal = build_model(config)
+    tokenizer, refusal = build_tokenizer(config)
     train_set, eval_sets, data_stats = build_data(config, tokenizer)
     plan = BatchPlan(train_set, config, tokenizer.pad_token_id, world)
     total_steps = config.max_steps
     if total_steps is None:
         total_steps = sum(plan.steps_in_epoch(e) for e in range(config.epochs))
-    engine = (DeepSpeedEngine if config.deepspeed else TorchEngine)(model, config, total_steps, device)
+    # Alive until training ends: under ZeRO-3 transformers builds the model inside zero.Init while it exists.
+    ds_config = (resolve_deepspeed_config(config.deepspeed, config, world, total_steps,
+                                          model_config(config, tokenizer)) if config.deepspeed else None)
+    model = build_model(config, tokenizer, refusal)
+    engine = (DeepSpeedEngine(model, config, total_steps, device, ds_config.config) if ds_config
+              else TorchEngine(model, config, total_steps, device))
     ignore = engine.module.scft_config.ignore_index
     mode = config.loss.mode
 
@@ -178,18 +183,28 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
 
     after = {name: evaluate(engine, batches, ignore) for name, batches in eval_batches.items()}
     model_dir = os.path.join(config.output_dir, "model")
-    state = full_state_dict(engine.module)
+    engine.save_model(model_dir)
     summary = None
     if rank == 0:
-        save_scft_model(engine.module, model_dir, state, tokenizer)
+        tokenizer.save_pretrained(model_dir)
         plot_loss_curves(log.path, os.path.join(config.output_dir, "loss_curves.png"))
         titles = {name: title for name, (_, title) in eval_sets.items() if name in after}
         summary = _summary(config, log.path, before, after, titles, throughput, data_stats, refusal, world,
                            model_dir)
+        summary["optimizer"] = _optimizer_summary(config, total_steps, ds_config.config if ds_config else {})
         write_json(os.path.join(config.output_dir, "summary.json"), summary)
     if world > 1:
         dist.barrier()
     return summary
+
+
+def _optimizer_summary(config: TrainConfig, total_steps: int, ds: dict) -> dict:
+    """What set the learning rate: the recipe of defaults, or the DeepSpeed JSON's own sections."""
+    optim = config.optim
+    return {"recipe": optim.recipe, "lr": optim.lr, "weight_decay": optim.weight_decay,
+            "schedule": optim.schedule, "warmup_steps": optim.warmup_steps_for(total_steps),
+            "optimizer": ds["optimizer"].get("type") if "optimizer" in ds else "torch AdamW",
+            "scheduler": ds["scheduler"].get("type") if "scheduler" in ds else optim.schedule}
 
 
 def _peak_memory_mb(device: torch.device) -> float:

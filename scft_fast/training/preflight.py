@@ -8,7 +8,7 @@ import torch
 
 from ..errors import ConfigError
 from .config import TrainConfig
-from .engine import deepspeed_config
+from .deepspeed_config import check_deepspeed_config
 from .presets import PRESETS
 
 # What torch.distributed's env:// rendezvous reads; torchrun and the deepspeed launcher set all of them. Without
@@ -54,7 +54,7 @@ def _check_launch(config: TrainConfig) -> None:
             raise ConfigError(f"WORLD_SIZE={world} needs a DeepSpeed config for data parallelism: add "
                               f"--deepspeed training/zero1.json (or zero2/zero3)")
         return
-    deepspeed_config(config.deepspeed, config, world)  # a missing, non-JSON or contradicting file is named now
+    check_deepspeed_config(config.deepspeed, config, world)  # a missing, non-JSON or contradicting file is named now
     missing = [k for k in LAUNCHER_ENV if k not in os.environ]
     if missing:
         raise ConfigError(f"--deepspeed needs a distributed launcher ({', '.join(missing)} not set): run "

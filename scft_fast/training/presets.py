@@ -1,6 +1,10 @@
 """Built-in model presets: small random-initialized Llama-architecture models over the embedded tokenizer."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
+from ..model import SCFT_CONFIG_KEY, SCFTConfig, scft_class
+
 # Sized so that the default run (200 steps of 16 embedded samples) takes well under 3 minutes on 2 CPU cores.
 PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -10,13 +14,37 @@ PRESETS = {
 }
 
 
-def build_preset(name: str, tokenizer, max_position_embeddings: int = 2048):
-    """(causal LM, tokenizer) for a preset; the model's vocabulary and special ids follow the tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def preset_config(name: str, tokenizer, max_position_embeddings: int = 2048):
+    """The preset's LlamaConfig; its vocabulary and special ids follow the tokenizer."""
+    from transformers import LlamaConfig
 
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)} (or pass a local model path)")
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", **PRESETS[name])
-    return LlamaForCausalLM(config)
+    return LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", **PRESETS[name])
+
+
+def build_preset(name: str, tokenizer, scft: SCFTConfig | None = None, max_position_embeddings: int = 2048):
+    """The preset as a random-initialized causal LM; with ``scft``, the patched class with its head.
+
+    Under ZeRO-3 (transformers' HfDeepSpeedConfig alive) ``_from_config`` builds it inside ``deepspeed.zero.Init``
+    and rank 0 initializes one module at a time (initialize_weights_zero3). On one process it is built the same
+    way without the partitioning: construction without initialization, then ``initialize_weights``, which draws
+    in the same module order, so a seed gives the same weights on one process and under ZeRO-3."""
+    from transformers import LlamaForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    config = preset_config(name, tokenizer, max_position_embeddings)
+    model_class = LlamaForCausalLM
+    if scft is not None:
+        setattr(config, SCFT_CONFIG_KEY, asdict(scft))
+        model_class = scft_class(LlamaForCausalLM)
+    if is_deepspeed_zero3_enabled():
+        return model_class._from_config(config)
+    with no_init_weights():
+        model = model_class(config)
+    model.initialize_weights()
+    model.tie_weights()
+    return model
