@@ -31,7 +31,7 @@ from .data.constants import UNSAFE
 from .model import unwrap
 from .ops import IGNORE_INDEX
 from .training.accounting import STEP_STATS, output_stats, pooled_loss, stat_means, step_targets
-from .training.export import full_state_dict, save_scft_model
+from .training.export import export_model
 from .training.metrics import auroc
 
 
@@ -150,17 +150,16 @@ class SCFTTrainerMixin:
     # -- saving ---------------------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """What ``SCFTForCausalLM.from_pretrained`` loads, with the tokenizer and the training arguments. Every rank
-        calls it (Trainer does): ZeRO-3 partitions are gathered, then the main process writes."""
+        calls it (Trainer does): ZeRO-3 partitions are gathered one layer at a time, the main process writes."""
         model = self.accelerator.unwrap_model(self.model)
         if _internal_call and unwrap(model) is not model:
             # A PEFT run's checkpoints stay PEFT's adapter files (the head is among its modules_to_save): what
             # Trainer resumes from. The final save_model() writes the merged model.
             return super().save_model(output_dir, _internal_call=True)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        state = full_state_dict(model)
+        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        export_model(model, output_dir, tokenizer if self.args.should_save else None)
         if self.args.should_save:
-            tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
-            save_scft_model(model, output_dir, state, tokenizer)
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)

@@ -9,7 +9,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
-from scft_fast.training import DataSpec, ModelSpec, TrainConfig, engine, export, train
+from scft_fast.training import DataSpec, ModelSpec, TrainConfig, export, train
 
 LORA = dict(lora_rank=4, lora_alpha=16.0, lora_dropout=0.0,
             lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -85,7 +85,7 @@ def main(out_dir: str, data_file: str, checkpoint: str, names: list[str]) -> Non
         record_build(out_dir, data_file, checkpoint)
     for name in names:
         if name == "zero3_checkpoint":  # small shards: the export's multi-file path (index + several files)
-            with mock.patch.object(engine, "save_zero3_merged",
+            with mock.patch.object(export, "save_zero3_merged",
                                    functools.partial(export.save_zero3_merged, max_shard_bytes=EXPORT_SHARD_BYTES)):
                 train(config(out_dir, data_file, checkpoint, name))
         else:

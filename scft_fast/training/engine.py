@@ -13,9 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..model import save_merged
 from .config import OptimSpec, TrainConfig
-from .export import save_zero3_merged
+from .export import export_model
 
 
 def lr_lambda(optim: OptimSpec, total_steps: int):
@@ -100,7 +99,7 @@ class TorchEngine:
         restate_optim(self.scheduler, self.config.optim)
 
     def save_model(self, path: str) -> None:
-        save_merged(self.module, path)
+        export_model(self.module, path)
 
     def eval_forward(self, **batch):
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
@@ -169,10 +168,7 @@ class DeepSpeedEngine:
     def save_model(self, path: str) -> None:
         """Every rank must call this. ZeRO-3: gathered one layer at a time, written by rank 0 in shards
         (export.save_zero3_merged); ZeRO-1/2: every rank holds the weights, rank 0 writes them."""
-        if self.zero_stage == 3:
-            save_zero3_merged(self.module, path, self.rank)
-        elif self.rank == 0:
-            save_merged(self.module, path)
+        export_model(self.module, path)
 
     def eval_forward(self, **batch):
         with torch.no_grad():

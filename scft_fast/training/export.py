@@ -1,12 +1,10 @@
 """Saving the trained model: one implementation for ``SCFTTrainer.save_model`` and ``scft-fast train``.
 
-``full_state_dict`` is collective under ZeRO-3 (every rank gathers the partitions; rank 0 keeps full-shape CPU
-copies); ``save_scft_model`` then writes, on one rank, what ``SCFTForCausalLM.from_pretrained`` (and
-``AutoModelForCausalLM``) load: ``model.save_merged``'s checkpoint (LoRA deltas merged, ``score.*``, the SCFT
-settings under config.json's "scft" key) and the tokenizer.
+``export_model`` writes, on rank 0, what ``SCFTForCausalLM.from_pretrained`` (and ``AutoModelForCausalLM``) load:
+``model.save_merged``'s checkpoint (LoRA deltas merged, ``score.*``, the SCFT settings under config.json's "scft"
+key) and the tokenizer.
 
-``save_zero3_merged`` writes the same files from a ZeRO-3 model without a full gather (``scft-fast train``'s
-export): one unit at a time (a decoder layer, i.e. a class in the model's ``_no_split_modules``; else the
+Under ZeRO-3, ``save_zero3_merged`` writes the same files without a full gather: one unit at a time (a decoder layer, i.e. a class in the model's ``_no_split_modules``; else the
 embedding, the final norm, the LM head, the SCFT head, each on its own) is gathered with
 ``GatheredParameters(modifier_rank=None)``: read-only, so nothing is broadcast back when it ends. Rank 0 alone
 copies the unit's merged tensors (LoRA folded in, as ``merged_state_dict`` does for a whole model) to CPU,
@@ -17,7 +15,6 @@ The files are what ``save_pretrained`` writes: ``model.safetensors`` (or ``model
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
@@ -30,37 +27,16 @@ from ..model import merged_state_dict, save_merged, unwrap
 MAX_SHARD_BYTES = 2 ** 30  # rank 0's host-side ceiling during the export (plus the unit being written)
 
 
-def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU copies that keep tied tensors tied (one copy per storage), so that the HF save drops the tied key."""
-    copies, out = {}, {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if key not in copies:
-            copies[key] = tensor.detach().to("cpu", copy=True)
-        out[name] = copies[key]
-    return out
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``merged_state_dict(model)`` as full-shape CPU tensors on rank 0, an empty dict on
-    the other ranks. Every rank must call it: ZeRO-3 partitions (parameters with a ``ds_id``) are gathered."""
-    params = list(model.parameters())
-    gather = contextlib.nullcontext()
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    with gather:
-        state = cpu_copy(merged_state_dict(model))
+def export_model(model: torch.nn.Module, path: str, tokenizer=None) -> None:
+    """What ``SCFTForCausalLM.from_pretrained`` (and ``AutoModelForCausalLM``) load, written by rank 0, with the
+    tokenizer. Every rank calls it: ZeRO-3 partitions (parameters with a ``ds_id``) are gathered one unit at a
+    time (``save_zero3_merged``); otherwise every rank holds the weights and rank 0 writes ``save_merged``."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return state if rank == 0 else {}
-
-
-def save_scft_model(model: torch.nn.Module, path: str, state_dict: dict[str, torch.Tensor],
-                    tokenizer=None) -> None:
-    """Writes ``state_dict`` (from ``full_state_dict``) as what ``SCFTForCausalLM.from_pretrained`` loads."""
-    save_merged(model, path, state_dict=state_dict)
-    if tokenizer is not None:
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        save_zero3_merged(model, path, rank)
+    elif rank == 0:
+        save_merged(model, path)
+    if rank == 0 and tokenizer is not None:
         tokenizer.save_pretrained(path)
 
 
