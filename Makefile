@@ -18,8 +18,10 @@ $(VENV)/.installed: setup.py constraints.txt
 	DS_BUILD_OPS=0 $(PIP) --no-build-isolation -e ".[triton,train,trl,dev]"
 	touch $@
 
-# The whole test suite, on CPU (Triton through its interpreter).
+# The linter (ruff.toml: pyflakes + import order), then the whole test suite, on CPU (Triton through its
+# interpreter).
 test: venv
+	$(BIN)/ruff check .
 	$(BIN)/pytest tests
 
 # The main job: train the tiny preset on the embedded dataset (SCFT + DeRTa), on CPU.

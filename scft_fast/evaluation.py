@@ -35,13 +35,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .arguments import add_debug_flag, cli_main, non_empty_str, non_negative_int, positive_int, probability
-from .data import (REFUSAL_STRING, SAFE, UNSAFE, ChatRenderer, DataConfig, DataError, SampleEncoder,
-                   default_data_files)
+from .data import REFUSAL_STRING, SAFE, UNSAFE, ChatRenderer, DataConfig, DataError, SampleEncoder, default_data_files
 from .data.constants import CLS_LABELS
 from .data.records import parse_record
 from .errors import ConfigError
-from .generation import (PROMPT_FIELDS, THRESHOLD, check_model_dir, generate_safe, load_model, p_unsafe_of,
-                         read_records, resolve_threshold)
+from .generation import (
+    PROMPT_FIELDS,
+    THRESHOLD,
+    check_model_dir,
+    generate_safe,
+    load_model,
+    p_unsafe_of,
+    read_records,
+    resolve_threshold,
+)
 from .model import SCFT_CONFIG_KEY, SCFTConfig
 
 # DeRTa's file names say what their questions are.

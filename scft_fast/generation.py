@@ -30,8 +30,15 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
-from .arguments import add_debug_flag, cli_main, non_empty_str, non_negative_int, positive_float, positive_int, \
-    probability
+from .arguments import (
+    add_debug_flag,
+    cli_main,
+    non_empty_str,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from .data import REFUSAL_STRING, SAFE, ChatRenderer, DataError
 from .errors import ConfigError
 

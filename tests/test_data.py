@@ -13,8 +13,18 @@ import torch
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
-from scft_fast.data import (IGNORE_INDEX, SAFE, UNSAFE, DataConfig, DataError, PackedBatchSampler,  # noqa: E402
-                            PackedCollator, PaddedCollator, build_dataset, load_default_tokenizer)
+from scft_fast.data import (  # noqa: E402
+    IGNORE_INDEX,
+    SAFE,
+    UNSAFE,
+    DataConfig,
+    DataError,
+    PackedBatchSampler,
+    PackedCollator,
+    PaddedCollator,
+    build_dataset,
+    load_default_tokenizer,
+)
 from scft_fast.data.encode import rto_positions  # noqa: E402
 from scft_fast.data.records import harmful_prefix_words  # noqa: E402
 from shared_data import DERTA  # noqa: E402

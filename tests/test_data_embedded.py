@@ -10,8 +10,16 @@ import pytest
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
-from scft_fast.data import (IGNORE_INDEX, SAFE, UNSAFE, DataConfig, PaddedCollator, build_dataset,  # noqa: E402
-                            default_data_files, load_default_tokenizer)
+from scft_fast.data import (  # noqa: E402
+    IGNORE_INDEX,
+    SAFE,
+    UNSAFE,
+    DataConfig,
+    PaddedCollator,
+    build_dataset,
+    default_data_files,
+    load_default_tokenizer,
+)
 from scft_fast.data.embedded import SPLITS, generate, generate_separate  # noqa: E402
 
 

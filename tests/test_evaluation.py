@@ -13,12 +13,22 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from scft_fast import evaluation  # noqa: E402
 from scft_fast.data import SAFE, UNSAFE, default_data_files, load_default_tokenizer  # noqa: E402
-from scft_fast.evaluation import (EvalConfig, EvalData, auroc, auroc_ref, evaluate, head_metrics,  # noqa: E402
-                                  is_refusal, load_eval_data, main, score_pairs, threshold_at_fpr,
-                                  threshold_at_fpr_ref)
+from scft_fast.evaluation import (  # noqa: E402
+    EvalConfig,
+    EvalData,
+    auroc,
+    auroc_ref,
+    evaluate,
+    head_metrics,
+    is_refusal,
+    load_eval_data,
+    main,
+    score_pairs,
+    threshold_at_fpr,
+    threshold_at_fpr_ref,
+)
 from scft_fast.generation import SafeGeneration, encode_prompts, generate_safe, load_model, p_unsafe_ref  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
-
 from shared_data import DERTA, needs_derta  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

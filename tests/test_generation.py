@@ -10,15 +10,23 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, LogitsProcessor,  # noqa: E402
-                          LogitsProcessorList, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (  # noqa: E402
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from scft_fast.data import load_default_tokenizer  # noqa: E402
-from scft_fast.generation import (REFUSAL_TEXT, encode_prompts, generate_safe, left_pad, main,  # noqa: E402
-                                  p_unsafe_ref, read_prompts)
+from scft_fast.generation import REFUSAL_TEXT, encode_prompts, generate_safe, left_pad, main, p_unsafe_ref, read_prompts  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
-
 from shared_data import DERTA, needs_derta  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

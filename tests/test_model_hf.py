@@ -10,8 +10,14 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig,  # noqa: E402
-                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from scft_fast import SCFTConfig, SCFTForCausalLM, apply_scft_fast  # noqa: E402
 from scft_fast.model import export_sequence_classifier  # noqa: E402

@@ -16,8 +16,14 @@ from dataclasses import asdict, dataclass, field
 
 from .config import DataConfig
 from .constants import SAFE, UNSAFE
-from .encode import (STATUS_DROPPED, STATUS_INVALID, STATUS_OK, STATUS_TRUNCATED_PROMPT, STATUS_TRUNCATED_TARGET,
-                     SampleEncoder)
+from .encode import (
+    STATUS_DROPPED,
+    STATUS_INVALID,
+    STATUS_OK,
+    STATUS_TRUNCATED_PROMPT,
+    STATUS_TRUNCATED_TARGET,
+    SampleEncoder,
+)
 from .records import ChatRenderer, DataError, detect_format, parse_record
 
 logger = logging.getLogger(__name__)

@@ -30,8 +30,18 @@ from jinja2 import TemplateError
 
 from ..errors import UserError
 from .config import DataConfig
-from .constants import (CLS_LABELS, DERTA_CHAT_TEMPLATE, END_OF_TEXT, KIND_HARMFUL_PREFIX, KIND_HELPFUL,
-                        KIND_MLE, KIND_REFUSAL, KIND_RTO, SAFE, UNSAFE)
+from .constants import (
+    CLS_LABELS,
+    DERTA_CHAT_TEMPLATE,
+    END_OF_TEXT,
+    KIND_HARMFUL_PREFIX,
+    KIND_HELPFUL,
+    KIND_MLE,
+    KIND_REFUSAL,
+    KIND_RTO,
+    SAFE,
+    UNSAFE,
+)
 
 # Stands in for the assistant's content when a conversation is rendered, to find where the target starts.
 _TARGET_SENTINEL = "SCFTFASTTARGETSENTINEL"
