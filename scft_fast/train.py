@@ -21,6 +21,7 @@ from .arguments import (
     probability,
 )
 from .data.constants import MIN_LENGTH
+from .ops.backends import BACKENDS
 from .training.config import (
     LOSS_MODES,
     RECIPES,
@@ -116,7 +117,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "--lora-rank 96 --lora-alpha 16 --lora-dropout 0.05 --lora-target-modules "
                         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--backend", choices=("auto", "triton", "torch", "cpu"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="safety_loss backend (default: auto; triton needs a CUDA GPU)")
     p.add_argument("--seed", type=non_negative_int, default=_T.seed,
                    help="model init, data order and RTO sampling (default: 0)")
