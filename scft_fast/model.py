@@ -26,10 +26,10 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .ops import IGNORE_INDEX, last_token_index, safety_loss
+from .constants import IGNORE_INDEX, POOLS
+from .ops import last_token_index, safety_loss
 from .ops.cls_head import MAX_CLASSES, MIN_CLASSES
 
-POOLS = ("eos", "pre_eos")
 HEAD_PREFIX = "score."
 SCFT_CONFIG_KEY = "scft"  # the SCFT settings live under this key of the causal LM's config.json
 

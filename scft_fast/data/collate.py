@@ -25,7 +25,8 @@ import math
 import numpy as np
 import torch
 
-from .constants import IGNORE_INDEX, PAD_TO_MULTIPLE_OF
+from ..constants import IGNORE_INDEX
+from .constants import PAD_TO_MULTIPLE_OF
 
 # The dataset columns the collators read: Trainer must keep them (see SCFTTrainerMixin) though they are no
 # forward arguments.
