@@ -11,7 +11,6 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
 from .config import OptimSpec, TrainConfig
 from .export import export_model
@@ -55,8 +54,6 @@ def restate_optim(scheduler, optim: OptimSpec) -> None:
 
 class TorchEngine:
     """A single process: AdamW, clipping, the LR schedule; bf16 through autocast over float32 weights."""
-
-    world_size, rank = 1, 0
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
         self.module = model.to(device)
@@ -118,7 +115,6 @@ class DeepSpeedEngine:
                  ds_config: dict):
         import deepspeed
 
-        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if "optimizer" in ds_config:
             optimizer = None
