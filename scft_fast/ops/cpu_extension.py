@@ -1,7 +1,8 @@
 """The C++ CPU epilogue (csrc/safety_epilogue.cpp): loaded prebuilt, else built just in time, else None.
 
 ``safety_epilogue_cpu`` has the contract of its torch twin ``safety_epilogue_torch`` (safety_epilogue.py, the
-spec); one OpenMP-parallel, vectorized pass per row. The cpu backend has no C++ head: it uses ``cls_head_torch``.
+spec); OpenMP over blocks of rows, three vectorized sweeps of each row in L2 (csrc/README.md). The cpu backend
+has no C++ head: it uses ``cls_head_torch``.
 
 Where the compiled module comes from, first hit wins, once per process:
 1. ``scft_fast._C``, built by ``SCFT_BUILD_OPS=1 pip install ...`` (setup.py), if built from this source,
