@@ -78,7 +78,8 @@ class TorchEngine:
         return float(norm)
 
     def micro_step(self) -> None:
-        """Called after every micro-batch's backward; DeepSpeed counts them, a single process does not need to."""
+        """Called after each micro-batch's backward but the step's last, which ``step`` closes; DeepSpeed counts
+        them, a single process does not need to."""
 
     @property
     def lr(self) -> float:
