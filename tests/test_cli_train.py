@@ -176,6 +176,24 @@ def test_head_bias_and_chunk_size_reach_the_model(tmp_path):
         model("--model", str(tmp_path), "--no-head-bias")
 
 
+def test_resume_checks_name_the_flags_of_the_config(tmp_path):
+    import json
+
+    from scft_fast.errors import UserError
+    from scft_fast.training.run_dir import RUN_DEFINING, resume_changes
+
+    flags = {action.dest: action.option_strings[0] for action in build_parser()._actions}
+    assert all(key in flags for key in RUN_DEFINING)
+    run = ["--output-dir", str(tmp_path), "--resume"]
+    saved = config_from_args(build_parser().parse_args(run))
+    (tmp_path / "train_config.json").write_text(json.dumps(saved.to_dict()))
+    changed = config_from_args(build_parser().parse_args(run + ["--truncation", "drop", "--chunk-size", "64"]))
+    with pytest.raises(UserError, match=r"--resume: --truncation 'drop' \(the run's: 'prompt'\) would change"):
+        resume_changes(changed)
+    assert resume_changes(dataclasses.replace(changed, resume_override=True)) == [
+        "--chunk-size 64 (was None)", "--truncation 'drop' (was 'prompt')"]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--chunk-size", "0"], "argument --chunk-size: expected a positive integer, got 0"),
     (["--betas", "1", "0.9"], "argument --betas: expected a number in [0, 1), got 1"),

@@ -14,7 +14,7 @@ from ..arguments import add_config_arguments, add_debug_flag, cli_main, dataclas
 from ..training.config import RECIPES, OptimSpec, TrainConfig, default_recipe
 from ..training.presets import PRESETS
 
-SECTIONS = {"model": "model", "loss": "loss", "data": "data", "optim": "optimizer (unset: the recipe's defaults)"}
+SECTIONS = {"optim": "optimizer"}  # the --help group of each spec: its field name, or this title
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
