@@ -192,7 +192,7 @@ def test_deepspeed_config_conflict_names_the_field(tmp_path, ds, named):
 
 
 def test_recipe_defaults_follow_the_model(tmp_path):
-    from scft_fast.train import build_parser, config_from_args
+    from scft_fast.cli.train import build_parser, config_from_args
 
     def optim(*argv):
         return config_from_args(build_parser().parse_args(list(argv))).optim
@@ -214,7 +214,7 @@ def test_recipe_defaults_follow_the_model(tmp_path):
                                                     (["--max-steps", "50"], 50, 1),
                                                     (["--max-steps", "0", "--epochs", "2"], None, 2)])
 def test_steps_or_epochs(argv, max_steps, epochs):
-    from scft_fast.train import build_parser, config_from_args
+    from scft_fast.cli.train import build_parser, config_from_args
 
     config = config_from_args(build_parser().parse_args(argv))
     assert (config.max_steps, config.epochs) == (max_steps, epochs)

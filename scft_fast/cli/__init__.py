@@ -5,7 +5,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "train": "scft_fast.train",
+    "train": "scft_fast.cli.train",
     "generate": "scft_fast.generation",
     "eval": "scft_fast.evaluation",
 }

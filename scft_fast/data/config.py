@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..constants import IGNORE_INDEX, POOLS
-from .constants import MAX_LENGTH, MIN_LENGTH, REFUSAL_STRING
+from .constants import CLS_LABELS, MAX_LENGTH, MIN_LENGTH, REFUSAL_STRING, TRUNCATIONS
 
 
 @dataclass
@@ -27,9 +27,9 @@ class DataConfig:
             raise ValueError(f"rto_keep must be in (0, 1], got {self.rto_keep}")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        if self.truncation not in ("prompt", "drop"):
+        if self.truncation not in TRUNCATIONS:
             raise ValueError(f"truncation must be 'prompt' or 'drop', got {self.truncation!r}")
-        if self.prefix_label not in (None, "safe", "unsafe"):
+        if self.prefix_label is not None and self.prefix_label not in CLS_LABELS:
             raise ValueError(f"prefix_label must be None, 'safe' or 'unsafe', got {self.prefix_label!r}")
         if self.max_length < MIN_LENGTH:
             raise ValueError(f"max_length must be at least {MIN_LENGTH} tokens, got {self.max_length}")

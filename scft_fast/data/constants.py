@@ -36,3 +36,6 @@ KIND_RTO = "rto"  # harmful response trained with refusal-token transitions, uns
 KIND_HARMFUL_PREFIX = "harmful_prefix"  # harmful prefix as context, safe response as target
 KIND_MLE = "mle"  # DeRTa-format or chat record with safe="false" and nothing else known: MLE, safe
 KINDS = (KIND_HELPFUL, KIND_REFUSAL, KIND_RTO, KIND_HARMFUL_PREFIX, KIND_MLE)
+
+# The values of the data config's choices; a CLI takes them as its `choices`.
+TRUNCATIONS = ("prompt", "drop")  # a sample over max_length: cut (the prompt's start first) | dropped

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -58,9 +58,13 @@ def build_model(config: TrainConfig, tokenizer, refusal: int):
     spec, loss = config.model, config.loss
     saved = getattr(model_config(config, tokenizer), SCFT_CONFIG_KEY, None)
     # A checkpoint's head keeps its shape (classes, bias); the command line sets how it is trained.
-    scft = replace(SCFTConfig.from_dict(saved) if saved else SCFTConfig(), refusal_token_id=refusal, pool=spec.pool,
-                   lm_coef=loss.lm_coef, transition_coef=loss.transition_coef, cls_coef=loss.cls_coef,
-                   backend=loss.backend)
+    head = SCFTConfig.from_dict(saved) if saved else SCFTConfig()
+    if spec.head_bias is not None and saved and spec.head_bias != head.head_bias:
+        raise ConfigError(f"--{'' if spec.head_bias else 'no-'}head-bias: the SCFT head of {spec.name_or_path} "
+                          f"has {'no' if spec.head_bias else 'a'} bias, and a checkpoint's head keeps its shape")
+    scft = replace(head, refusal_token_id=refusal, pool=spec.pool, lm_coef=loss.lm_coef,
+                   transition_coef=loss.transition_coef, cls_coef=loss.cls_coef, backend=loss.backend,
+                   chunk_size=loss.chunk_size, head_bias=head.head_bias if spec.head_bias is None else spec.head_bias)
     if spec.name_or_path in PRESETS:
         model = build_preset(spec.name_or_path, tokenizer, scft)
     else:
@@ -79,14 +83,20 @@ def build_model(config: TrainConfig, tokenizer, refusal: int):
     return model
 
 
+def data_config_of(config: TrainConfig) -> DataConfig:
+    """The data layer's config: DataSpec's fields of the same name, the pool of the model's head, the run's
+    seed."""
+    spec = config.data
+    shared = {f.name: getattr(spec, f.name) for f in fields(DataConfig) if hasattr(spec, f.name)}
+    return DataConfig(**shared, pool=config.model.pool, seed=config.seed)
+
+
 def build_data(config: TrainConfig, tokenizer):
     """(train dataset, {name: (eval dataset, column title)}, train DataStats). Eval sets keep every RTO position.
     With the embedded data: "eval", held out from the training generator, and "separate", written by a separate
     generator; with --data: "eval" from --eval-data, if given."""
     spec = config.data
-    data_config = DataConfig(refusal_string=spec.refusal_string, rto_keep=spec.rto_keep, pool=config.model.pool,
-                             max_length=spec.max_length, seed=config.seed, num_proc=spec.num_proc,
-                             vanilla_safety=spec.vanilla_safety)
+    data_config = data_config_of(config)
     train_files = spec.files or default_data_files("train")
     train_set, stats = build_dataset(train_files, tokenizer, data_config)
     if spec.eval_files:

@@ -1,10 +1,32 @@
-"""Training configuration: dataclasses whose defaults run (the tiny preset on the embedded data, on CPU)."""
+"""Training configuration: dataclasses whose defaults run (the tiny preset on the embedded data, on CPU).
+
+Each field's metadata is its `scft-fast train` flag and help (scft_fast.arguments.option): the CLI's flags are
+built from these classes, so a field added here is a documented flag.
+"""
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..data.constants import MAX_LENGTH, REFUSAL_STRING
+from ..arguments import (
+    decay_rate,
+    fraction,
+    int_at_least,
+    module_names,
+    no_flag,
+    non_empty_str,
+    non_negative_float,
+    non_negative_int,
+    option,
+    positive_float,
+    positive_int,
+    probability,
+)
+from ..constants import POOLS
+from ..data.constants import CLS_LABELS, MAX_LENGTH, MIN_LENGTH, REFUSAL_STRING, TRUNCATIONS
+from ..ops.backends import BACKENDS
+from .reporting import REPORT_TO
 
 LOSS_MODES = ("full", "fused-lm", "hf")
 TINY_PRESET = "tiny"
@@ -12,22 +34,47 @@ TINY_PRESET = "tiny"
 
 @dataclass
 class ModelSpec:
-    name_or_path: str = TINY_PRESET  # a local HF causal LM / SCFT checkpoint, or a preset name (presets.py)
-    pool: str = "eos"  # "eos" | "pre_eos"
-    lora_rank: int = 0  # > 0: LoRA on the base model's linear layers, the head fully trained
-    lora_alpha: float | None = None  # None: 2 * lora_rank
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"  # PEFT's target_modules ("all-linear" or module names)
-    gradient_checkpointing: bool = False
+    name_or_path: str = field(default=TINY_PRESET, metadata=option(
+        "local HF causal LM or SCFT checkpoint directory, or a preset (default: %(default)r, a small "
+        "random-initialized Llama over the embedded tokenizer; 'tiny-tied' ties its embeddings)", flag="--model"))
+    pool: str = field(default="eos", metadata=option(
+        "the classifier's token: eos (SCFT) or the one before it (free at inference; default: %(default)s)",
+        choices=POOLS))
+    lora_rank: int = field(default=0, metadata=option(
+        "LoRA rank on the base model's linear layers, the head fully trained (default: %(default)s, full "
+        "fine-tuning)", type=non_negative_int))
+    lora_alpha: float | None = field(default=None, metadata=option(
+        "LoRA scaling numerator, the update is alpha / rank * B A (default: 2 * rank)", type=positive_float))
+    lora_dropout: float = field(default=0.0, metadata=option(
+        "dropout on LoRA's input (default: %(default)g)", type=probability))
+    # PEFT's target_modules: "all-linear" or module names.
+    lora_target_modules: list[str] | str = field(default="all-linear", metadata=option(
+        "comma-separated module names LoRA adapts, or all-linear (default); DeRTa's 70B recipe: --lora-rank 96 "
+        "--lora-alpha 16 --lora-dropout 0.05 --lora-target-modules "
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", type=module_names, metavar="NAMES"))
+    gradient_checkpointing: bool = field(default=False, metadata=option("recompute activations in backward"))
+    # None: a checkpoint's head keeps its own; a new head has none (it then exports to
+    # AutoModelForSequenceClassification, whose score layer has no bias).
+    head_bias: bool | None = field(default=None, metadata=option(
+        "give a new SCFT head a bias (default: none; a checkpoint's head keeps its own, and a different setting "
+        "is refused)", action=argparse.BooleanOptionalAction))
 
 
 @dataclass
 class LossSpec:
-    mode: str = "full"  # "full": LM + RTO + head | "fused-lm": fused LM loss only | "hf": the model's own loss
-    lm_coef: float = 1.0
-    transition_coef: float = 1.0
-    cls_coef: float = 1.0
-    backend: str = "auto"
+    mode: str = field(default="full", metadata=option(
+        "full: LM + RTO + safety head (fused) | fused-lm: the fused LM loss alone | hf: the model's own loss over "
+        "materialized logits (default: %(default)s)", flag="--loss", choices=LOSS_MODES))
+    lm_coef: float = field(default=1.0, metadata=option(
+        "weight of the LM term (default: %(default)g)", type=non_negative_float))
+    transition_coef: float = field(default=1.0, metadata=option(
+        "weight of DeRTa's RTO term (default: %(default)g)", type=non_negative_float))
+    cls_coef: float = field(default=1.0, metadata=option(
+        "weight of SCFT's classification term (default: %(default)g)", type=non_negative_float))
+    backend: str = field(default="auto", metadata=option(
+        "safety_loss backend (default: %(default)s; triton needs a CUDA GPU)", choices=BACKENDS))
+    chunk_size: int | None = field(default=None, metadata=option(
+        "safety_loss rows per chunk of the vocabulary pass (default: chosen from the shapes)", type=positive_int))
 
     def __post_init__(self):
         if self.mode not in LOSS_MODES:
@@ -36,19 +83,48 @@ class LossSpec:
 
 @dataclass
 class DataSpec:
-    files: list[str] | None = None  # JSONL files; None: the embedded dataset
-    eval_files: list[str] | None = None  # None: the embedded eval split with the embedded data, else none
-    max_length: int = MAX_LENGTH
-    packing: bool = False  # several sequences per row, block-diagonal attention, no padding
-    max_tokens: int | None = None  # packed micro-batch budget; None: micro_batch_size * longest sample
-    micro_batch_size: int = 16
+    files: list[str] | None = field(default=None, metadata=option(
+        "training JSONL files (DeRTa, triple or chat format; default: the embedded dataset)", flag="--data",
+        nargs="+", metavar="FILE"))
+    eval_files: list[str] | None = field(default=None, metadata=option(
+        "held-out JSONL files for the summary (default: the embedded eval split when --data is not given, else "
+        "none)", flag="--eval-data", nargs="+", metavar="FILE"))
+    max_length: int = field(default=MAX_LENGTH, metadata=option(
+        f"longest sample in tokens, at least {MIN_LENGTH}; longer ones lose prompt tokens first (default: "
+        "%(default)s)", type=int_at_least(MIN_LENGTH)))
+    truncation: str = field(default="prompt", metadata=option(
+        "a sample longer than --max-length: prompt: cut the prompt's start first, then the target's end | drop: "
+        "leave it out (default: %(default)s)", choices=TRUNCATIONS))
+    packing: bool = field(default=False, metadata=option(
+        "pack several sequences per row (block-diagonal attention, no padding)"))
+    max_tokens: int | None = field(default=None, metadata=option(
+        "token budget of a packed micro-batch (with --packing; default: --micro-batch-size times the longest "
+        "sample)", type=positive_int))
+    micro_batch_size: int = field(default=16, metadata=option(
+        "sequences per micro-batch and rank (default: %(default)s); with --packing the token budget is this times "
+        "the longest sample unless --max-tokens is given", type=positive_int))
     # The demo's recipe (measured on the separate-generator split, README): DeRTa's sparse RTO and vanilla refusals,
     # which give the head (harmful request, refusal) pairs labeled safe.
-    rto_keep: float = 0.2
-    vanilla_safety: bool = True  # also train instruction -> refusal from each harmful triple, labeled safe
-    refusal_string: str = REFUSAL_STRING
-    eval_samples: int = 1024  # held-out samples of each eval set scored in the summary (0: no evaluation)
-    num_proc: int = 1
+    rto_keep: float = field(default=0.2, metadata=option(
+        "fraction of RTO positions kept per sample, in (0, 1] (DeRTa's full-parameter recipe: 0.05; default: "
+        "%(default)s)", type=fraction))
+    vanilla_safety: bool = field(default=True, metadata=option(
+        "also train each harmful triple's instruction -> refusal, labeled safe for the head (default: on)",
+        action=argparse.BooleanOptionalAction))
+    prefix_label: str | None = field(default=None, metadata=option(
+        "head label of the harmful-prefix samples (harmful-response prefix as context, refusal as target; "
+        "default: unlabeled)", choices=tuple(CLS_LABELS)))
+    refusal_string: str = field(default=REFUSAL_STRING, metadata=option(
+        "its first token is the RTO target (default: %(default)r)", type=non_empty_str))
+    skip_invalid: bool = field(default=False, metadata=option(
+        "skip and count invalid records instead of stopping at the first with its file and line"))
+    eval_samples: int = field(default=1024, metadata=option(
+        "held-out samples scored before and after training, 0: no evaluation (default: %(default)s)",
+        type=non_negative_int))
+    num_proc: int = field(default=1, metadata=option(
+        "processes for tokenization (default: %(default)s)", type=positive_int))
+    cache_dir: str | None = field(default=None, metadata=option(
+        "cache of the tokenized datasets (default: the datasets library's)", metavar="DIR"))
 
 
 # Optimizer defaults per kind of run, for what the command line leaves unset. The tiny preset's are sized for
@@ -61,19 +137,34 @@ RECIPES = {
     "DeRTa full-parameter": dict(lr=2e-5, weight_decay=0.0, warmup_steps=0, warmup_ratio=0.03),
     "DeRTa LoRA": dict(lr=1e-4, weight_decay=0.0, warmup_steps=0, warmup_ratio=0.03),
 }
+_TINY, _FULL, _LORA = RECIPES.values()
 
 
 @dataclass
 class OptimSpec:
-    lr: float = RECIPES["tiny preset"]["lr"]
-    weight_decay: float = RECIPES["tiny preset"]["weight_decay"]
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup_steps: int = RECIPES["tiny preset"]["warmup_steps"]
-    warmup_ratio: float | None = None  # set: warmup is ceil(ratio * total steps), warmup_steps unused
-    schedule: str = "cosine"  # "cosine" (to 10% of lr) | "constant"
-    grad_clip: float = 1.0  # also DeepSpeed's gradient_clipping (its own default is 1.0 too, stated here)
-    recipe: str = "tiny preset"  # where lr / weight decay / warmup came from (the summary says it)
+    lr: float = field(default=_TINY["lr"], metadata=option(
+        f"peak learning rate (default: the recipe's: {_TINY['lr']:g} for a preset; with --model a checkpoint, "
+        f"DeRTa's {_FULL['lr']:g} for full-parameter training, {_LORA['lr']:g} with --lora-rank)",
+        type=positive_float, cli_default=None))
+    weight_decay: float = field(default=_TINY["weight_decay"], metadata=option(
+        "AdamW weight decay (default: the recipe's, 0 for each)", type=non_negative_float, cli_default=None))
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata=option(
+        "AdamW's betas (default: 0.9 0.95)", type=decay_rate, nargs=2, metavar=("BETA1", "BETA2")))
+    eps: float = field(default=1e-8, metadata=option("AdamW's epsilon (default: %(default)g)", type=positive_float))
+    warmup_steps: int = field(default=_TINY["warmup_steps"], metadata=option(
+        f"linear warmup steps (default: the recipe's: {_TINY['warmup_steps']} for a preset; for a checkpoint a "
+        f"warmup ratio of {_FULL['warmup_ratio']} of the steps, as DeRTa)", type=non_negative_int, cli_default=None))
+    # Set: warmup is ceil(ratio * total steps), warmup_steps unused.
+    warmup_ratio: float | None = field(default=_TINY["warmup_ratio"], metadata=option(
+        "linear warmup as a fraction of the steps, in (0, 1]; overrides --warmup-steps", type=fraction,
+        cli_default=None))
+    schedule: str = field(default="cosine", metadata=option(
+        "LR schedule after warmup (default: cosine down to 10%%)", choices=("cosine", "constant")))
+    # Also DeepSpeed's gradient_clipping (its own default is 1.0 too, stated here).
+    grad_clip: float = field(default=1.0, metadata=option(
+        "max gradient norm, 0: off (default: %(default)s)", type=non_negative_float))
+    recipe: str = field(default="tiny preset", metadata=no_flag(
+        "where lr / weight decay / warmup came from, for the summary: the CLI writes it"))
 
     def warmup_steps_for(self, total_steps: int) -> int:
         if self.warmup_ratio is None:
@@ -93,20 +184,42 @@ class TrainConfig:
     loss: LossSpec = field(default_factory=LossSpec)
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
-    output_dir: str = "scft-output"
-    max_steps: int | None = 200  # None: run the epochs
-    epochs: int = 1
-    grad_accum: int = 1
-    deepspeed: str | None = None  # a DeepSpeed JSON config (training/zero*.json)
-    bf16: bool = False
-    seed: int = 0
-    resume: bool = False  # continue from the newest intact checkpoint in output_dir
-    resume_override: bool = False  # resume even when the data, batch geometry or model differ (run_dir.py)
-    save_every: int = 100  # checkpoint every N optimizer steps (0: never)
-    keep_checkpoints: int = 2
-    progress: bool = True  # tqdm bar on rank 0
-    summary: bool = True  # held-out evaluation before and after training
-    report_to: str = "none"  # transformers' logging integration: "none" | "tensorboard" | "wandb"
+    output_dir: str = field(default="scft-output", metadata=option(
+        "metrics, checkpoints, plot and final model (default: %(default)s)"))
+    # None: run the epochs.
+    max_steps: int | None = field(default=200, metadata=option(
+        "optimizer steps (default: %(field_default)s unless --epochs is given); 0: run --epochs",
+        type=non_negative_int, cli_default=None))
+    epochs: int = field(default=1, metadata=option(
+        "epochs to run when --max-steps is not given (default: %(field_default)s)", type=positive_int,
+        cli_default=None))
+    grad_accum: int = field(default=1, metadata=option(
+        "micro-batches per optimizer step and rank (default: %(default)s)", type=positive_int))
+    deepspeed: str | None = field(default=None, metadata=option(
+        "DeepSpeed JSON config (training/zero1.json, zero2, zero3, zero3_offload, zero3_bf16); \"auto\" fields are "
+        "filled from these flags. Needed for more than one rank; run under torchrun or the deepspeed launcher",
+        metavar="CONFIG"))
+    bf16: bool = field(default=False, metadata=option(
+        "bfloat16 compute (autocast on one process, DeepSpeed's bf16 mode under --deepspeed)"))
+    seed: int = field(default=0, metadata=option(
+        "model init, data order and RTO sampling (default: %(default)s)", type=non_negative_int))
+    resume: bool = field(default=False, metadata=option(
+        "continue the run in --output-dir from its newest intact checkpoint (without it, a directory that already "
+        "holds a run is refused)"))
+    resume_override: bool = field(default=False, metadata=option(
+        "with --resume: accept data, batch-geometry, model or seed settings that differ from the checkpoint's run "
+        "(they change what the run means; the batches continue from the checkpoint's step under the new "
+        "settings)"))
+    save_every: int = field(default=100, metadata=option(
+        "checkpoint every N steps, 0: never (default: %(default)s)", type=non_negative_int))
+    keep_checkpoints: int = field(default=2, metadata=option(
+        "checkpoints kept, 0: all (default: %(default)s)", type=non_negative_int))
+    progress: bool = field(default=True, metadata=option("no tqdm bar", flag="--no-progress", action="store_false"))
+    summary: bool = field(default=True, metadata=no_flag(
+        "held-out evaluation before and after training: the CLI sets it from --eval-samples > 0"))
+    report_to: str = field(default="none", metadata=option(
+        "also log every step through transformers' integration: tensorboard (under OUTPUT_DIR/runs) or wandb "
+        "(WANDB_MODE=offline for no account; untested) (default: %(default)s)", choices=REPORT_TO))
 
     def to_dict(self) -> dict:
         return asdict(self)

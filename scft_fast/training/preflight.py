@@ -58,8 +58,8 @@ def _check_launch(config: TrainConfig) -> None:
     missing = [k for k in LAUNCHER_ENV if k not in os.environ]
     if missing:
         raise ConfigError(f"--deepspeed needs a distributed launcher ({', '.join(missing)} not set): run "
-                          f"`torchrun --nproc_per_node N -m scft_fast.train --deepspeed {config.deepspeed} ...` or "
-                          f"`deepspeed --num_gpus N --module scft_fast.train ...`, or drop --deepspeed for one "
+                          f"`torchrun --nproc_per_node N -m scft_fast.cli.train --deepspeed {config.deepspeed} ...` or "
+                          f"`deepspeed --num_gpus N --module scft_fast.cli.train ...`, or drop --deepspeed for one "
                           f"process")
 
 

@@ -1,4 +1,5 @@
-"""``scft-fast train --report-to``: transformers' own logging integrations, driven by our loop.
+"""How a run reports: its summary as text for the terminal (format_summary), and ``scft-fast train --report-to``,
+transformers' own logging integrations driven by our loop.
 
 The loop is no Trainer, but Trainer's integrations (``TensorBoardCallback``, ``WandbCallback``, ...) only read a
 ``TrainingArguments``, a ``TrainerState`` and the logged dict: the Reporter hands them exactly those, on rank 0,
@@ -43,3 +44,32 @@ class Reporter:
         if self.handler is not None:
             self.handler.on_train_end(self.args, self.state, self.control)
             self.handler = None
+
+
+def format_summary(s: dict) -> str:
+    """train()'s summary as the lines `scft-fast train` prints: losses, held-out sets side by side, optimizer."""
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [f"trained {s['steps']} steps ({s['loss_mode']} loss, {s['world_size']} rank(s)); model: {s['model_dir']}"]
+    first, last = s["losses_first_10pct"], s["losses_last_10pct"]
+    for key in first:
+        lines.append(f"  {key:16s} {fmt(first[key])} -> {fmt(last[key])}  (mean of the first / last 10% of steps)")
+    titles = s.get("eval_sets") or {}  # one column per held-out set: same generator, separate generator
+
+    def cell(name, key):
+        return f"{fmt(s[f'{name}_before'][key])} -> {fmt(s[f'{name}_after'][key])}"
+
+    if titles:
+        lines.append(f"  {'held-out, before -> after':36s}" + "".join(f"  {t:18s}" for t in titles.values()))
+        for key, label in (("head_accuracy", "head accuracy"), ("head_auroc", "head AUROC"),
+                           ("head_fpr", "head FPR (argmax verdict)"), ("head_tpr", "head TPR (argmax verdict)"),
+                           ("refusal_prob_rto", "P(refusal token) on RTO positions")):
+            lines.append(f"  {label:36s}" + "".join(f"  {cell(name, key):18s}" for name in titles))
+    o = s.get("optimizer")
+    if o:
+        lines.append(f"  optimizer: {o['optimizer']}, lr {o['lr']:g}, weight decay {o['weight_decay']:g}, schedule "
+                     f"{o['scheduler']}, warmup {o['warmup_steps']} steps ({o['recipe']})")
+    if s["tokens_per_s"] is not None:
+        lines.append(f"  tokens/s {s['tokens_per_s']:.0f}")
+    return "\n".join(lines)

@@ -16,20 +16,21 @@ import json
 import os
 import sys
 
+from ..arguments import config_flags
 from ..errors import UserError
 from .config import TrainConfig
 
 LOCK_FILE = ".scft-fast.lock"
 RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", "eval_before.json", "summary.json", "model")
 
-# TrainConfig keys (dotted) -> the flag that sets them. Resuming with another value would continue a different run
-# from this one's step: other data or seed (other batches), other batch geometry, another model or objective.
-RUN_DEFINING = {
-    "model.name_or_path": "--model", "model.pool": "--pool", "model.lora_rank": "--lora-rank",
-    "loss.mode": "--loss", "data.files": "--data", "data.max_length": "--max-length", "data.packing": "--packing",
-    "data.max_tokens": "--max-tokens", "data.micro_batch_size": "--micro-batch-size", "data.rto_keep": "--rto-keep",
-    "data.refusal_string": "--refusal-string", "grad_accum": "--grad-accum", "seed": "--seed",
-}
+# TrainConfig keys (dotted). Resuming with another value would continue a different run from this one's step: other
+# data or seed (other batches), other batch geometry, another model, head or objective.
+RUN_DEFINING = (
+    "model.name_or_path", "model.pool", "model.lora_rank", "model.head_bias", "loss.mode", "data.files",
+    "data.max_length", "data.truncation", "data.packing", "data.max_tokens", "data.micro_batch_size",
+    "data.rto_keep", "data.prefix_label", "data.refusal_string", "grad_accum", "seed",
+)
+FLAGS = config_flags(TrainConfig)  # dotted key -> its scft-fast train flag (the config's field metadata)
 
 
 def say(message: str) -> None:
@@ -90,7 +91,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _flag(key: str) -> str:
-    return RUN_DEFINING.get(key) or "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+    return FLAGS.get(key, key)  # a field no flag sets (optim.recipe) goes by its key
 
 
 def resume_changes(config: TrainConfig) -> list[str]:
