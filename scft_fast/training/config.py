@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field
 
 from ..data.constants import MAX_LENGTH, REFUSAL_STRING
 
-LOSS_MODES = ("full", "fused-lm", "hf")
 TINY_PRESET = "tiny"
 
 
@@ -23,15 +22,10 @@ class ModelSpec:
 
 @dataclass
 class LossSpec:
-    mode: str = "full"  # "full": LM + RTO + head | "fused-lm": fused LM loss only | "hf": the model's own loss
     lm_coef: float = 1.0
     transition_coef: float = 1.0
     cls_coef: float = 1.0
     backend: str = "auto"
-
-    def __post_init__(self):
-        if self.mode not in LOSS_MODES:
-            raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {self.mode!r}")
 
 
 @dataclass

@@ -26,7 +26,7 @@ RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", "eval_before.j
 # from this one's step: other data or seed (other batches), other batch geometry, another model or objective.
 RUN_DEFINING = {
     "model.name_or_path": "--model", "model.pool": "--pool", "model.lora_rank": "--lora-rank",
-    "loss.mode": "--loss", "data.files": "--data", "data.max_length": "--max-length", "data.packing": "--packing",
+    "data.files": "--data", "data.max_length": "--max-length", "data.packing": "--packing",
     "data.max_tokens": "--max-tokens", "data.micro_batch_size": "--micro-batch-size", "data.rto_keep": "--rto-keep",
     "data.refusal_string": "--refusal-string", "grad_accum": "--grad-accum", "seed": "--seed",
 }
