@@ -96,7 +96,7 @@ def hf_loss(forward, inputs: dict, num_items_in_batch) -> SCFTOutput:
     """The model's own loss: its forward without labels (the N x V logits materialized), then transformers'
     ForCausalLMLoss, what LlamaForCausalLM's forward computes given labels; with the fused loss's statistics."""
     labels = inputs["labels"]
-    logits = forward(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    logits = forward(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
     loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
     n_lm = loss_targets(inputs, IGNORE_INDEX)[0]
     lm_loss = loss.detach().float() * float(num_items_in_batch) / n_lm.clamp_min(1)
