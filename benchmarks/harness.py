@@ -36,7 +36,6 @@ from typing import Callable, Sequence, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
 LIBRARIES = ("triton", "transformers", "liger-kernel", "cut-cross-entropy")
 T = TypeVar("T")
 
