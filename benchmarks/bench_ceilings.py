@@ -19,18 +19,26 @@ region. CUDA times come from CUDA events around each call, CPU times from perf_c
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import statistics
 import sys
-import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from bench_op import DTYPES, device_name, git_commit, library_versions
+from harness import (
+    add_device_argument,
+    check_device,
+    command_line,
+    device_name,
+    git_commit,
+    library_versions,
+    result_stem,
+    time_call,
+    utc_now,
+    write_results,
+)
+from op_rows import DTYPES
 from scft_fast import IGNORE_INDEX
 from scft_fast.ops.backends import resolve_backend
 from scft_fast.ops.chunked import accumulate_f32, accumulation_path
@@ -47,17 +55,7 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
     for rep in range(warmup + reps):
         if setup is not None:
             setup()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            begin = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - begin
+        elapsed = time_call(fn, device)
         if rep >= warmup:
             times.append(elapsed)
     return times
@@ -160,8 +158,7 @@ def render(result: dict) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Copy bandwidth, the op's GEMMs at its chunk shapes and the epilogue's "
                                              "bandwidth on this device.")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cpu or cuda; picks the default shapes and dtype; default cuda when available")
+    add_device_argument(ap, "the default shapes and dtype")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 cuda, float32 cpu")
     ap.add_argument("--hidden", "-H", type=int, default=None, help="H; default 4096 cuda, 512 cpu")
     ap.add_argument("--vocab", "-V", type=int, default=None, help="V; default 128256 cuda, 32000 cpu")
@@ -176,9 +173,7 @@ def parse_args(argv=None):
     ap.add_argument("--out-dir", required=True, help="where ceilings_<device>_<UTC date>.json and .md go")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__})")
-    base = dict(SHAPES["cuda" if args.device.startswith("cuda") else "cpu"])
+    base = dict(SHAPES[check_device(ap, args.device)])
     if args.quick:
         base.update(QUICK)
     args.dtype = args.dtype or base["dtype"]
@@ -192,22 +187,18 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = utc_now()
     result = measure(args)
     result["meta"] = {
         "date_utc": started.strftime("%Y-%m-%d %H:%M:%S UTC"), "commit": git_commit(),
-        "command": "python benchmarks/bench_ceilings.py " + " ".join(args.argv), "device": device_name(device),
+        "command": command_line(__file__, args.argv), "device": device_name(device),
         "device_type": device.type, "versions": library_versions(), "dtype": args.dtype, "H": args.hidden,
         "V": args.vocab, "chunks": args.chunks, "reps": args.reps, "warmup": args.warmup,
         "timing_method": "CUDA events around each call" if device.type == "cuda" else "time.perf_counter"}
     markdown = render(result)
     print(markdown)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"ceilings_{device.type}_{started.strftime('%Y%m%dT%H%MZ')}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown)
-    print(f"wrote {out_dir / stem}.json and .md")
+    stem = write_results(args.out_dir, result_stem("ceilings", device.type, started), result, markdown)
+    print(f"wrote {stem}.json and .md")
     return 0
 
 

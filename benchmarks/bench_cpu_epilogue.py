@@ -11,25 +11,15 @@ shared machine hits both alike; the table shows medians.
 from __future__ import annotations
 
 import argparse
-import platform
-import shlex
 import statistics
 import sys
-import time
 
 import torch
 
+from harness import command_line, cpu_name, rotations, time_call
 from scft_fast import IGNORE_INDEX
 from scft_fast.ops.cpu_extension import load_cpu_extension, safety_epilogue_cpu
 from scft_fast.ops.safety_epilogue import safety_epilogue_torch
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def time_epilogues(rows: int, vocab: int, dtype: torch.dtype, softcap: float | None, reps: int) -> dict:
@@ -42,14 +32,14 @@ def time_epilogues(rows: int, vocab: int, dtype: torch.dtype, softcap: float | N
     buffer = torch.empty_like(pristine)
     epilogues = {"torch": safety_epilogue_torch, "cpu": safety_epilogue_cpu}
     times = {name: [] for name in epilogues}
-    for rep in range(reps + 1):  # the first repetition warms up and is dropped
-        order = list(epilogues) if rep % 2 == 0 else list(reversed(epilogues))
+    cpu = torch.device("cpu")
+    for rep, order in enumerate(rotations(list(epilogues), reps + 1)):  # the first repetition warms up, dropped
         for name in order:
             buffer.copy_(pristine)
-            start = time.perf_counter()
-            epilogues[name](buffer, lm_target, tr_target, scale, scale, softcap, IGNORE_INDEX)
+            elapsed = time_call(lambda: epilogues[name](buffer, lm_target, tr_target, scale, scale, softcap,
+                                                        IGNORE_INDEX), cpu)
             if rep > 0:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(elapsed)
     return {name: statistics.median(samples) for name, samples in times.items()}
 
 
@@ -62,7 +52,7 @@ def main() -> None:
     if load_cpu_extension() is None:
         sys.exit("the C++ CPU epilogue could not be built here (see the warning above)")
 
-    print(f"command: python {shlex.join(sys.argv)}")
+    print(f"command: {command_line(__file__, sys.argv[1:])}")
     print(f"device:  {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"chunk:   ({args.rows}, {args.vocab}) logits, median of {args.reps} repetitions\n")

@@ -29,8 +29,18 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_op import MMAP_THRESHOLD, _reset_peak_rss  # noqa: E402
-from bench_train import RESULTS, ROOT, _cpu_name, _git_commit, _load_average, _proc_status_mb, build_model_dir  # noqa: E402
+from harness import (  # noqa: E402
+    REPO,
+    RESULTS,
+    cpu_name,
+    git_commit,
+    load_average_text,
+    proc_status_kib,
+    reset_peak_rss,
+    rss_mib,
+    save_random_llama,
+)
+from op_memory import MMAP_THRESHOLD  # noqa: E402
 
 RUNS = {  # name: (DeepSpeed config or None for one process, ranks)
     "1 process": (None, 1),
@@ -57,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=256, help="longest sample in tokens (default: 256)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {list(RUNS)}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=RESULTS, help="directory for the JSON and Markdown results")
+    p.add_argument("--out", default=str(RESULTS), help="directory for the JSON and Markdown results")
     p.add_argument("--no-save", action="store_true", help="print only, write no result files")
     p.add_argument("--note", default="", help="free text recorded with the results (e.g. machine load)")
     p.add_argument("--render", metavar="JSON",
@@ -82,13 +92,13 @@ class PhaseMeter:
         self.before = None
 
     def start(self, phase: str) -> None:
-        if not _reset_peak_rss():
+        if not reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): this benchmark needs Linux")
-        self.current, self.before = phase, _proc_status_mb("VmRSS")
+        self.current, self.before = phase, rss_mib()
 
     def stop(self) -> None:
-        self.phases[self.current] = {"rss_before_mb": self.before, "peak_mb": _proc_status_mb("VmHWM"),
-                                     "rss_after_mb": _proc_status_mb("VmRSS")}
+        self.phases[self.current] = {"rss_before_mb": self.before, "peak_mb": proc_status_kib("VmHWM") / 1024,
+                                     "rss_after_mb": rss_mib()}
 
 
 def worker(run: str, model_dir: str, prefix: str, args) -> None:
@@ -134,7 +144,7 @@ def worker(run: str, model_dir: str, prefix: str, args) -> None:
     loop.build_model = measured_build
     loop.TorchEngine, loop.DeepSpeedEngine = measured(loop.TorchEngine), measured(loop.DeepSpeedEngine)
     ds_config, _ = RUNS[run]
-    rss_start = _proc_status_mb("VmRSS")
+    rss_start = rss_mib()
     config = TrainConfig(
         model=ModelSpec(name_or_path=model_dir),
         data=DataSpec(micro_batch_size=args.micro_batch_size, max_length=args.max_length, eval_samples=0),
@@ -156,7 +166,7 @@ def launch(run: str, model_dir: str, args, argv: list[str]) -> list[dict]:
            # A fixed mmap threshold: freed blocks above it leave RSS at once (glibc's dynamic threshold keeps up
            # to 32 MiB blocks on the heap, so RSS would count memory already freed), as bench_op measures.
            "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-           "BENCH_OUTPUT_DIR": os.path.join(work, "out"), "PYTHONPATH": ROOT}
+           "BENCH_OUTPUT_DIR": os.path.join(work, "out"), "PYTHONPATH": str(REPO)}
     if ranks == 1:
         cmd = [sys.executable, *script]
     else:
@@ -165,7 +175,7 @@ def launch(run: str, model_dir: str, args, argv: list[str]) -> list[dict]:
             port = str(probe.getsockname()[1])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", port,
                *script]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{run} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
     results = []
@@ -189,19 +199,19 @@ def main(argv=None) -> int:
 
     argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     shape = SHAPES["quick" if args.quick else "156m"]
-    started, load_start, commit = dt.datetime.now(dt.timezone.utc), _load_average(), _git_commit()
+    started, load_start, commit = dt.datetime.now(dt.timezone.utc), load_average_text(), git_commit()
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_memory_model_") as model_dir:
-        model_info = build_model_dir(argparse.Namespace(seed=args.seed, **shape), model_dir)
+        model_info = save_random_llama(argparse.Namespace(seed=args.seed, **shape), model_dir)
         for run in args.runs:
             print(f"running {run} ...", flush=True)
             results[run] = launch(run, model_dir, args, argv)
     finished = dt.datetime.now(dt.timezone.utc)
     data = {"shape": shape, "quick": args.quick, "model": model_info,
             "model_fp32_mib": model_info["params"] * 4 / 2 ** 20, "dtype": "float32",
-            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__},
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__},
             "commit": commit, "started": started.isoformat(), "finished": finished.isoformat(),
-            "load_average_start": load_start, "load_average_end": _load_average(), "steps": args.steps,
+            "load_average_start": load_start, "load_average_end": load_average_text(), "steps": args.steps,
             "micro_batch_size": args.micro_batch_size, "max_length": args.max_length,
             "command": ["python", "benchmarks/bench_memory.py", *argv], "note": args.note,
             "mmap_threshold": MMAP_THRESHOLD, "raw": results}

@@ -1,4 +1,4 @@
-"""Plain SFT through the trainers people use (issue 9): one model, one batch stream, the LM loss computed four ways.
+"""Plain SFT through the trainers people use: one model, one batch stream, the LM loss computed four ways.
 
     hf         transformers.Trainer, the model's own loss (the N x V logits materialized)
     scft       transformers.Trainer on apply_scft_fast(model): scft_fast's fused loss
@@ -25,18 +25,27 @@ torch.cuda.max_memory_allocated on CUDA. The first step's loss (same weights, sa
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import platform
-import resource
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 
-from bench_train import RESULTS, _cpu_name, _git_commit, _load_average, _proc_status_mb, build_model_dir, run_once
+from harness import (
+    add_model_shape_arguments,
+    add_run_arguments,
+    command_line,
+    cpu_name,
+    git_commit,
+    load_average_text,
+    peak_memory_mib,
+    rss_mib,
+    run_worker,
+    save_random_llama,
+    utc_now,
+    write_results,
+)
 
 MODES = ("hf", "scft", "trl", "trl-scft")
 MODE_TITLES = {"hf": "transformers.Trainer, the model's own loss (logits materialized)",
@@ -61,12 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shape and step defaults (default: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--quick", action="store_true", help="smoke run: H=64, V=4096, 2 x 128 tokens, 4 steps; "
                                                         "writes no result files")
-    p.add_argument("--hidden", type=int, help="hidden size (cpu 256, cuda 2048)")
-    p.add_argument("--intermediate", type=int, help="MLP width (cpu 688, cuda 8192)")
-    p.add_argument("--layers", type=int, help="decoder layers (cpu 2, cuda 4)")
-    p.add_argument("--heads", type=int, help="attention heads (cpu 4, cuda 32)")
-    p.add_argument("--kv-heads", type=int, help="key/value heads (cpu 2, cuda 8)")
-    p.add_argument("--vocab", type=int, help="vocabulary size (cpu 32000, cuda 128256)")
+    add_model_shape_arguments(p, {k: PRESETS[k] for k in ("cpu", "cuda")}, "vocabulary size")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (cpu 1024, cuda 2048)")
     p.add_argument("--batch-size", type=int, help="sequences per step, one micro-batch (cpu 2, cuda 8)")
     p.add_argument("--prompt-frac", type=float, default=0.25,
@@ -76,13 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for the cuda preset, off for cpu)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in each run (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="model init, data and order seed (default 0)")
-    p.add_argument("--out", default=RESULTS, help="directory for sft_<device>_<date>.json/.md "
-                                                  "(default benchmarks/results)")
-    p.add_argument("--no-save", action="store_true", help="print only, write no result files")
-    p.add_argument("--note", default="", help="free text recorded with the results (e.g. machine load)")
-    p.add_argument("--worker", nargs=3, metavar=("MODE", "MODEL_DIR", "RESULT_JSON"), help=argparse.SUPPRESS)
+    add_run_arguments(p, "sft", "model init, data and order seed")
     args = p.parse_args(argv)
     if args.worker is None:
         import torch
@@ -179,17 +177,16 @@ def worker(mode: str, model_dir: str, result_path: str, args) -> None:
     clock = step_clock()
     with tempfile.TemporaryDirectory(prefix=f"bench_sft_{mode}_") as output_dir:
         trainer = build_trainer(mode, model_dir, args, output_dir, callbacks=[clock])
-        rss_before = _proc_status_mb("VmRSS")
+        rss_before = rss_mib()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = peak_memory_mib(device)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     with open(result_path, "w") as f:
         json.dump({"mode": mode, "step_times_s": clock.times, "losses": losses, "peak_memory_mb": peak,
                    "rss_before_train_mb": rss_before, "threads": torch.get_num_threads(), "device": device,
-                   "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name()}, f)
+                   "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_name()}, f)
 
 
 def summarize(result: dict, args) -> dict:
@@ -212,20 +209,20 @@ def main(argv=None) -> int:
     worker_argv = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in PRESETS["cpu"] if k != "bf16"]
     worker_argv += [f"--prompt-frac={args.prompt_frac}", f"--seed={args.seed}",
                     "--bf16" if args.bf16 else "--no-bf16"] + ([f"--threads={args.threads}"] if args.threads else [])
-    started = dt.datetime.now(dt.timezone.utc)
-    load_start, commit_start = _load_average(), _git_commit()
-    command = "python benchmarks/bench_sft.py " + " ".join(shlex.quote(a) for a in argv)
+    started = utc_now()
+    load_start, commit_start = load_average_text(), git_commit()
+    command = command_line(__file__, argv)
     table = {}
     with tempfile.TemporaryDirectory(prefix="bench_sft_model_") as model_dir:
-        model_info = build_model_dir(args, model_dir)
+        model_info = save_random_llama(args, model_dir)
         print(f"model: Llama H={args.hidden}, I={args.intermediate}, L={args.layers}, heads={args.heads}/"
               f"{args.kv_heads}, V={args.vocab} ({model_info['params'] / 1e6:.1f}M params); "
               f"{args.batch_size} x {args.seq_len} tokens per step", flush=True)
         for mode in args.modes:
-            load_before = _load_average()
-            result = run_once(mode, model_dir, worker_argv, script=__file__)
+            load_before = load_average_text()
+            result = run_worker(__file__, mode, model_dir, worker_argv)
             table[mode] = summarize(result, args)
-            table[mode].update(load_before=load_before, load_after=_load_average())
+            table[mode].update(load_before=load_before, load_after=load_average_text())
             device, device_name, threads = result["device"], result["device_name"], result["threads"]
             t = table[mode]
             print(f"  {mode:>8}: median step {t['median_step_s'] * 1e3:8.1f} ms (IQR {t['step_iqr_s'] * 1e3:6.1f}), "
@@ -243,8 +240,8 @@ def report(args, table: dict, command, started, load_start, commit_start, model_
     import transformers
     import trl
 
-    finished = dt.datetime.now(dt.timezone.utc)
-    commit_end = _git_commit()
+    finished = utc_now()
+    commit_end = git_commit()
     commit = commit_start if commit_end == commit_start else f"{commit_start} at the start, {commit_end} at the end"
     base = "hf" if "hf" in table else next(iter(table))
     first = [t["first_loss"] for t in table.values()]
@@ -268,7 +265,7 @@ def report(args, table: dict, command, started, load_start, commit_start, model_
                         "peak RSS of the run's fresh process (ru_maxrss), python and libraries included (RSS "
                         "before train(): " + ", ".join(f"{m} {t['rss_before_train_mb']:.0f} MiB"
                                                        for m, t in table.items()) + ")"),
-        f"- load average (1, 5, 15 min): start {load_start}, end {_load_average()}; per run: "
+        f"- load average (1, 5, 15 min): start {load_start}, end {load_average_text()}; per run: "
         + ", ".join(f"{m} {t['load_before']} -> {t['load_after']}" for m, t in table.items()),
         "- first-step loss (same weights, same batch): "
         + ", ".join(f"{m} {t['first_loss']:.6f}" for m, t in table.items()) + f"; relative spread {spread:.1e}",
@@ -288,14 +285,11 @@ def report(args, table: dict, command, started, load_start, commit_start, model_
     print()
     print(markdown)
     if not args.no_save:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"sft_{device}_{started:%Y%m%dT%H%MZ}")
-        with open(stem + ".md", "w") as f:
-            f.write(markdown)
-        with open(stem + ".json", "w") as f:
-            json.dump({"command": command, "header": header, "model": model_info, "device": device,
-                       "device_name": device_name, "threads": threads, "first_loss_spread": spread,
-                       "args": {k: v for k, v in vars(args).items() if k != "worker"}, "table": table}, f, indent=1)
+        stem = write_results(
+            args.out, f"sft_{device}_{started:%Y%m%dT%H%MZ}",
+            {"command": command, "header": header, "model": model_info, "device": device,
+             "device_name": device_name, "threads": threads, "first_loss_spread": spread,
+             "args": {k: v for k, v in vars(args).items() if k != "worker"}, "table": table})
         print(f"wrote {stem}.md and {stem}.json")
 
 

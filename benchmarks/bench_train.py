@@ -1,4 +1,4 @@
-"""Proof that safety costs nothing (issue 4): one model, one data order, one step count, trained three ways.
+"""Does safety cost anything? One model, one data order, one step count, trained three ways (and a control).
 
     hf        plain instruction tuning, the model's own HF loss (the N x V logits materialized)
     fused-lm  plain instruction tuning, scft_fast's fused loss with the safety terms off
@@ -9,6 +9,9 @@ Each run is `scft_fast.training.train` in a fresh subprocess (same seed, same mo
 directory, same micro-batches); runs are interleaved and repeated (ABCD BCDA CDAB ...) so that load on a shared
 machine hits every mode alike, and each figure is the median over repetitions of a run's median over its timed
 steps. Targets: full / fused-lm step time <= 1.01 (CUDA) or 1.03 (CPU); full faster than hf and with less memory.
+
+The baselines are not in the library: each is a ``scft_fast.training.LossHook`` defined here (``LOSS_HOOKS``),
+which ``train(config, loss_hook=...)`` runs instead of the fused SCFT loss.
 
 The model is a random-initialized Llama whose vocabulary (32k on CPU, 128k on CUDA) is large against its hidden
 size, as in real LLMs, so that the LM head is where the loss costs. The embedded tokenizer has ~2.4k tokens: its
@@ -21,20 +24,37 @@ ids stay in range of the larger embedding, the remaining rows are simply never a
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
-# "rto-rows" is a control, not one of issue 4's three ways: the fused LM loss over the rows full mode visits.
+import torch
+import transformers
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from harness import (
+    add_model_shape_arguments,
+    add_run_arguments,
+    command_line,
+    cpu_name,
+    git_commit,
+    load_average_text,
+    rotations,
+    rss_mib,
+    run_worker,
+    save_random_llama,
+    utc_now,
+    write_results,
+)
+from scft_fast import IGNORE_INDEX
+from scft_fast.model import SCFTOutput
+from scft_fast.training import LossHook
+from scft_fast.training.accounting import loss_targets
+
+# "rto-rows" is a control beside the three ways: the fused LM loss over the rows full mode visits.
 # DeRTa's RTO targets sit on harmful-response tokens that have no LM target, so full mode sends more rows
 # through the LM head than plain tuning (2.3x on the embedded data); with RTO targets relabeled as LM
 # targets, full / rto-rows is the cost of the safety terms themselves at equal LM-head work.
@@ -42,7 +62,7 @@ MODES = ("hf", "fused-lm", "full", "rto-rows")
 MODE_TITLES = {"hf": "plain IT, HF loss (logits materialized)", "fused-lm": "plain IT, scft_fast fused loss",
                "full": "SCFT + DeRTa, scft_fast fused loss",
                "rto-rows": "control: fused LM loss, RTO targets relabeled as LM targets (full's rows)"}
-# full / fused-lm step-time ceiling per device type (issue 4)
+# full / fused-lm step-time ceiling per device type
 FULL_OVER_FUSED_TARGET = {"cpu": 1.03, "cuda": 1.01}
 
 # Model and batch per preset; every field can be overridden by its flag. CPU: a step of ~1 s on 2 cores with
@@ -60,6 +80,37 @@ PRESETS = {
 }
 
 
+def without_safety_targets(batch: dict) -> dict:
+    """Plain instruction tuning's inputs: the RTO targets and the head's labels (and pooled rows) dropped."""
+    return {k: v for k, v in batch.items() if k not in ("transition_labels", "cls_labels", "cls_index")}
+
+
+def rto_targets_as_lm(batch: dict) -> dict:
+    """The control's inputs: every RTO target becomes an LM target (the two never share a row in DeRTa data), so
+    the fused LM loss visits exactly full mode's rows."""
+    labels = torch.where(batch["labels"] != IGNORE_INDEX, batch["labels"], batch["transition_labels"])
+    return {**without_safety_targets(batch), "labels": labels}
+
+
+def hf_loss(forward, inputs: dict, num_items_in_batch) -> SCFTOutput:
+    """The model's own loss: its forward without labels (the N x V logits materialized), then transformers'
+    ForCausalLMLoss, what LlamaForCausalLM's forward computes given labels; with the fused loss's statistics."""
+    labels = inputs["labels"]
+    logits = forward(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits
+    loss = ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
+    n_lm = loss_targets(inputs, IGNORE_INDEX)[0]
+    lm_loss = loss.detach().float() * float(num_items_in_batch) / n_lm.clamp_min(1)
+    zero = torch.zeros((), device=lm_loss.device)
+    return SCFTOutput(loss=loss, lm_loss=lm_loss, transition_loss=zero, cls_loss=zero, n_lm=n_lm,
+                      n_tr=zero.long(), n_cls=zero.long())
+
+
+# What train() runs in each mode; None: the library's own fused SCFT loss.
+LOSS_HOOKS = {"hf": LossHook("hf", without_safety_targets, hf_loss),
+              "fused-lm": LossHook("fused-lm", without_safety_targets), "full": None,
+              "rto-rows": LossHook("rto-rows", rto_targets_as_lm)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from scft_fast.ops.backends import BACKENDS
 
@@ -68,14 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shape and step defaults (default: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: H=128, V=8192, 256 tokens/step, 4 steps (1 dropped), one repetition, "
-                        "the three modes of issue 4")
-    p.add_argument("--hidden", type=int, help="hidden size (cpu 256, cuda 2048)")
-    p.add_argument("--intermediate", type=int, help="MLP width (cpu 688, cuda 8192)")
-    p.add_argument("--layers", type=int, help="decoder layers (cpu 2, cuda 4)")
-    p.add_argument("--heads", type=int, help="attention heads (cpu 4, cuda 32)")
-    p.add_argument("--kv-heads", type=int, help="key/value heads (cpu 2, cuda 8)")
-    p.add_argument("--vocab", type=int, help="vocabulary size of the model, >= the tokenizer's (cpu 32000, "
-                                             "cuda 128256)")
+                        "the modes hf, fused-lm and full")
+    add_model_shape_arguments(p, {k: PRESETS[k] for k in ("cpu", "cuda")},
+                              "vocabulary size of the model, >= the tokenizer's")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="one packed row of <= --max-tokens tokens per step (default: on for cpu), or with "
                         "--no-packing --micro-batch-size padded sequences per step (default for cuda)")
@@ -96,17 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default=None,
                    help=f"comma-separated subset of {','.join(MODES)} (default: all; --quick: all but the "
                         f"rto-rows control)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in each run (default: torch's)")
-    p.add_argument("--seed", type=int, default=0, help="model init and data order seed (default 0)")
-    p.add_argument("--out", default=RESULTS, help="directory for train_<device>_<date>.json/.md "
-                                                  "(default benchmarks/results)")
-    p.add_argument("--no-save", action="store_true", help="print only, write no result files")
-    p.add_argument("--note", default="", help="free text recorded with the results (e.g. machine load)")
-    p.add_argument("--worker", nargs=3, metavar=("MODE", "MODEL_DIR", "RESULT_JSON"), help=argparse.SUPPRESS)
+    add_run_arguments(p, "train", "model init and data order seed")
     args = p.parse_args(argv)
     if args.worker is None:
-        import torch
-
         preset = "quick" if args.quick else args.preset or ("cuda" if torch.cuda.is_available() else "cpu")
         args.preset = preset
         for key, value in PRESETS[preset].items():
@@ -122,55 +160,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_model_dir(args, directory: str) -> dict:
-    """Saves the random-initialized Llama + the embedded tokenizer, so every run loads the same weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from scft_fast.data import load_default_tokenizer
-
-    tokenizer = load_default_tokenizer()
-    if args.vocab < len(tokenizer):
-        raise ValueError(f"--vocab {args.vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-                         attn_implementation="sdpa")
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    params = sum(p.numel() for p in model.parameters())
-    head = args.vocab * args.hidden
-    return {"params": params, "lm_head_params": head, "tokenizer_vocab": len(tokenizer)}
-
-
 def worker(mode: str, model_dir: str, result_path: str, args) -> None:
     """One training run in this (fresh) process; writes its per-step metrics and peak memory as JSON."""
-    import torch
-
     from scft_fast.training import train
     from scft_fast.training.config import DataSpec, LossSpec, ModelSpec, OptimSpec, TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_mode = mode
-    if mode == "rto-rows":
-        _relabel_rto_targets_as_lm()
-        train_mode = "fused-lm"
-    rss_before = _proc_status_mb("VmRSS")
+    rss_before = rss_mib()
     with tempfile.TemporaryDirectory(prefix=f"bench_train_{mode}_") as output_dir:
         config = TrainConfig(
             model=ModelSpec(name_or_path=model_dir),
-            loss=LossSpec(mode=train_mode, backend=args.backend),
+            loss=LossSpec(backend=args.backend),
             data=DataSpec(packing=args.packing, max_tokens=args.max_tokens if args.packing else None,
                           micro_batch_size=args.micro_batch_size, rto_keep=args.rto_keep, eval_samples=0),
             optim=OptimSpec(warmup_steps=0, schedule="constant"),
             output_dir=output_dir, max_steps=args.steps, bf16=args.bf16, seed=args.seed,
             save_every=0, progress=False, summary=False)
-        train(config)
+        train(config, loss_hook=LOSS_HOOKS[mode])
         with open(os.path.join(output_dir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     # The loop records peak memory after every step (CUDA: max_memory_allocated; CPU: ru_maxrss); the last
@@ -179,81 +186,7 @@ def worker(mode: str, model_dir: str, result_path: str, args) -> None:
         json.dump({"mode": mode, "rows": rows, "rss_before_train_mb": rss_before,
                    "threads": torch.get_num_threads(),
                    "device": "cuda" if torch.cuda.is_available() else "cpu",
-                   "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name()}, f)
-
-
-def _relabel_rto_targets_as_lm() -> None:
-    """The control's batches: every transition target becomes an LM target (the two never share a row in
-    DeRTa data), so fused-lm visits exactly full mode's rows. The loop's BatchPlan is swapped in this process."""
-    import torch
-
-    from scft_fast.data import IGNORE_INDEX
-    from scft_fast.training import loop
-
-    class RtoAsLmPlan(loop.BatchPlan):
-        def micro_batches(self, step: int, rank: int) -> list[dict]:
-            batches = super().micro_batches(step, rank)
-            for b in batches:
-                b["labels"] = torch.where(b["labels"] != IGNORE_INDEX, b["labels"], b["transition_labels"])
-            return batches
-
-    loop.BatchPlan = RtoAsLmPlan
-
-
-def _proc_status_mb(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def run_once(mode: str, model_dir: str, argv: list[str], script: str = __file__) -> dict:
-    """One mode in a fresh process (its own peak RSS): ``script --worker MODE MODEL_DIR RESULT_JSON``."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result_path = f.name
-    cmd = [sys.executable, os.path.abspath(script), *argv, "--worker", mode, model_dir, result_path]
-    began = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{mode} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    with open(result_path) as f:
-        result = json.load(f)
-    os.unlink(result_path)
-    result["wall_s"] = time.perf_counter() - began
-    return result
+                   "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()}, f)
 
 
 def summarize_run(result: dict, warmup: int) -> dict:
@@ -287,14 +220,14 @@ def main(argv=None) -> int:
     if args.threads:
         worker_argv.append(f"--threads={args.threads}")
 
-    started = dt.datetime.now(dt.timezone.utc)
-    load_start, commit_start = _load_average(), _git_commit()
-    command = "python benchmarks/bench_train.py " + " ".join(shlex.quote(a) for a in argv)
+    started = utc_now()
+    load_start, commit_start = load_average_text(), git_commit()
+    command = command_line(__file__, argv)
     runs: dict[str, list[dict]] = {m: [] for m in args.modes}
-    orders = [args.modes[r % len(args.modes):] + args.modes[:r % len(args.modes)] for r in range(args.repeats)]
+    orders = rotations(args.modes, args.repeats)
     letters = {m: "ABCD"[i] for i, m in enumerate(args.modes)}
     with tempfile.TemporaryDirectory(prefix="bench_train_model_") as model_dir:
-        model_info = build_model_dir(args, model_dir)
+        model_info = save_random_llama(args, model_dir)
         print(f"model: Llama H={args.hidden}, I={args.intermediate}, L={args.layers}, heads={args.heads}/"
               f"{args.kv_heads}, V={args.vocab} ({model_info['params'] / 1e6:.1f}M params, LM head "
               f"{model_info['lm_head_params'] / 1e6:.1f}M); tokenizer {model_info['tokenizer_vocab']} tokens",
@@ -302,18 +235,18 @@ def main(argv=None) -> int:
         for rep in range(args.repeats):
             order = orders[rep]
             for mode in order:
-                load_before = _load_average()
-                result = run_once(mode, model_dir, worker_argv)
+                load_before = load_average_text()
+                result = run_worker(__file__, mode, model_dir, worker_argv)
                 summary = summarize_run(result, args.warmup)
                 summary.update(rep=rep, wall_s=result["wall_s"], rss_before_train_mb=result["rss_before_train_mb"],
-                               load_before=load_before, load_after=_load_average())
+                               load_before=load_before, load_after=load_average_text())
                 runs[mode].append(summary)
                 device, device_name, threads = result["device"], result["device_name"], result["threads"]
                 print(f"  rep {rep} {mode:>8}: median step {summary['median_step_s'] * 1e3:8.1f} ms "
                       f"(IQR {summary['step_iqr_s'] * 1e3:6.1f}), "
                       f"{summary['tokens_per_s']:9.0f} tok/s, peak {summary['peak_memory_mb']:8.0f} MiB "
                       f"(run {result['wall_s']:.0f} s, load {load_before} -> {summary['load_after']})", flush=True)
-    finished = dt.datetime.now(dt.timezone.utc)
+    finished = utc_now()
     context = dict(command=command, started=started, finished=finished, load_start=load_start,
                    commit_start=commit_start,
                    model_info=model_info, device=device, device_name=device_name, threads=threads,
@@ -325,8 +258,6 @@ def main(argv=None) -> int:
 def report(args, runs: dict[str, list[dict]], command, started, finished, load_start, commit_start, model_info,
            device, device_name, threads, orders, letters) -> None:
     """Prints the table and the PASS/MISS lines; writes them (and every run's step times) under --out."""
-    import torch
-
     table = {}
     for mode, rs in runs.items():
         table[mode] = {key: statistics.median(r[key] for r in rs)
@@ -377,11 +308,11 @@ def report(args, runs: dict[str, list[dict]], command, started, finished, load_s
                               for m, rs in runs.items()) + ")")
     batch = (f"packed rows of <= {args.max_tokens} tokens, 1 micro-batch per step" if args.packing
              else f"{args.micro_batch_size} padded sequences per step, 1 micro-batch per step")
-    commit_end = _git_commit()
+    commit_end = git_commit()
     commit = commit_start if commit_end == commit_start else f"{commit_start} at the start, {commit_end} at the end"
     header = [
         f"- date: {started:%Y-%m-%d %H:%M:%S} UTC to {finished:%H:%M:%S}; commit: {commit}; "
-        f"torch {torch.__version__}; transformers {__import__('transformers').__version__}; "
+        f"torch {torch.__version__}; transformers {transformers.__version__}; "
         f"python {platform.python_version()}",
         f"- command: `{command}`",
         f"- device: {device} ({device_name}, torch threads {threads}); dtype: {dtype}",
@@ -402,7 +333,7 @@ def report(args, runs: dict[str, list[dict]], command, started, finished, load_s
         f"repetition ({' '.join(''.join(letters[m] for m in o) for o in orders)}); figures are medians over "
         f"repetitions",
         f"- memory: {memory_how}",
-        f"- load average (1, 5, 15 min): start {load_start}, end {_load_average()}",
+        f"- load average (1, 5, 15 min): start {load_start}, end {load_average_text()}",
     ]
     if args.note:
         header.append(f"- note: {args.note}")
@@ -417,21 +348,17 @@ def report(args, runs: dict[str, list[dict]], command, started, finished, load_s
     verdicts = [f"- {'PASS' if ok else 'MISS'}: {text}" if ok is not None else f"- info: {text}"
                 for ok, text in checks]
     title = f"# Training benchmark: plain IT vs SCFT + DeRTa ({device}: {device_name})"
-    markdown = "\n".join([title, "", *header, "", *rows, "", "## Targets (issue 4)", "", *verdicts, ""])
+    markdown = "\n".join([title, "", *header, "", *rows, "", "## Targets (full / fused-lm step time; full vs hf step time and memory)", "", *verdicts, ""])
     print()
     print(markdown)
 
     if not args.no_save:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"train_{device}_{started:%Y%m%dT%H%MZ}")
-        with open(stem + ".md", "w") as f:
-            f.write(markdown)
-        with open(stem + ".json", "w") as f:
-            json.dump({"command": command, "header": header, "args": {k: v for k, v in vars(args).items()
-                                                                       if k != "worker"},
-                       "model": model_info, "device": device, "device_name": device_name, "threads": threads,
-                       "table": table, "per_rep_ratio": per_rep_ratio, "runs": runs,
-                       "checks": [{"pass": ok, "text": text} for ok, text in checks]}, f, indent=1)
+        stem = write_results(
+            args.out, f"train_{device}_{started:%Y%m%dT%H%MZ}",
+            {"command": command, "header": header, "args": {k: v for k, v in vars(args).items() if k != "worker"},
+             "model": model_info, "device": device, "device_name": device_name, "threads": threads,
+             "table": table, "per_rep_ratio": per_rep_ratio, "runs": runs,
+             "checks": [{"pass": ok, "text": text} for ok, text in checks]})
         print(f"wrote {stem}.md and {stem}.json")
 
 

@@ -51,7 +51,7 @@ def versions(out_dir: Path, end: bool) -> int:
     import torch
     import torch.nn.functional as F
 
-    from bench_op import git_commit, library_versions
+    from harness import git_commit, library_versions
 
     found = {"date_utc": now, "commit": git_commit(), "python": platform.python_version(),
              "versions": library_versions(), "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available()
@@ -169,7 +169,8 @@ def summary(out_dir: Path, smoke: bool) -> int:
             scope = "" if op["meta"]["at_target_shape"] else " (informational: not the target shape)"
             verdicts = [f"- {'met' if t['pass'] else 'MISSED'}: {t['target']}: {t['text']}{scope}"
                         for t in op["targets"]]
-    lines += ["", "## Targets (issue 11 on GPU: bf16, H=4096, V=128256, N=8192; issue 2 on CPU)", ""]
+    lines += ["", "## Targets (GPU: LM-only vs the three GEMMs, full / LM-only, LM-only vs Liger and CCE, loss "
+                  "workspace, at bf16, H=4096, V=128256, N=8192; CPU: full / LM-only, LM-only vs F.lce)", ""]
     lines += verdicts or ["- none evaluated (the N=8192 op run is missing)"]
     text = "\n".join(lines) + "\n"
     (out_dir / "summary.md").write_text(text)

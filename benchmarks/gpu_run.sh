@@ -10,7 +10,7 @@
 #   5. op_*_main.json/.md   bench_op.py at H=4096, V=128256, N=8192, bf16, a third of the rows ignored; then
 #      op_*_small.json/.md  N=4096: LM-only and full, chunk auto / 2048 / 4096, against the model's own loss, F.lce
 #                           (when this torch has it), Liger (default, accum_dtype=float32), CCE (cce, torch_compile)
-#   6. summary.md/.json     steps, tests, ceilings, op rows, the targets met / missed
+#   6. summary.md/.json     steps, tests, ceilings, op rows, the targets met / missed
 # A step that fails is recorded (steps.tsv, its log) and the run goes on; a missing optional piece is a line saying
 # so. Exit status: 0 when every step exited 0. GPU_RUN_BUDGET_S caps the whole run (default 330 s).
 #

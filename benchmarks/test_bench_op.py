@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_op import Problem, available_backends, build_rows, make_inputs
+from op_rows import Problem, available_backends, build_rows, make_inputs
 from scft_fast.ops.reference import safety_loss_ref
 
 PROBLEM = Problem(rows=1024, hidden=128, vocab=8192, dtype=torch.float32, device=torch.device("cpu"),

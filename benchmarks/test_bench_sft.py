@@ -1,4 +1,4 @@
-"""pytest-benchmark version of bench_sft.py: a few plain-SFT steps through each trainer / loss of issue 9, at a
+"""pytest-benchmark version of bench_sft.py: a few plain-SFT steps through each trainer / loss it compares, at a
 tiny shape, in this process.
 
     pytest benchmarks/test_bench_sft.py --benchmark-only
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench_sft import MODES, build_trainer, step_clock
-from bench_train import build_model_dir
+from harness import save_random_llama
 
 SHAPE = SimpleNamespace(hidden=64, intermediate=172, layers=2, heads=4, kv_heads=2, vocab=4096, seq_len=128,
                         batch_size=2, steps=4, prompt_frac=0.25, bf16=False, seed=0)
@@ -26,7 +26,7 @@ ROUNDS = 2
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("bench_sft_model"))
-    build_model_dir(SHAPE, directory)
+    save_random_llama(SHAPE, directory)
     return directory
 
 

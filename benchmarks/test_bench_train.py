@@ -1,5 +1,5 @@
-"""pytest-benchmark version of bench_train.py: `scft_fast.training.train` for a few steps in each of issue 4's
-three loss modes, at a tiny shape, in this process.
+"""pytest-benchmark version of bench_train.py: `scft_fast.training.train` for a few steps in each of its three
+modes (hf, fused-lm, full), at a tiny shape, in this process.
 
     pytest benchmarks/test_bench_train.py --benchmark-only      # about 15 s on 2 idle cores
 
@@ -19,24 +19,25 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench_train import MODES, build_model_dir
+from bench_train import LOSS_HOOKS, MODES
+from harness import save_random_llama
 
 SHAPE = SimpleNamespace(hidden=64, intermediate=172, layers=2, heads=4, kv_heads=2, vocab=4096, seed=0)
 MAX_TOKENS, STEPS, WARMUP, ROUNDS = 256, 4, 1, 2
-ISSUE_MODES = [m for m in MODES if m != "rto-rows"]
+THREE_MODES = [m for m in MODES if m != "rto-rows"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("bench_train_model"))
-    build_model_dir(SHAPE, directory)
+    save_random_llama(SHAPE, directory)
     return directory
 
 
-@pytest.mark.parametrize("mode", ISSUE_MODES)
+@pytest.mark.parametrize("mode", THREE_MODES)
 def test_train_steps(benchmark, model_dir, tmp_path, mode):
     from scft_fast.training import train
-    from scft_fast.training.config import DataSpec, LossSpec, ModelSpec, OptimSpec, TrainConfig
+    from scft_fast.training.config import DataSpec, ModelSpec, OptimSpec, TrainConfig
 
     output_dirs = []
 
@@ -44,12 +45,13 @@ def test_train_steps(benchmark, model_dir, tmp_path, mode):
         output_dir = os.path.join(tmp_path, f"run{len(output_dirs)}")
         output_dirs.append(output_dir)
         return (TrainConfig(
-            model=ModelSpec(name_or_path=model_dir), loss=LossSpec(mode=mode),
+            model=ModelSpec(name_or_path=model_dir),
             data=DataSpec(packing=True, max_tokens=MAX_TOKENS, eval_samples=0),
             optim=OptimSpec(warmup_steps=0, schedule="constant"), output_dir=output_dir, max_steps=STEPS,
             seed=SHAPE.seed, save_every=0, progress=False, summary=False),), {}
 
-    benchmark.pedantic(train, setup=config, rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(lambda c: train(c, loss_hook=LOSS_HOOKS[mode]), setup=config, rounds=ROUNDS,
+                       warmup_rounds=1)
     with open(os.path.join(output_dirs[-1], "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     assert len(rows) == STEPS and all(math.isfinite(r["loss"]) for r in rows), rows

@@ -448,8 +448,6 @@ class SCFTForCausalLM:
             raise ValueError("transition_labels / cls_labels need an SCFT head: apply_scft_fast(model, SCFTConfig())")
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("return_dict", None)
-        if kwargs.pop("hf_loss", False):  # the baseline the fused loss replaces (scft-fast train --loss hf)
-            return self._hf_loss(input_ids, attention_mask, position_ids, labels, num_items_in_batch, **kwargs)
         hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     inputs_embeds=inputs_embeds, use_cache=False, **kwargs).last_hidden_state
         ignore = options.ignore_index
@@ -469,19 +467,6 @@ class SCFTForCausalLM:
             None if transition_labels is None else shift_labels(transition_labels, position_ids, ignore).reshape(-1),
             head, num_items_in_batch, num_cls_in_batch, self.softcap, options)
         return SCFTOutput(**out)
-
-    def _hf_loss(self, input_ids, attention_mask, position_ids, labels, num_items_in_batch, **kwargs) -> SCFTOutput:
-        """The architecture's own logits and cross-entropy, with the fused loss's statistics."""
-        out = self.base_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                labels=labels, num_items_in_batch=num_items_in_batch, use_cache=False, **kwargs)
-        ignore = (self.scft_config or PLAIN_LM).ignore_index
-        n_lm = (shift_labels(labels, position_ids, ignore) != ignore).sum()
-        lm_loss = out.loss.detach().float()
-        if num_items_in_batch is not None:
-            lm_loss = lm_loss * float(num_items_in_batch) / n_lm.clamp_min(1)
-        zero = torch.zeros((), device=lm_loss.device)
-        return SCFTOutput(loss=out.loss, lm_loss=lm_loss, transition_loss=zero, cls_loss=zero, n_lm=n_lm,
-                          n_tr=zero.long(), n_cls=zero.long())
 
     @torch.no_grad()
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -26,7 +26,6 @@ FLAGS = {
     "--gradient-checkpointing": (False, "switch"),
     "--head-bias": (None, "switch"),
     "--no-head-bias": (None, "switch"),
-    "--loss": ("full", ("full", "fused-lm", "hf")),
     "--lm-coef": (1.0, "non_negative_float"),
     "--transition-coef": (1.0, "non_negative_float"),
     "--cls-coef": (1.0, "non_negative_float"),

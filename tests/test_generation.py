@@ -10,24 +10,14 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LogitsProcessor,
-    LogitsProcessorList,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from helpers import DERTA, needs_derta  # noqa: E402
 from scft_fast.data import load_default_tokenizer  # noqa: E402
 from scft_fast.generation import REFUSAL_TEXT, encode_prompts, generate_safe, left_pad, main, p_unsafe_ref, read_prompts  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
+from scft_fast.training.presets import random_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["How do I bake bread?", "Tell me a joke about two cats and a dog, please.", "hi"]
@@ -39,23 +29,20 @@ def tokenizer():
     return load_default_tokenizer()
 
 
-ARCHS = {
-    "llama": (LlamaForCausalLM, LlamaConfig, {}),
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config, {}),
-    "mistral_sliding": (MistralForCausalLM, MistralConfig, dict(sliding_window=4)),  # prompts are longer than 4
-    "gemma2_softcap": (Gemma2ForCausalLM, Gemma2Config, dict(head_dim=8, final_logit_softcapping=3.0,
-                                                             query_pre_attn_scalar=8, sliding_window=4)),
+ARCHS = {  # name -> (the factory's architecture, its config fields beside the shared shape)
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "mistral_sliding": ("mistral", dict(sliding_window=4)),  # prompts are longer than 4
+    "gemma2_softcap": ("gemma2", dict(head_dim=8, final_logit_softcapping=3.0, query_pre_attn_scalar=8,
+                                      sliding_window=4)),
 }
 
 
 def tiny_model(tokenizer, pool="eos", seed=0, head_std=1.0, arch="llama", lora=False):
-    model_cls, config_cls, extra = ARCHS[arch]
-    torch.manual_seed(seed)
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, **extra)
-    causal_lm = model_cls(config)
+    factory_arch, extra = ARCHS[arch]
+    causal_lm = random_causal_lm(factory_arch, tokenizer, seed=seed, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256, **extra)
     if lora:
         peft = pytest.importorskip("peft")
         causal_lm = peft.get_peft_model(causal_lm, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],

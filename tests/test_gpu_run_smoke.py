@@ -73,7 +73,7 @@ def test_smoke_run_writes_every_result_and_prints_the_table_last(smoke):
     for line in ("# gpu_run summary (CPU smoke mode", "| step | exit | s | note |", "| ceiling | rate | unit |",
                  "op, N=96 (N_loss=64), H=32, V=512, float32:", "op, N=48 (N_loss=32)",
                  "- float32 accumulation path that ran: cpu float32: addmm_ (float32 inputs)",
-                 "- not run: Liger-Kernel, Cut Cross-Entropy: CUDA only", "## Targets (issue 11 on GPU"):
+                 "- not run: Liger-Kernel, Cut Cross-Entropy: CUDA only", "## Targets (GPU: LM-only vs the three GEMMs"):
         assert line in table, line
     assert "(informational: not the target shape)" in table
 
@@ -90,7 +90,7 @@ def test_without_an_output_directory_or_without_cuda_it_stops_at_once(tmp_path):
 def test_the_op_benchmark_skips_what_an_older_torch_lacks(monkeypatch):
     """torch 2.11 (the GPU image) has no F.linear_cross_entropy: its rows become a line saying so."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    from bench_op import Problem, build_rows, make_inputs
+    from op_rows import Problem, build_rows, make_inputs
 
     p = Problem(rows=12, hidden=8, vocab=64, dtype=torch.float32, device=torch.device("cpu"), prompt_frac=1 / 3,
                 transition_frac=0.25, seq_len=6, classes=2, seed=0)

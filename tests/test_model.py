@@ -12,39 +12,33 @@ transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
     CohereConfig,
     CohereForCausalLM,
-    Gemma2Config,
-    Gemma2ForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 from scft_fast import IGNORE_INDEX  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM, save_merged  # noqa: E402
+from scft_fast.training.presets import random_causal_lm  # noqa: E402
 
 VOCAB, REFUSAL = 96, 7
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
 
-ARCHS = {
-    "llama": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=False)),
-    "llama_tied": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=True)),
-    "mistral": (MistralForCausalLM, MistralConfig, dict(tie_word_embeddings=False)),
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=False)),
-    "gemma2_softcap": (Gemma2ForCausalLM, Gemma2Config, dict(head_dim=8, final_logit_softcapping=3.0,
-                                                             query_pre_attn_scalar=8, tie_word_embeddings=True)),
+ARCHS = {  # name -> (the factory's architecture, its config fields beside SMALL)
+    "llama": ("llama", dict(tie_word_embeddings=False)),
+    "llama_tied": ("llama", dict(tie_word_embeddings=True)),
+    "mistral": ("mistral", dict(tie_word_embeddings=False)),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=False)),
+    "gemma2_softcap": ("gemma2", dict(head_dim=8, final_logit_softcapping=3.0, query_pre_attn_scalar=8,
+                                      tie_word_embeddings=True)),
 }
 
 
 def tiny(arch="llama", seed=0, **overrides):
-    model_cls, config_cls, extra = ARCHS[arch]
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**SMALL, **extra, **overrides}))
+    factory_arch, extra = ARCHS[arch]
+    model = random_causal_lm(factory_arch, seed=seed, **{**SMALL, **extra, **overrides})
     if arch == "gemma2_softcap":
         with torch.no_grad():  # make the soft-cap bite: logits well beyond +-3
             model.get_output_embeddings().weight.mul_(20.0)

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("transformers")
 from scft_fast.cli import SUBCOMMANDS, main  # noqa: E402
-from scft_fast.training import DataSpec, LossSpec, OptimSpec, TrainConfig, train  # noqa: E402
+from scft_fast.training import DataSpec, OptimSpec, TrainConfig, train  # noqa: E402
 from scft_fast.training.checkpoint import latest_checkpoint  # noqa: E402
 from scft_fast.training.metrics import auroc  # noqa: E402
 
@@ -90,15 +90,18 @@ def test_embedded_summary_sets_both_held_out_splits_side_by_side(tmp_path, capsy
             assert 0 <= figures["head_fpr"] <= 1 and 0 <= figures["head_tpr"] <= 1
 
 
-def test_loss_modes_agree_on_the_lm_loss(tmp_path, small_data):
-    """The benchmark's three modes: the fused LM loss equals the model's own HF loss on the same first batch."""
+def test_loss_modes_agree_on_the_lm_loss(tmp_path, small_data, monkeypatch):
+    """The benchmark's three modes (benchmarks/bench_train.py's loss hooks): the fused LM loss equals the model's
+    own HF loss on the same first batch."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    from bench_train import LOSS_HOOKS
+
     first = {}
     for mode in ("hf", "fused-lm", "full"):
-        config = TrainConfig(loss=LossSpec(mode=mode), data=DataSpec(files=[small_data], micro_batch_size=4,
-                                                                     eval_samples=0),
+        config = TrainConfig(data=DataSpec(files=[small_data], micro_batch_size=4, eval_samples=0),
                              output_dir=str(tmp_path / mode), max_steps=2, save_every=0, progress=False,
                              summary=False)
-        train(config)
+        train(config, loss_hook=LOSS_HOOKS[mode])
         first[mode] = read_metrics(tmp_path / mode)[0]
     assert first["fused-lm"]["loss"] == pytest.approx(first["hf"]["loss"], rel=1e-5)
     assert first["full"]["lm_loss"] == pytest.approx(first["hf"]["lm_loss"], rel=1e-5)

@@ -1,5 +1,5 @@
 """Training: config dataclasses, engines (one process / DeepSpeed ZeRO), checkpoints, metrics and the loop."""
 from .config import DataSpec, LossSpec, ModelSpec, OptimSpec, TrainConfig
-from .loop import train
+from .loop import LossHook, train
 
-__all__ = ["DataSpec", "LossSpec", "ModelSpec", "OptimSpec", "TrainConfig", "train"]
+__all__ = ["DataSpec", "LossHook", "LossSpec", "ModelSpec", "OptimSpec", "TrainConfig", "train"]

@@ -28,7 +28,6 @@ from ..data.constants import CLS_LABELS, MAX_LENGTH, MIN_LENGTH, REFUSAL_STRING,
 from ..ops.backends import BACKENDS
 from .reporting import REPORT_TO
 
-LOSS_MODES = ("full", "fused-lm", "hf")
 TINY_PRESET = "tiny"
 
 
@@ -62,9 +61,6 @@ class ModelSpec:
 
 @dataclass
 class LossSpec:
-    mode: str = field(default="full", metadata=option(
-        "full: LM + RTO + safety head (fused) | fused-lm: the fused LM loss alone | hf: the model's own loss over "
-        "materialized logits (default: %(default)s)", flag="--loss", choices=LOSS_MODES))
     lm_coef: float = field(default=1.0, metadata=option(
         "weight of the LM term (default: %(default)g)", type=non_negative_float))
     transition_coef: float = field(default=1.0, metadata=option(
@@ -75,10 +71,6 @@ class LossSpec:
         "safety_loss backend (default: %(default)s; triton needs a CUDA GPU)", choices=BACKENDS))
     chunk_size: int | None = field(default=None, metadata=option(
         "safety_loss rows per chunk of the vocabulary pass (default: chosen from the shapes)", type=positive_int))
-
-    def __post_init__(self):
-        if self.mode not in LOSS_MODES:
-            raise ValueError(f"loss mode must be one of {LOSS_MODES}, got {self.mode!r}")
 
 
 @dataclass

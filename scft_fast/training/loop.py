@@ -6,12 +6,17 @@
             loss = model(**batch, num_items_in_batch=tokens / world, num_cls_in_batch=labels / world).loss
             backward(loss)            # each micro-batch's loss is its share of the step's large-batch loss
         optimizer step; log; checkpoint every N steps
+
+``train(config, loss_hook=LossHook(...))`` trains on another loss than the fused SCFT one: the baselines that
+benchmarks/bench_train.py compares against (the model's own loss, the fused LM loss alone) are such hooks.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -53,31 +58,37 @@ def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
-def _model_inputs(batch: dict, mode: str) -> dict:
-    """The batch as forward arguments for a loss mode: "fused-lm" drops the safety targets, "hf" asks for the
-    model's own loss over materialized logits."""
-    if mode == "full":
-        return batch
-    inputs = {k: v for k, v in batch.items() if k not in ("transition_labels", "cls_labels")}
-    if mode == "hf":
-        inputs["hf_loss"] = True
-    return inputs
+@dataclass(frozen=True)
+class LossHook:
+    """What a step trains on instead of the fused SCFT loss over every target of the batch.
+
+    ``targets(batch) -> inputs``: the micro-batch's forward arguments, targets dropped or relabeled; the step's
+    normalizers (``num_items_in_batch``, and ``num_cls_in_batch`` when ``cls_labels`` remain) are counted over
+    what it returns, as the model counts them. ``loss(forward, inputs, num_items_in_batch) -> output``: the
+    output, with the fused loss's fields (loss, lm_loss, transition_loss, cls_loss, n_lm, n_tr, n_cls), computed
+    through ``forward`` (the engine's: autocast, DeepSpeed); None: the model's forward with the normalizers.
+    ``name`` is the summary's ``loss_mode``."""
+
+    name: str
+    targets: Callable[[dict], dict]
+    loss: Callable[..., object] | None = None
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, loss_hook: LossHook | None = None) -> dict:
     """Runs the configured training; returns the summary (also written to output_dir/summary.json on rank 0).
+    ``loss_hook``: another loss than the fused SCFT one (``LossHook``).
     Raises UserError on a bad set-up or a refused output directory (before any heavy work), RunError when the
     run diverges."""
     check_setup(config)
     rank, world, device = _init_distributed(config)
     lock = claim_output_dir(config, rank)
     try:
-        return _run(config, rank, world, device)
+        return _run(config, rank, world, device, loss_hook)
     finally:
         lock.release()
 
 
-def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+def _run(config: TrainConfig, rank: int, world: int, device: torch.device, loss_hook: LossHook | None) -> dict:
     torch.manual_seed(config.seed)
     report = say if rank == 0 else (lambda message: None)
     changes = resume_changes(config) if config.resume and rank == 0 else []
@@ -94,7 +105,8 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
     engine = (DeepSpeedEngine(model, config, total_steps, device, ds_config.config) if ds_config
               else TorchEngine(model, config, total_steps, device))
     ignore = engine.module.scft_config.ignore_index
-    mode = config.loss.mode
+    targets = loss_hook.targets if loss_hook is not None else (lambda batch: batch)
+    hook_loss = loss_hook.loss if loss_hook is not None else None
 
     start = 0
     checkpoint = resume_checkpoint(config.output_dir, report) if config.resume else None
@@ -140,15 +152,19 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
     throughput = []
     for step in range(start, total_steps):
         began = time.perf_counter()
-        batches = plan.micro_batches(step, rank)
+        batches = [targets(b) for b in plan.micro_batches(step, rank)]
         # Step-wide normalizers, counted as the model counts; kept on the device (no host sync per step).
-        counts = step_targets([_model_inputs(b, mode) for b in batches], ignore).to(device, torch.float64)
+        counts = step_targets(batches, ignore).to(device, torch.float64)
         tokens, labeled = _all_reduce(counts, world) / world
         stats = torch.zeros(len(_STATS), dtype=torch.float64, device=device)
         for i, batch in enumerate(batches):
             batch = to_device(batch, device)
-            out = engine.forward(**_model_inputs(batch, mode), num_items_in_batch=tokens,
-                                 **({"num_cls_in_batch": labeled} if mode == "full" else {}))
+            if hook_loss is not None:
+                out = hook_loss(engine.forward, batch, tokens)
+            elif batch.get("cls_labels") is not None:
+                out = engine.forward(**batch, num_items_in_batch=tokens, num_cls_in_batch=labeled)
+            else:
+                out = engine.forward(**batch, num_items_in_batch=tokens)
             engine.backward(out.loss)
             if i + 1 < len(batches):
                 engine.micro_step()
@@ -190,7 +206,7 @@ def _run(config: TrainConfig, rank: int, world: int, device: torch.device) -> di
         plot_loss_curves(log.path, os.path.join(config.output_dir, "loss_curves.png"))
         titles = {name: title for name, (_, title) in eval_sets.items() if name in after}
         summary = _summary(config, log.path, before, after, titles, throughput, data_stats, refusal, world,
-                           model_dir)
+                           model_dir, "full" if loss_hook is None else loss_hook.name)
         summary["optimizer"] = _optimizer_summary(config, total_steps, ds_config.config if ds_config else {})
         write_json(os.path.join(config.output_dir, "summary.json"), summary)
     if world > 1:
@@ -225,7 +241,7 @@ def _record(step, epoch, stats, world, lr, grad_norm, elapsed) -> dict:
 
 
 def _summary(config, metrics_path, before, after, titles, throughput, data_stats, refusal, world,
-             model_dir) -> dict:
+             model_dir, loss_mode: str) -> dict:
     from .metrics import read_metrics
 
     rows = read_metrics(metrics_path)
@@ -242,7 +258,7 @@ def _summary(config, metrics_path, before, after, titles, throughput, data_stats
 
     steady = throughput[1:] or throughput
     return {
-        "steps": rows[-1]["step"] if rows else 0, "world_size": world, "loss_mode": config.loss.mode,
+        "steps": rows[-1]["step"] if rows else 0, "world_size": world, "loss_mode": loss_mode,
         "losses_first_10pct": {k: head_mean(k) for k in ("loss", "lm_loss", "transition_loss", "cls_loss")},
         "losses_last_10pct": {k: tail_mean(k) for k in ("loss", "lm_loss", "transition_loss", "cls_loss")},
         "tokens_per_s": sum(steady) / len(steady) if steady else None,

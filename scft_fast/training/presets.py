@@ -1,4 +1,5 @@
-"""Built-in model presets: small random-initialized Llama-architecture models over the embedded tokenizer."""
+"""Built-in model presets (small random-initialized Llama models over the embedded tokenizer), and the factory of
+small random models that the tests and benchmarks build."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -14,15 +15,46 @@ PRESETS = {
 }
 
 
+# The architectures the tests and benchmarks build small random models of: (config class, causal LM class).
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+}
+
+
+def causal_lm_config(arch: str = "llama", tokenizer=None, **fields):
+    """The transformers config of a small ``arch`` model: ``fields`` as given; with a tokenizer, its vocabulary
+    size and special ids unless ``fields`` set them."""
+    import transformers
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    if tokenizer is not None:
+        fields = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **fields}
+    return getattr(transformers, ARCHITECTURES[arch][0])(**fields)
+
+
+def random_causal_lm(arch: str = "llama", tokenizer=None, seed: int | None = None, **fields):
+    """A random-initialized ``arch`` causal LM over ``causal_lm_config(arch, tokenizer, **fields)``, drawn after
+    ``torch.manual_seed(seed)`` when a seed is given: the one small-model factory of the tests and benchmarks."""
+    import torch
+    import transformers
+
+    config = causal_lm_config(arch, tokenizer, **fields)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return getattr(transformers, ARCHITECTURES[arch][1])(config)
+
+
 def preset_config(name: str, tokenizer, max_position_embeddings: int = 2048):
     """The preset's LlamaConfig; its vocabulary and special ids follow the tokenizer."""
-    from transformers import LlamaConfig
-
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)} (or pass a local model path)")
-    return LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa", **PRESETS[name])
+    return causal_lm_config("llama", tokenizer, max_position_embeddings=max_position_embeddings,
+                            attn_implementation="sdpa", **PRESETS[name])
 
 
 def build_preset(name: str, tokenizer, scft: SCFTConfig | None = None, max_position_embeddings: int = 2048):

@@ -26,7 +26,7 @@ RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", "eval_before.j
 # TrainConfig keys (dotted). Resuming with another value would continue a different run from this one's step: other
 # data or seed (other batches), other batch geometry, another model, head or objective.
 RUN_DEFINING = (
-    "model.name_or_path", "model.pool", "model.lora_rank", "model.head_bias", "loss.mode", "data.files",
+    "model.name_or_path", "model.pool", "model.lora_rank", "model.head_bias", "data.files",
     "data.max_length", "data.truncation", "data.packing", "data.max_tokens", "data.micro_batch_size",
     "data.rto_keep", "data.prefix_label", "data.refusal_string", "grad_accum", "seed",
 )
