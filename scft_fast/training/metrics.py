@@ -1,4 +1,5 @@
-"""Per-step metrics (JSONL), the loss-curve plot, and the held-out evaluation of the summary."""
+"""Per-step metrics (JSONL), the loss-curve plot, and the held-out evaluation of the summary (its head figures are
+scft_fast.metrics', shared with evaluation and generation)."""
 from __future__ import annotations
 
 import json
