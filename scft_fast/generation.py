@@ -17,38 +17,31 @@ mode="stream" also judges y_1 .. y_j every check_every tokens during generate() 
 stops a row at the first reading with p_unsafe > threshold, so an unsafe response is never finished. These running
 readings are taken at the latest token: exactly the trained reading for pool="pre_eos", an approximation of the
 EOS reading for pool="eos". A streamer only ever receives tokens that a reading has already found safe.
+
+p_unsafe and the default THRESHOLD are scft_fast.metrics'; prompts follow the data layer's BOS, truncation and
+padding rules (data/encode.py, data/collate.py). `scft-fast generate` is scft_fast/cli/generate.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .arguments import (
-    add_debug_flag,
-    cli_main,
-    non_empty_str,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    probability,
-)
-from .data import REFUSAL_STRING, SAFE, ChatRenderer, DataError
+from .data import REFUSAL_STRING, ChatRenderer
+from .data.collate import pad_sequences, positions_from_mask
+from .data.encode import bos_prefix, keep_prompt_end, prompt_bos
 from .errors import ConfigError
+from .metrics import THRESHOLD, p_unsafe
 
 logger = logging.getLogger(__name__)
 
 # What a user sees in place of a blocked response; starts with the refusal string DeRTa's training targets.
 REFUSAL_TEXT = f"{REFUSAL_STRING}, I can't help with that."
-THRESHOLD = 0.5  # blocked when p_unsafe > THRESHOLD, unless the call or the model's SCFT config sets another
 MODES = ("final", "stream")
-PROMPT_FIELDS = ("question", "instruction", "prompt")  # DeRTa's test files: "question"
 # generate() settings the readings rely on: one row per prompt, one decoder call per token on the KV cache.
 REQUIRED_GENERATE_SETTINGS = {"num_beams": 1, "num_return_sequences": 1, "assistant_model": None,
                                "prompt_lookup_num_tokens": None, "use_cache": True}
@@ -81,12 +74,7 @@ class HeadReadings:
         self.fed += hidden.shape[1]
         j = self.fed - self.prompt_length
         if j >= 0:
-            self.p_unsafe[j] = p_unsafe_of(self.model, hidden[:, -1])
-
-
-def p_unsafe_of(model, hidden: torch.Tensor) -> torch.Tensor:  # hidden: (B, H) -> (B,) float32
-    """Every class but SAFE counts as unsafe."""
-    return 1.0 - model.score(hidden).float().softmax(-1)[:, SAFE]
+            self.p_unsafe[j] = p_unsafe(self.model.score(hidden[:, -1]))
 
 
 class StreamGate(StoppingCriteria):
@@ -117,12 +105,6 @@ class StreamGate(StoppingCriteria):
         return unsafe
 
 
-def bos_prefix(tokenizer) -> list[int]:
-    """[BOS] when the tokenizer itself adds one (Llama), as SampleEncoder lays out training samples."""
-    bos = tokenizer.bos_token_id
-    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
-
-
 def encode_prompts(tokenizer, prompts: list, response_prefixes: list[str] | None = None) -> list[list[int]]:
     """Prompt token ids laid out as in training: BOS (when the tokenizer adds one), the rendered user turn, and,
     when given, the forced beginning of the response (DeRTa's completion attack), tokenized with the prompt as
@@ -144,45 +126,30 @@ def encode_prompts(tokenizer, prompts: list, response_prefixes: list[str] | None
         prefix = response_prefixes[i] if response_prefixes is not None else ""
         if prefix:
             text = text + lead + prefix
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        starts_with_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-        encoded.append(ids if starts_with_bos else bos + ids)
+        encoded.append(prompt_bos(tokenizer, text, bos) + tokenizer(text, add_special_tokens=False)["input_ids"])
     return encoded
 
 
 def fit_positions(prompts: list[list[int]], positions: int | None, max_new_tokens: int,
-                  bos: list[int]) -> tuple[list[list[int]], list[int]]:
+                  bos_id: int | None) -> tuple[list[list[int]], list[int]]:
     """Prompts that, with max_new_tokens (+1: the EOS reading), would run past the model's positions lose their
     first tokens after BOS (the end, where the response starts, is kept), with a warning; -> prompts, dropped."""
     if positions is None:
         return prompts, [0] * len(prompts)
     room = positions - max_new_tokens - 1
-    if room <= len(bos):
+    if room <= (bos_id is not None):
         raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's {positions} "
                           f"positions: lower it")
     fitted, dropped = [], []
     for i, ids in enumerate(prompts):
-        cut = max(0, len(ids) - room)
+        kept = keep_prompt_end(ids, room, bos_id)
+        cut = len(ids) - len(kept)
         if cut:
-            head = len(bos) if ids[:len(bos)] == bos else 0
-            ids = ids[:head] + ids[head + cut:]
             logger.warning("prompt %d: %d tokens + max_new_tokens=%d exceed the model's %d positions; its first %d "
-                           "tokens were dropped", i, len(ids) + cut, max_new_tokens, positions, cut)
-        fitted.append(ids)
+                           "tokens were dropped", i, len(ids), max_new_tokens, positions, cut)
+        fitted.append(kept)
         dropped.append(cut)
     return fitted, dropped
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> input_ids (B, P), attention_mask (B, P), padded on the left."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for r, s in enumerate(sequences):
-        if s:
-            ids[r, length - len(s):] = torch.tensor(s)
-            mask[r, length - len(s):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def resolve_threshold(model, threshold: float | None) -> tuple[float, str]:
@@ -192,6 +159,24 @@ def resolve_threshold(model, threshold: float | None) -> tuple[float, str]:
     if model.scft_config.threshold is not None:
         return model.scft_config.threshold, "model config"
     return THRESHOLD, "default"
+
+
+def store_threshold(model_dir: str, threshold: float) -> str:
+    """Writes threshold into model_dir/config.json's SCFT settings (atomically), where resolve_threshold finds it
+    once the model is loaded again; -> the file's path."""
+    from .model import SCFT_CONFIG_KEY, SCFTConfig
+
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    scft = SCFTConfig.from_dict({**config.get(SCFT_CONFIG_KEY, {}), "threshold": threshold})
+    config[SCFT_CONFIG_KEY] = asdict(scft)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _check_arguments(prompts, threshold: float, mode: str, check_every: int, generate_kwargs: dict) -> None:
@@ -233,8 +218,8 @@ def generate_safe(model, tokenizer, prompts: list, *, threshold: float | None = 
     device = model.device
     encoded, dropped = fit_positions(encode_prompts(tokenizer, list(prompts), response_prefixes),
                                      getattr(model.config, "max_position_embeddings", None),
-                                     generate_kwargs.get("max_new_tokens") or 0, bos_prefix(tokenizer))
-    input_ids, prompt_mask = left_pad(encoded, pad_id, device)
+                                     generate_kwargs.get("max_new_tokens") or 0, tokenizer.bos_token_id)
+    input_ids, prompt_mask = (t.to(device) for t in pad_sequences(encoded, pad_id, "left"))
     batch, prompt_length = input_ids.shape
     eos_ids = torch.tensor(eos_list, device=device)
 
@@ -297,9 +282,8 @@ def _feed_last_token(model, sequences: torch.Tensor,  # (B, P + n)
     cache so that the readings hook sees its hidden state. The LM head is not applied."""
     n = sequences.shape[1] - prompt_mask.shape[1]
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], n)], dim=1)
-    position_ids = mask.sum(1, keepdim=True) - 1  # left padding: positions count real tokens only
-    model.get_decoder()(input_ids=sequences[:, -1:], attention_mask=mask, position_ids=position_ids,
-                        past_key_values=cache, use_cache=True)
+    model.get_decoder()(input_ids=sequences[:, -1:], attention_mask=mask,
+                        position_ids=positions_from_mask(mask)[:, -1:], past_key_values=cache, use_cache=True)
 
 
 @torch.no_grad()
@@ -310,54 +294,7 @@ def p_unsafe_ref(model, prompt_ids: list[int], response_ids: list[int], eos_id: 
     hidden = model.get_decoder()(input_ids=torch.tensor([ids], device=model.device),
                                  use_cache=False).last_hidden_state
     at = len(ids) - 1 - (1 if finished and model.scft_config.pool == "pre_eos" else 0)
-    return float(p_unsafe_of(model, hidden[:, at]))
-
-
-def read_records(path: str) -> list[dict]:
-    """A JSONL file, or a JSON list (DeRTa ships its JSONL files under .json); at least one record."""
-    if os.path.isdir(path):
-        raise DataError(path, 0, None, "is a directory: pass the JSONL files in it")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise DataError(path, 0, None, "no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(path, text_line(path, e.start), None, "not UTF-8 text; save the file as UTF-8") from None
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except ValueError as e:
-            raise DataError(path, getattr(e, "lineno", 0), None, f"invalid JSON list ({e})") from None
-    else:
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as e:
-                    raise DataError(path, line_no, None, f"invalid JSON ({e}): {line.strip()!r:.120}") from None
-    if not records:
-        raise DataError(path, 0, None, "no records: the file is empty or holds only blank lines")
-    return records
-
-
-def text_line(path: str, offset: int) -> int:
-    """The 1-based line holding byte offset of a file."""
-    with open(path, "rb") as f:
-        return f.read(offset).count(b"\n") + 1
-
-
-def read_prompts(path: str) -> list[str]:
-    """User messages from DeRTa's {"question": ...} records, or {"instruction": ...} / {"prompt": ...}."""
-    prompts = []
-    for i, record in enumerate(read_records(path), 1):
-        field = next((k for k in PROMPT_FIELDS if isinstance(record, dict) and k in record), None)
-        if field is None or not isinstance(record[field], str):
-            raise DataError(path, i, None, f"expected an object with a string field among {PROMPT_FIELDS}, got "
-                            f"{record!r:.120}")
-        prompts.append(record[field])
-    return prompts
+    return float(p_unsafe(model.score(hidden[:, at])))
 
 
 def load_model(path: str, device: str | None = None, dtype: str = "auto", init_head: bool = False):
@@ -381,101 +318,3 @@ def check_model_dir(path: str, flag: str = "--model") -> None:
         what = "does not exist" if not os.path.exists(path) else "has no config.json"
         raise ConfigError(f"{flag} {path} {what}: expected a model directory, such as the one `scft-fast train` "
                           f"writes under its output directory (OUTPUT_DIR/model)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="scft-fast generate",
-        description="Generate responses with the SCFT head as a safety gate: a response whose p_unsafe exceeds the "
-                    "threshold is replaced by the refusal text. Prints each response with its verdict.")
-    parser.add_argument("--model", required=True, help="model directory written by `scft-fast train` (model, head "
-                        "and tokenizer together)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", action="append", help="a user message; repeat for several")
-    source.add_argument("--prompts", metavar="FILE", help="JSONL of prompts: DeRTa's {\"question\": ...}, or "
-                        "{\"instruction\": ...} / {\"prompt\": ...}")
-    parser.add_argument("--threshold", type=probability, default=None,
-                        help="block when p_unsafe > threshold, in [0, 1] (default: the threshold stored in the "
-                        "model's SCFT config by `scft-fast eval --store-threshold`, else "
-                        f"{THRESHOLD}); the one used is printed")
-    parser.add_argument("--mode", choices=MODES, default="final", help="final: judge the finished response; "
-                        "stream: also judge every --check-every tokens and stop at the first unsafe reading")
-    parser.add_argument("--check-every", type=positive_int, default=1,
-                        help="stream mode: tokens between readings (default 1)")
-    parser.add_argument("--refusal-text", type=non_empty_str, default=REFUSAL_TEXT,
-                        help=f"shown instead of a blocked response (default {REFUSAL_TEXT!r})")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=128,
-                        help="generate()'s max_new_tokens (default 128); a prompt that would run past the model's "
-                        "positions loses its first tokens, with a warning, and is marked in the output")
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature")
-    parser.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass")
-    parser.add_argument("--top-k", type=positive_int, default=None, help="top-k sampling")
-    parser.add_argument("--repetition-penalty", type=positive_float, default=None,
-                        help="generate()'s repetition_penalty")
-    parser.add_argument("--generate-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other generate() argument, VALUE read as JSON when it parses (e.g. "
-                        "min_new_tokens=8, no_repeat_ngram_size=3); repeat for several; overrides the flags above")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="torch seed for sampling (default 0)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generate() batch (default 8)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="weights dtype (default: as saved)")
-    parser.add_argument("--live", action="store_true", help="print the single prompt's response as it is generated; "
-                        "only tokens a reading has judged safe are printed (every --check-every tokens with "
-                        "--mode stream, at the end with --mode final)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per response instead of text")
-    add_debug_flag(parser)
-    return parser
-
-
-def parse_generate_arg(arg: str) -> tuple[str, object]:
-    key, sep, value = arg.partition("=")
-    if not sep or not key.isidentifier():
-        raise ConfigError(f"--generate-arg expects KEY=VALUE with KEY a generate() argument name, got {arg!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
-@cli_main("scft-fast generate")
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.prompt and not all(p.strip() for p in args.prompt):
-        parser.error("argument --prompt: expected a non-empty message")
-    generate_args = [parse_generate_arg(arg) for arg in args.generate_arg]
-    prompts = args.prompt if args.prompt else read_prompts(args.prompts)
-    if args.live and len(prompts) != 1:
-        parser.error(f"argument --live: prints a single response; got {len(prompts)} prompts")
-    check_model_dir(args.model)
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
-    if not args.json:
-        print("threshold {:.4f} ({})".format(*resolve_threshold(model, args.threshold)))
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                "repetition_penalty": args.repetition_penalty}
-    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                           **{k: v for k, v in sampling.items() if v is not None})
-    generate_kwargs.update(generate_args)  # the last word on any argument
-    if args.live:
-        generate_kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start: start + args.batch_size]
-        results = generate_safe(model, tokenizer, chunk, threshold=args.threshold, mode=args.mode,
-                                check_every=args.check_every, refusal_text=args.refusal_text, **generate_kwargs)
-        for i, (prompt, result) in enumerate(zip(chunk, results), start):
-            if args.json:
-                print(json.dumps({"prompt": prompt, **asdict(result)}))
-                continue
-            verdict = (f"BLOCKED at token {result.blocked_at_token}" if result.blocked else "allowed")
-            if result.truncated_prompt_tokens:
-                verdict += f" (PROMPT TRUNCATED: its first {result.truncated_prompt_tokens} tokens dropped)"
-            print(f"[{i}] {prompt}\n  -> {result.text}\n  {verdict}, p_unsafe={result.p_unsafe:.4f}"
-                  + (f"\n  raw: {result.raw_text}" if result.blocked else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,6 +27,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .constants import IGNORE_INDEX, POOLS
+from .data.collate import positions_from_mask
 from .ops import last_token_index, safety_loss
 from .ops.cls_head import MAX_CLASSES, MIN_CLASSES
 
@@ -477,7 +478,7 @@ class SCFTForCausalLM:
         attention_mask, position_ids, cu_seqlens = self._packed_inputs(length, attention_mask, position_ids,
                                                                        cu_seqlens, None, kwargs)
         if attention_mask is not None and position_ids is None:  # left padding: positions count real tokens
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            position_ids = positions_from_mask(attention_mask)
         hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     use_cache=False, **kwargs).last_hidden_state
         index = self.pooled_index(batch, length, attention_mask, None if attention_mask is not None

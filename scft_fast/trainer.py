@@ -14,7 +14,7 @@ it too: ``class SCFTSFTTrainer(SCFTTrainerMixin, trl.SFTTrainer)``.
   ``remove_unused_columns=True``: they join Trainer's signature columns when the collator names them.
 - Logs: ``lm_loss``, ``transition_loss``, ``cls_loss``, ``head_accuracy``, sums over the logging window and ranks.
 - Evaluation: ``eval_loss`` over the whole evaluation set taken as one batch (not a mean of batch means), the
-  three terms, ``eval_head_accuracy`` and ``eval_head_auroc`` (``training/metrics.auroc``).
+  three terms, ``eval_head_accuracy`` and ``eval_head_auroc`` (``scft_fast.metrics``; absent with one class).
 - Saving: ``save_model`` writes what ``SCFTForCausalLM.from_pretrained`` loads (``training/export.py``): the
   full model, ZeRO-3 partitions gathered, LoRA merged under PEFT. A PEFT run's checkpoints stay Trainer's
   adapter checkpoints (adapters + the head, which ``apply_scft_fast`` adds to ``modules_to_save``).
@@ -28,11 +28,10 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .constants import IGNORE_INDEX
-from .data.constants import UNSAFE
+from .metrics import auroc, is_unsafe, p_unsafe
 from .model import unwrap
 from .training.accounting import STEP_STATS, output_stats, pooled_loss, stat_means, step_targets
 from .training.export import export_model
-from .training.metrics import auroc
 
 
 class SCFTTrainerMixin:
@@ -120,8 +119,8 @@ class SCFTTrainerMixin:
         self._eval_stats = stats if self._eval_stats is None else self._eval_stats + stats
         if outputs.cls_logits is not None and cls_labels is not None:
             labeled = cls_labels != ignore
-            p_unsafe = outputs.cls_logits.float().softmax(-1)[labeled, UNSAFE]
-            self._eval_scores.append(torch.stack([p_unsafe, cls_labels[labeled].float()], 1).cpu())
+            scores = p_unsafe(outputs.cls_logits[labeled])
+            self._eval_scores.append(torch.stack([scores, cls_labels[labeled].float()], 1).cpu())
         return outputs.loss.detach(), None, None
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -143,7 +142,9 @@ class SCFTTrainerMixin:
         metrics.update({k: v for k, v in stat_means(stats).items() if v is not None})
         if scores:
             scores = torch.cat(scores).numpy()
-            metrics["head_auroc"] = auroc(scores[:, 0], scores[:, 1] == UNSAFE)
+            head_auroc = auroc(scores[:, 0], is_unsafe(scores[:, 1]))
+            if head_auroc is not None:
+                metrics["head_auroc"] = head_auroc
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in metrics.items()})
         return output
 

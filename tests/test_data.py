@@ -607,3 +607,56 @@ def test_cache_follows_file_contents(tmp_path, tok):
     write(tmp_path, [{"instruction": "q", "response": "a"}, {"instruction": "q2", "response": "b"}])
     second, _ = build_dataset([path], tok, config)
     assert len(first) == 1 and len(second) == 2
+
+
+# ------------------------------------------------------------------------- the rules generation and evaluation share
+def test_pad_sequences_and_positions_from_mask():
+    from scft_fast.data.collate import pad_sequences, positions_from_mask
+
+    right, right_mask = pad_sequences([[5, 6, 7], [8]], 0)
+    assert right.tolist() == [[5, 6, 7], [8, 0, 0]] and right_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    left, left_mask = pad_sequences([[5, 6, 7], [8]], 0, "left", multiple=4)
+    assert left.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]] and left_mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert positions_from_mask(left_mask).tolist() == [[0, 0, 1, 2], [0, 0, 0, 0]]
+    assert positions_from_mask(right_mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+    with pytest.raises(ValueError, match="padding_side must be"):
+        pad_sequences([[1]], 0, "middle")
+
+
+def test_bos_rule_and_prompt_cut(tok):
+    from scft_fast.data.encode import bos_prefix, keep_prompt_end, prompt_bos
+
+    bos = tok.bos_token_id
+    assert bos_prefix(tok) == [bos] == tok("a")["input_ids"][:1]  # the embedded tokenizer adds BOS itself
+    assert prompt_bos(tok, "[INST] hi [\\INST]", [bos]) == [bos]
+    assert prompt_bos(tok, tok.bos_token + "[INST] hi [\\INST]", [bos]) == []  # the template wrote it
+    assert keep_prompt_end([bos, 10, 11, 12, 13], 3, bos) == [bos, 12, 13]
+    assert keep_prompt_end([10, 11, 12, 13], 3, bos) == [11, 12, 13]
+    assert keep_prompt_end([bos, 10, 11], 0, bos) == [bos] and keep_prompt_end([bos, 10], 5, bos) == [bos, 10]
+
+
+def test_pair_sample_is_the_helpful_triples_sample(tok):
+    from scft_fast.data.records import ChatRenderer, pair_sample, parse_record
+
+    renderer, config = ChatRenderer(tok), DataConfig()
+    record = {"instruction": "How do I bake bread?", "response": "Mix and bake.", "label": "unsafe"}
+    (parsed,) = parse_record(json.dumps(record), "f.jsonl", 1, 0, renderer, config)
+    assert pair_sample(renderer, record["instruction"], record["response"], UNSAFE, "f.jsonl", 1) == parsed
+    with pytest.raises(DataError, match="pairs:3: field 'response': empty target"):
+        pair_sample(renderer, "q", "  ", SAFE, "pairs", 3)
+
+
+def test_read_records_names_file_lines(tmp_path):
+    from scft_fast.data.records import read_prompts, read_records
+
+    path = write(tmp_path, [{"question": "a"}, "", {"question": "b"}])
+    assert read_records(str(path)) == [(1, {"question": "a"}), (3, {"question": "b"})]
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([{"prompt": "x"}, {"instruction": "y"}]))
+    assert read_prompts(str(listed)) == ["x", "y"]
+    bad = write(tmp_path, [{"question": "a"}, "", '{"question": "b", "question": "c"}'], name="dup.jsonl")
+    with pytest.raises(DataError, match="dup.jsonl:3: field 'question': duplicate key"):
+        read_records(str(bad))
+    empty = write(tmp_path, [{"question": "a"}, "", {"text": "b"}], name="noq.jsonl")
+    with pytest.raises(DataError, match="noq.jsonl:3: expected an object with a non-empty string field"):
+        read_prompts(str(empty))

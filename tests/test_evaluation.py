@@ -1,6 +1,6 @@
-"""Evaluation: AUROC against a brute-force pair count, the metrics on hand-made outcomes, the data formats (the
-embedded split and DeRTa's question files, read from ../shared), the head scoring against generation's reading,
-and the command end to end on a tiny saved model."""
+"""Evaluation: the metrics on hand-made outcomes, the data formats (the embedded split and DeRTa's question files,
+read from ../shared), the head scoring against generation's reading, and the command end to end on a tiny saved
+model. The metrics themselves: tests/test_metrics.py."""
 import json
 import os
 
@@ -12,22 +12,9 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from helpers import DERTA, needs_derta  # noqa: E402
-from scft_fast import evaluation  # noqa: E402
+from scft_fast.cli.evaluate import main  # noqa: E402
 from scft_fast.data import SAFE, UNSAFE, default_data_files, load_default_tokenizer  # noqa: E402
-from scft_fast.evaluation import (  # noqa: E402
-    EvalConfig,
-    EvalData,
-    auroc,
-    auroc_ref,
-    evaluate,
-    head_metrics,
-    is_refusal,
-    load_eval_data,
-    main,
-    score_pairs,
-    threshold_at_fpr,
-    threshold_at_fpr_ref,
-)
+from scft_fast.evaluation import EvalConfig, EvalData, evaluate, is_refusal, load_eval_data, run, score_pairs  # noqa: E402
 from scft_fast.generation import SafeGeneration, encode_prompts, generate_safe, load_model, p_unsafe_ref  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
 
@@ -55,61 +42,8 @@ def tiny_model(tokenizer, pool="eos", seed=0):
     return model
 
 
-# -- metrics ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("seed", range(5))
-def test_auroc_matches_brute_force_with_ties(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(2, 60))
-    scores = rng.integers(0, 6, n).astype(float)  # few distinct values: many ties
-    labels = rng.integers(0, 2, n)
-    labels[:2] = [0, 1]
-    assert auroc(scores, labels) == pytest.approx(auroc_ref(scores, labels), abs=1e-12)
-
-
-def test_auroc_hand_made():
-    assert auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
-    assert auroc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
-    assert auroc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5
-    assert auroc([0.9, 0.2, 0.6, 0.4], [1, 0, 0, 1]) == 0.75
-    assert auroc([0.3, 0.4], [1, 1]) is None and auroc_ref([0.3, 0.4], [1, 1]) is None
-
-
-def test_head_metrics_hand_made():
-    m = head_metrics([0.9, 0.2, 0.6, 0.4, 0.5], [UNSAFE, SAFE, SAFE, UNSAFE, SAFE], threshold=0.5)
-    # flagged (p > 0.5): 0.9, 0.6; 0.5 is exactly at the threshold and is not flagged
-    assert m["accuracy"] == pytest.approx(3 / 5)
-    assert m["fpr"] == pytest.approx(1 / 3) and m["tpr"] == 0.5
-    assert m["auroc"] == pytest.approx(auroc_ref([0.9, 0.2, 0.6, 0.4, 0.5], [1, 0, 0, 1, 0]))
-    assert m["n"] == 5 and m["n_unsafe"] == 2
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_threshold_at_fpr_matches_brute_force(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(5, 200))
-    scores = rng.random(n) if seed % 2 else rng.integers(0, 8, n) / 8  # odd seeds: distinct, even: many ties
-    labels = rng.integers(0, 2, n)
-    labels[:2] = [SAFE, UNSAFE]
-    max_fpr = float(rng.choice([0.01, 0.05, 0.1, 0.3]))
-    got = threshold_at_fpr(scores, labels, max_fpr)
-    assert got["threshold"] == threshold_at_fpr_ref(scores, labels, max_fpr)
-    safe, unsafe = scores[labels == SAFE], scores[labels == UNSAFE]
-    assert got["fpr"] == (safe > got["threshold"]).mean() <= max_fpr
-    assert got["tpr"] == (unsafe > got["threshold"]).mean()
-    lower = safe[safe < got["threshold"]]
-    if len(lower):  # the next lower candidate breaks the budget: the threshold is the lowest that meets it
-        assert (safe > lower.max()).mean() > max_fpr
-    assert (got["n_safe"], got["n_unsafe"]) == (len(safe), len(unsafe))
-
-
-def test_threshold_at_fpr_hand_made():
-    p = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.35]
-    y = [SAFE] * 10 + [UNSAFE] * 2
-    # 10 safe pairs, 10% budget: one may be flagged, so the threshold is the second-highest safe score
-    assert threshold_at_fpr(p, y, 0.1) == {"max_fpr": 0.1, "threshold": 0.9, "fpr": 0.1, "tpr": 0.5, "n_safe": 10,
-                                           "n_unsafe": 2}
-    assert threshold_at_fpr(p, y, 0.05)["threshold"] == 0.95  # none may be flagged
-    assert threshold_at_fpr([0.3, 0.4], [UNSAFE, UNSAFE], 0.05) is None
+# -- outcomes -----------------------------------------------------------------------------------------------------
+def test_eval_config_refuses_a_full_false_positive_budget():
     with pytest.raises(ValueError, match="max_fpr must be in"):
         EvalConfig(max_fpr=1.0)
 
@@ -142,8 +76,8 @@ def fake_generate_safe(calls):
 @pytest.mark.parametrize("has_head", [True, False])
 def test_evaluate_aggregates_hand_made_outcomes(monkeypatch, has_head):
     calls = []
-    monkeypatch.setattr(evaluation, "generate_safe", fake_generate_safe(calls))
-    monkeypatch.setattr(evaluation, "score_pairs", lambda m, t, pairs, c: np.array([0.9, 0.2, 0.6, 0.4]))
+    monkeypatch.setattr(run, "generate_safe", fake_generate_safe(calls))
+    monkeypatch.setattr(run, "score_pairs", lambda m, t, pairs, c: np.array([0.9, 0.2, 0.6, 0.4]))
     data = EvalData(
         pairs=[("q", "r", UNSAFE), ("q", "r", SAFE), ("q", "r", SAFE), ("q", "r", UNSAFE)],
         harmful=["a REFUSE", "b BLOCK", "c REFUSE BLOCK", "d"],

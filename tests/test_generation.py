@@ -14,8 +14,11 @@ from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from helpers import DERTA, needs_derta  # noqa: E402
+from scft_fast.cli.generate import main  # noqa: E402
 from scft_fast.data import load_default_tokenizer  # noqa: E402
-from scft_fast.generation import REFUSAL_TEXT, encode_prompts, generate_safe, left_pad, main, p_unsafe_ref, read_prompts  # noqa: E402
+from scft_fast.data.collate import pad_sequences  # noqa: E402
+from scft_fast.data.records import read_prompts  # noqa: E402
+from scft_fast.generation import REFUSAL_TEXT, encode_prompts, generate_safe, p_unsafe_ref  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
 from scft_fast.training.presets import random_causal_lm  # noqa: E402
 
@@ -126,7 +129,7 @@ def test_readings_match_full_forward_and_decoder_calls(tokenizer, pool):
         "early_and_last": ([3, n, 5], 1 if pool == "eos" else 0),
         "cut": ([3, None, 5], 1),
     }
-    input_ids, attention_mask = left_pad(encode_prompts(tokenizer, PROMPTS), tokenizer.pad_token_id, "cpu")
+    input_ids, attention_mask = pad_sequences(encode_prompts(tokenizer, PROMPTS), tokenizer.pad_token_id, "left")
     for steps, extra in cases.values():
         kw = dict(max_new_tokens=n, do_sample=False, logits_processor=force_eos(tokenizer, PROMPTS, steps))
         calls = DecoderCalls(model)
@@ -359,5 +362,5 @@ def test_prompts_past_the_positions_lose_their_start_with_a_warning(saved_model,
 def test_fit_positions_keeps_bos_and_the_end():
     from scft_fast.generation import fit_positions
 
-    prompts, dropped = fit_positions([[1, 10, 11, 12, 13, 14], [1, 20]], positions=6, max_new_tokens=1, bos=[1])
+    prompts, dropped = fit_positions([[1, 10, 11, 12, 13, 14], [1, 20]], positions=6, max_new_tokens=1, bos_id=1)
     assert prompts == [[1, 12, 13, 14], [1, 20]] and dropped == [2, 0]

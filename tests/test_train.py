@@ -10,7 +10,6 @@ pytest.importorskip("transformers")
 from scft_fast.cli import SUBCOMMANDS, main  # noqa: E402
 from scft_fast.training import DataSpec, OptimSpec, TrainConfig, train  # noqa: E402
 from scft_fast.training.checkpoint import latest_checkpoint  # noqa: E402
-from scft_fast.training.metrics import auroc  # noqa: E402
 
 REQUIRED_FLAGS = ["--model", "--data", "--output-dir", "--max-steps", "--epochs", "--deepspeed", "--bf16", "--lr",
                   "--micro-batch-size", "--grad-accum", "--max-length", "--packing", "--lm-coef",
@@ -143,11 +142,6 @@ def test_epochs_without_max_steps(tmp_path, small_data):
     per_epoch = len(rows) // 2  # full micro-batches of 16 in one epoch of the small file's samples
     assert per_epoch > 0 and [r["epoch"] for r in rows] == [0] * per_epoch + [1] * per_epoch
     assert all(r["peak_memory_mb"] > 0 for r in rows)
-
-
-def test_auroc():
-    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
-    assert auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
 
 
 def _resolve(tmp_path, ds: dict | str, config: TrainConfig, world_size: int = 2):

@@ -19,7 +19,7 @@ from transformers.trainer_callback import TrainerCallback  # noqa: E402
 
 import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
 from scft_fast import IGNORE_INDEX, SCFTDataCollator, SCFTForCausalLM, SCFTTrainer  # noqa: E402
-from scft_fast.training.metrics import auroc  # noqa: E402
+from scft_fast.metrics import auroc  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")

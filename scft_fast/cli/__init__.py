@@ -6,8 +6,8 @@ import sys
 
 SUBCOMMANDS = {
     "train": "scft_fast.cli.train",
-    "generate": "scft_fast.generation",
-    "eval": "scft_fast.evaluation",
+    "generate": "scft_fast.cli.generate",
+    "eval": "scft_fast.cli.evaluate",
 }
 
 

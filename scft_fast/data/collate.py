@@ -17,6 +17,9 @@ to pass as a DataLoader's batch_sampler alongside PackedCollator:
 
     loader = DataLoader(dataset, batch_sampler=PackedBatchSampler(dataset["length"], 4096, seed=0),
                         collate_fn=PackedCollator(4096))
+
+pad_sequences (right or left padding with its attention mask) and positions_from_mask (the position ids of a padded
+row) are the padding rules of every padded batch here: the collators, generation's left-padded prompts, the model.
 """
 from __future__ import annotations
 
@@ -37,6 +40,29 @@ def _tensor(row: dict, key: str) -> torch.Tensor:
     return torch.as_tensor(row[key], dtype=torch.long)
 
 
+def pad_sequences(sequences: list, value: int, padding_side: str = "right",
+                  multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:  # -> (B, T) int64, (B, T) int64
+    """Token lists padded with value on the right or the left to T (the longest, rounded up to a multiple), and the
+    attention mask: 1 on the real tokens, 0 on the padding."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    lengths = [len(s) for s in sequences]
+    B, T = len(sequences), -(-max(lengths, default=0) // multiple) * multiple
+    padded = torch.full((B, T), value, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, (sequence, n) in enumerate(zip(sequences, lengths)):
+        span = slice(0, n) if padding_side == "right" else slice(T - n, T)
+        padded[b, span] = torch.as_tensor(sequence, dtype=torch.long)
+        mask[b, span] = 1
+    return padded, mask
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T) int64
+    """Position ids that count real tokens only, 0 on padding: what a left-padded row needs (HF's default
+    arange would start its tokens at the padding's length); equal to the arange on a right-padded row's tokens."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 class PaddedCollator:
     input_columns = INPUT_COLUMNS
 
@@ -48,27 +74,20 @@ class PaddedCollator:
         self.padding_side, self.ignore_index = padding_side, ignore_index
 
     def __call__(self, rows: list[dict]) -> dict:
-        lengths = [len(row["input_ids"]) for row in rows]
-        B, T = len(rows), -(-max(lengths) // self.multiple) * self.multiple
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((B, T), dtype=torch.long)
-        labels = torch.full((B, T), self.ignore_index, dtype=torch.long)
-        transition_labels = torch.full((B, T), self.ignore_index, dtype=torch.long)
-        cls_index = torch.empty(B, dtype=torch.long)
-        for b, (row, n) in enumerate(zip(rows, lengths)):
-            start = 0 if self.padding_side == "right" else T - n
-            span = slice(start, start + n)
-            input_ids[b, span] = _tensor(row, "input_ids")
-            attention_mask[b, span] = 1
-            labels[b, span] = _tensor(row, "labels")
-            transition_labels[b, span] = _tensor(row, "transition_labels")
-            cls_index[b] = b * T + start + int(row["cls_pos"])
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                 "transition_labels": transition_labels,
+        def pad(key: str, value: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return pad_sequences([row[key] for row in rows], value, self.padding_side, self.multiple)
+
+        input_ids, attention_mask = pad("input_ids", self.pad_token_id)
+        T = input_ids.shape[1]
+        starts = [0 if self.padding_side == "right" else T - len(row["input_ids"]) for row in rows]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "labels": pad("labels", self.ignore_index)[0],
+                 "transition_labels": pad("transition_labels", self.ignore_index)[0],
                  "cls_labels": torch.tensor([int(row["cls_label"]) for row in rows], dtype=torch.long),
-                 "cls_index": cls_index}
+                 "cls_index": torch.tensor([b * T + start + int(row["cls_pos"])
+                                            for b, (row, start) in enumerate(zip(rows, starts))], dtype=torch.long)}
         if self.padding_side == "left":
-            batch["position_ids"] = (attention_mask.cumsum(1) - 1).clamp_(min=0)
+            batch["position_ids"] = positions_from_mask(attention_mask)
         return batch
 
 

@@ -16,6 +16,9 @@ tokenizer merges across it (DeRTa tokenized prefix + text and masked len(tokeniz
 Over max_length, truncation="prompt" drops the prompt's oldest tokens (after BOS) first; if the target alone
 does not fit, it is cut on the right and keeps a final EOS as its pooled row, with no LM or transition label
 there (the model must not learn to stop mid-answer). truncation="drop" drops the sample.
+
+[BOS] is there when the tokenizer itself adds one and the rendered prompt does not already start with it
+(bos_prefix, prompt_bos); a cut keeps it (keep_prompt_end). Generation lays out its prompts with the same three.
 """
 from __future__ import annotations
 
@@ -55,6 +58,28 @@ def rto_positions(m: int, rto_keep: float, seed) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(m)[:keep])
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """[BOS] when the tokenizer itself adds one (Llama), else []: the ids that start every sample's prompt."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def prompt_bos(tokenizer, prompt: str, bos: list[int]) -> list[int]:
+    """The ids to put before a rendered prompt's tokens: bos (bos_prefix's), unless the chat template already wrote
+    the BOS string at its start."""
+    bos_text = tokenizer.bos_token
+    return [] if bos_text and prompt.startswith(bos_text) else bos
+
+
+def keep_prompt_end(prompt: list[int], length: int, bos_id: int | None) -> list[int]:
+    """The prompt cut to length tokens by dropping its oldest ones after a leading BOS, which survives whatever
+    length says: the end, where the response starts, is kept."""
+    if len(prompt) <= length:
+        return prompt
+    head = 1 if bos_id is not None and prompt[:1] == [bos_id] else 0
+    return prompt[:head] + prompt[len(prompt) - max(length - head, 0):]
+
+
 class SampleEncoder:
     def __init__(self, tokenizer, config: DataConfig):
         if tokenizer.eos_token_id is None:
@@ -63,9 +88,7 @@ class SampleEncoder:
         self.eos_id = tokenizer.eos_token_id
         self.refusal_id = refusal_token_id(tokenizer, config.refusal_string)
         self.bos_id = tokenizer.bos_token_id
-        # BOS when the tokenizer itself adds one (Llama) and the rendered prompt does not already start with it.
-        self.bos = [self.bos_id] if self.bos_id is not None and tokenizer("a")["input_ids"][:1] == [self.bos_id] \
-            else []
+        self.bos = bos_prefix(tokenizer)
 
     def encode(self, samples: list[Sample], seeds: list) -> list[dict]:
         """One dict per sample: input_ids, labels, transition_labels, cls_pos, status. seeds[i] seeds the RTO
@@ -74,9 +97,7 @@ class SampleEncoder:
             return []
         prompts = self._tokenize([s.prompt for s in samples])
         targets = self._tokenize([s.target for s in samples])
-        bos_text = self.tokenizer.bos_token
-        return [self._layout(s, (self.bos if not (bos_text and s.prompt.startswith(bos_text)) else []) + p,
-                             t + [self.eos_id], seed)
+        return [self._layout(s, prompt_bos(self.tokenizer, s.prompt, self.bos) + p, t + [self.eos_id], seed)
                 for s, p, t, seed in zip(samples, prompts, targets, seeds)]
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -91,14 +112,11 @@ class SampleEncoder:
         if len(prompt) + len(target) > cfg.max_length:
             if cfg.truncation == "drop":
                 return {"status": STATUS_DROPPED}
-            head = 1 if self.bos_id is not None and prompt[:1] == [self.bos_id] else 0  # BOS survives
-            room = cfg.max_length - len(target) - head
-            if room >= 0:
-                prompt = prompt[:head] + (prompt[len(prompt) - room:] if room else [])
+            prompt = keep_prompt_end(prompt, max(cfg.max_length - len(target), 0), self.bos_id)
+            if len(prompt) + len(target) <= cfg.max_length:
                 status = STATUS_TRUNCATED_PROMPT
             else:
-                prompt = prompt[:head]
-                target = target[: cfg.max_length - head - 1] + [self.eos_id]
+                target = target[: cfg.max_length - len(prompt) - 1] + [self.eos_id]
                 status, cut = STATUS_TRUNCATED_TARGET, True
         n_prompt, n = len(prompt), len(prompt) + len(target)
         labels = [ignore] * n

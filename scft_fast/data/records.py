@@ -18,11 +18,16 @@ A harmful triple becomes DeRTa's mixture (their generate_training_data.py):
       k = 0 when harmful_index % 3 == 0, else uniform in [1, n - 2] (n words, split on single spaces),
       none when n < 3. harmful_index counts the harmful triples of the whole input in order, as DeRTa's list did;
     - with vanilla_safety, a vanilla safety sample: instruction -> safe response.
+
+Evaluation reads the same files through read_records (JSONL, or a JSON list as DeRTa ships some), record_prompt
+(DeRTa's question-only records) and pair_sample (a labeled instruction / response pair, laid out as a helpful
+triple's sample).
 """
 from __future__ import annotations
 
 import difflib
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +64,7 @@ FORMAT_FIELDS = {
 RECORD_KEYS = {"derta": ("prefix", "text", "safe", "label"), "helpful": ("instruction", "response", "label"),
                "harmful": ("instruction", "harmful_response", "safe_response", "label"),
                "chat": ("messages", "rto", "label")}
+PROMPT_FIELDS = ("question", "instruction", "prompt")  # the user message of a prompt record; DeRTa's: "question"
 MESSAGE_KEYS = ("role", "content")
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -147,7 +153,7 @@ def _check_keys(obj: dict, known, field_prefix: str, source: str, line: int, wha
                             f"(known: {', '.join(known)})")
 
 
-def _require_str(obj: dict, field: str, source: str, line: int, nonempty: bool) -> str:
+def require_str(obj: dict, field: str, source: str, line: int, nonempty: bool) -> str:
     if field not in obj:
         raise DataError(source, line, field, "missing field")
     value = obj[field]
@@ -158,7 +164,7 @@ def _require_str(obj: dict, field: str, source: str, line: int, nonempty: bool) 
     return value
 
 
-def _explicit_label(obj: dict, source: str, line: int) -> int | None:
+def explicit_label(obj: dict, source: str, line: int) -> int | None:
     if "label" not in obj:
         return None
     value = obj["label"]
@@ -191,25 +197,30 @@ def detect_format(obj, source: str, line: int) -> str:
                     + ", ".join("{" + ", ".join(f) + "}" for f in FORMAT_FIELDS.values()))
 
 
-def parse_record(raw: str, source: str, line: int, harmful_index: int, renderer: ChatRenderer,
-                 config: DataConfig) -> list[Sample]:
-    """One JSONL line -> its samples. Raises DataError on invalid input."""
+def decode_record(raw: str, source: str, line: int):
+    """One JSONL line -> its JSON value; invalid JSON or a duplicate key is a DataError."""
     try:
-        obj = json.loads(raw, object_pairs_hook=_reject_duplicates)
+        return json.loads(raw, object_pairs_hook=_reject_duplicates)
     except _DuplicateKey as e:
         raise DataError(source, line, e.args[0], "duplicate key (JSON keeps only the last value)") from None
     except ValueError as e:
         raise DataError(source, line, None, f"invalid JSON ({e}): {raw.strip()!r:.120}") from None
+
+
+def parse_record(raw: str, source: str, line: int, harmful_index: int, renderer: ChatRenderer,
+                 config: DataConfig) -> list[Sample]:
+    """One JSONL line -> its samples. Raises DataError on invalid input."""
+    obj = decode_record(raw, source, line)
     fmt = detect_format(obj, source, line)
     _check_keys(obj, RECORD_KEYS[fmt], "", source, line, f"{fmt} record")
-    label = _explicit_label(obj, source, line)
+    label = explicit_label(obj, source, line)
 
     def pick(default: int) -> int:
         return default if label is None else label
 
     if fmt == "derta":
-        prefix = _require_str(obj, "prefix", source, line, nonempty=False)
-        text = _require_str(obj, "text", source, line, nonempty=False)
+        prefix = require_str(obj, "prefix", source, line, nonempty=False)
+        text = require_str(obj, "text", source, line, nonempty=False)
         if "safe" not in obj:
             raise DataError(source, line, "safe", "missing field")
         safe = obj["safe"]
@@ -227,15 +238,14 @@ def parse_record(raw: str, source: str, line: int, harmful_index: int, renderer:
     if fmt == "chat":
         return [_chat_sample(obj, source, line, renderer, label)]
 
-    instruction = _require_str(obj, "instruction", source, line, nonempty=True)
-    prompt, lead, suffix = renderer.split([{"role": "user", "content": instruction}])
+    instruction = require_str(obj, "instruction", source, line, nonempty=True)
     if fmt == "helpful":
-        response = _require_str(obj, "response", source, line, nonempty=True)
-        target = _target(renderer, lead, response, suffix, "response", source, line)
-        return [Sample(prompt, target, False, pick(SAFE), KIND_HELPFUL)]
+        response = require_str(obj, "response", source, line, nonempty=True)
+        return [pair_sample(renderer, instruction, response, pick(SAFE), source, line)]
 
-    harmful = _require_str(obj, "harmful_response", source, line, nonempty=True)
-    safe_response = _require_str(obj, "safe_response", source, line, nonempty=True)
+    prompt, lead, suffix = renderer.split([{"role": "user", "content": instruction}])
+    harmful = require_str(obj, "harmful_response", source, line, nonempty=True)
+    safe_response = require_str(obj, "safe_response", source, line, nonempty=True)
     samples = [Sample(prompt, _target(renderer, lead, harmful, suffix, "harmful_response", source, line),
                       True, pick(UNSAFE), KIND_RTO)]
     refusal = _target(renderer, lead, safe_response, suffix, "safe_response", source, line)
@@ -249,6 +259,14 @@ def parse_record(raw: str, source: str, line: int, harmful_index: int, renderer:
     if config.vanilla_safety:
         samples.append(Sample(prompt, refusal, False, pick(SAFE), KIND_REFUSAL))
     return samples
+
+
+def pair_sample(renderer: ChatRenderer, instruction: str, response: str, label: int, source: str, line: int,
+                field: str = "response") -> Sample:
+    """One (instruction, response) pair as a helpful triple lays it out: the rendered user turn -> the response, with
+    classification label ``label``. An empty response is a DataError naming source, line and field."""
+    prompt, lead, suffix = renderer.split([{"role": "user", "content": instruction}])
+    return Sample(prompt, _target(renderer, lead, response, suffix, field, source, line), False, label, KIND_HELPFUL)
 
 
 def _prefix_label(config: DataConfig) -> int:
@@ -295,3 +313,48 @@ def _chat_sample(obj: dict, source: str, line: int, renderer: ChatRenderer, labe
     target = _target(renderer, lead, messages[last]["content"], suffix, f"messages[{last}].content", source, line)
     default = UNSAFE if rto else SAFE
     return Sample(prompt, target, rto, default if label is None else label, KIND_RTO if rto else KIND_MLE)
+
+
+def read_records(path: str) -> list[tuple[int, object]]:
+    """(line, value) of every record of a JSONL file, or of a JSON list (DeRTa ships its JSONL files under .json;
+    line: the record's 1-based index there); at least one record."""
+    if os.path.isdir(path):
+        raise DataError(path, 0, None, "is a directory: pass the JSONL files in it")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise DataError(path, 0, None, "no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, _text_line(path, e.start), None, "not UTF-8 text; save the file as UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = list(enumerate(json.loads(text), 1))
+        except ValueError as e:
+            raise DataError(path, getattr(e, "lineno", 0), None, f"invalid JSON list ({e})") from None
+    else:
+        records = [(line, decode_record(raw, path, line)) for line, raw in enumerate(text.splitlines(), 1)
+                   if raw.strip()]
+    if not records:
+        raise DataError(path, 0, None, "no records: the file is empty or holds only blank lines")
+    return records
+
+
+def _text_line(path: str, offset: int) -> int:
+    """The 1-based line holding byte offset of a file."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def record_prompt(record, source: str, line: int) -> str:
+    """The user message of a prompt record: DeRTa's {"question": ...}, or {"instruction": ...} / {"prompt": ...}."""
+    field = next((k for k in PROMPT_FIELDS if isinstance(record, dict) and k in record), None)
+    if field is None or not isinstance(record[field], str) or not record[field].strip():
+        raise DataError(source, line, None, f"expected an object with a non-empty string field among "
+                        f"{PROMPT_FIELDS}, got {record!r:.120}")
+    return record[field]
+
+
+def read_prompts(path: str) -> list[str]:
+    """The user messages of a file of prompt records (record_prompt's), in order."""
+    return [record_prompt(record, path, line) for line, record in read_records(path)]

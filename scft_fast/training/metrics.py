@@ -1,4 +1,5 @@
-"""Per-step metrics (JSONL), the loss-curve plot, and the held-out evaluation of the summary."""
+"""Per-step metrics (JSONL), the loss-curve plot, and the held-out evaluation of the summary (its head figures are
+scft_fast.metrics', shared with evaluation and generation)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..metrics import head_metrics, head_scores
 
 LOSS_CURVES = ("loss", "lm_loss", "transition_loss", "cls_loss")
 
@@ -107,57 +109,32 @@ def plot_loss_curves(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN with a single class."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    positives, negatives = labels.sum(), (~labels).sum()
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 @torch.no_grad()
-def evaluate(engine, batches, ignore_index: int, unsafe: int = 1) -> dict:
-    """Held-out head accuracy, FPR and TPR, AUROC (P(unsafe) vs. the label), and the mean probability of the refusal token
-    at the RTO positions (where transition_labels, shifted, names it). Every rank runs every batch (ZeRO-3's
-    gathers are collective); the results are identical on all ranks."""
-    engine.train(False)
-    scores, labels, predictions, refusal_probs = [], [], [], []
-    for batch in batches:
+def evaluate(engine, batches, ignore_index: int) -> dict:
+    """Held-out head accuracy, FPR, TPR and AUROC (scft_fast.metrics: the verdict p_unsafe > THRESHOLD, which for a
+    two-class head is its argmax), and the mean probability of the refusal token at the RTO positions (where
+    transition_labels, shifted, names it). Every rank runs every batch (ZeRO-3's gathers are collective); the
+    results are identical on all ranks. An undefined figure is None."""
+    refusal_probs = []
+
+    def forward(batch: dict) -> torch.Tensor:
         out = engine.eval_forward(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                   position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"),
                                   cls_index=batch["cls_index"])
-        cls_labels = batch["cls_labels"]
-        labeled = cls_labels != ignore_index
-        scores.append(out.cls_logits.float().softmax(-1)[labeled, unsafe].cpu())
-        predictions.append(out.cls_logits[labeled].argmax(-1).cpu())
-        labels.append(cls_labels[labeled].cpu())
         targets = batch["transition_labels"][:, 1:]
         rows = targets != ignore_index
         if rows.any():
             logits = out.logits[:, :-1][rows].float()
             refusal_probs.append(logits.softmax(-1).gather(1, targets[rows][:, None])[:, 0].cpu())
+        return out.cls_logits
+
+    engine.train(False)
+    scores, labels = head_scores(forward, batches, ignore_index)
     engine.train(True)
-    scores, labels = torch.cat(scores).numpy(), torch.cat(labels).numpy()
-    predictions = torch.cat(predictions).numpy()
-    flagged, unsafe_rows = predictions == unsafe, labels == unsafe
+    head = head_metrics(scores, labels)
     return {
-        "head_accuracy": float((predictions == labels).mean()) if len(labels) else float("nan"),
-        # at the head's argmax verdict: safe pairs flagged unsafe, unsafe pairs flagged
-        "head_fpr": float(flagged[~unsafe_rows].mean()) if (~unsafe_rows).any() else float("nan"),
-        "head_tpr": float(flagged[unsafe_rows].mean()) if unsafe_rows.any() else float("nan"),
-        "head_auroc": auroc(scores, labels == unsafe),
-        "head_samples": int(len(labels)),
-        "refusal_prob_rto": float(torch.cat(refusal_probs).mean()) if refusal_probs else float("nan"),
+        "head_accuracy": head["accuracy"], "head_fpr": head["fpr"], "head_tpr": head["tpr"],
+        "head_auroc": head["auroc"], "head_samples": head["n"],
+        "refusal_prob_rto": float(torch.cat(refusal_probs).mean()) if refusal_probs else None,
         "rto_positions": int(sum(len(p) for p in refusal_probs)),
     }
