@@ -63,7 +63,7 @@ def format_summary(s: dict) -> str:
     if titles:
         lines.append(f"  {'held-out, before -> after':36s}" + "".join(f"  {t:18s}" for t in titles.values()))
         for key, label in (("head_accuracy", "head accuracy"), ("head_auroc", "head AUROC"),
-                           ("head_fpr", "head FPR (argmax verdict)"), ("head_tpr", "head TPR (argmax verdict)"),
+                           ("head_fpr", "head FPR (p_unsafe > 0.5)"), ("head_tpr", "head TPR (p_unsafe > 0.5)"),
                            ("refusal_prob_rto", "P(refusal token) on RTO positions")):
             lines.append(f"  {label:36s}" + "".join(f"  {cell(name, key):18s}" for name in titles))
     o = s.get("optimizer")
