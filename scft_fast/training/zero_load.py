@@ -72,11 +72,13 @@ class CheckpointTensors:
 
         self.file: dict[str, str] = {}
         self.shape: dict[str, list[int]] = {}
+        self.itemsize: dict[str, int] = {}
         for name in files:
             with safe_open(name, framework="pt") as f:
                 for key in f.keys():
-                    self.file[key] = name
-                    self.shape[key] = f.get_slice(key).get_shape()
+                    tensor = f.get_slice(key)
+                    self.file[key], self.shape[key] = name, tensor.get_shape()
+                    self.itemsize[key] = tensor[0:0].element_size() if self.shape[key] else 0  # no data read
 
     def read_whole(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -94,9 +96,7 @@ class CheckpointTensors:
             return
         stop = start + out.numel()
         row_numel = math.prod(shape[1:])
-        with safe_open(self.file[key], framework="pt") as f:
-            itemsize = f.get_slice(key)[0:1].element_size()
-        rows_per_block = max(1, BLOCK_BYTES // (row_numel * itemsize))
+        rows_per_block = max(1, BLOCK_BYTES // (row_numel * self.itemsize[key]))
         row, last_row = start // row_numel, -(-stop // row_numel)
         while row < last_row:
             end_row = min(row + rows_per_block, last_row)
@@ -104,7 +104,7 @@ class CheckpointTensors:
                 block = f.get_slice(key)[row:end_row].reshape(-1)
             lo, hi = max(start, row * row_numel), min(stop, end_row * row_numel)
             out[lo - start:hi - start].copy_(block[lo - row * row_numel:hi - row * row_numel])
-            del block
+            del block  # before the next block is read: one in memory at a time
             row = end_row
 
 
