@@ -114,10 +114,15 @@ def measure_chunk(rows: Rows, args, kw: dict, dtype: torch.dtype, chunk: int, we
     no_transition = torch.full_like(targets, IGNORE_INDEX)
     scale = torch.full((), 1.0 / chunk, dtype=torch.float32, device=device)
     moved = 3 * chunk * vocab * itemsize
-    seconds = rows.add(f"epilogue [{backend.name}] c={chunk}", timed(
+    seconds = rows.add(f"epilogue [{epilogue_backend(backend)}] c={chunk}", timed(
         lambda: backend.epilogue(logits, targets, no_transition, scale, scale, None, IGNORE_INDEX), device,
         args.reps, args.warmup, setup=lambda: logits.copy_(pristine)), moved, "GB/s", bytes=moved, **shape)
     rows[-1]["share_of_copy"] = moved / seconds / 1e9 / copy_rate
+
+
+def epilogue_backend(backend) -> str:
+    """The backend "auto" resolved to, read off its epilogue: the twins are named safety_epilogue_<backend>."""
+    return backend.epilogue.__name__.removeprefix("safety_epilogue_")
 
 
 def measure(args) -> dict:
@@ -130,7 +135,7 @@ def measure(args) -> dict:
     path = accumulation_path(device, dtype)
     for chunk in args.chunks:  # each chunk's buffers are freed when measure_chunk returns
         measure_chunk(rows, args, kw, dtype, chunk, weight, backend, path, copy_rate)
-    return {"rows": list(rows), "fp32_accumulation_path": path, "epilogue_backend": backend.name}
+    return {"rows": list(rows), "fp32_accumulation_path": path, "epilogue_backend": epilogue_backend(backend)}
 
 
 def render(result: dict) -> str:

@@ -109,11 +109,13 @@ def sft_rows(args):
     import torch
     from datasets import Dataset
 
+    from scft_fast import IGNORE_INDEX
+
     g = torch.Generator().manual_seed(args.seed)
     n = args.batch_size * args.steps
     ids = torch.randint(0, args.vocab, (n, args.seq_len), generator=g)
     labels = ids.clone()
-    labels[:, : int(args.prompt_frac * args.seq_len)] = -100
+    labels[:, : int(args.prompt_frac * args.seq_len)] = IGNORE_INDEX
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
 
 

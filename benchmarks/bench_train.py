@@ -61,6 +61,8 @@ PRESETS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from scft_fast.ops.backends import BACKENDS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("cpu", "cuda"), default=None,
                    help="shape and step defaults (default: cuda when torch sees a GPU, else cpu)")
@@ -89,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="runs per mode, interleaved and rotated (default 3; --quick 1)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on for the cuda preset, off for cpu)")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "torch", "cpu"),
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="safety_loss backend of the fused modes (default auto)")
     p.add_argument("--modes", default=None,
                    help=f"comma-separated subset of {','.join(MODES)} (default: all; --quick: all but the "

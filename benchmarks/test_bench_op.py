@@ -20,9 +20,9 @@ from scft_fast.ops.reference import safety_loss_ref
 
 PROBLEM = Problem(rows=1024, hidden=128, vocab=8192, dtype=torch.float32, device=torch.device("cpu"),
                   prompt_frac=1 / 3, transition_frac=0.25, seq_len=256, classes=2, seed=0)
-BACKENDS = available_backends(PROBLEM.device)
+AVAILABLE_BACKENDS = available_backends(PROBLEM.device)
 ROW_KEYS = ["gemm", "naive", "lce_ref", "lce_auto", "lce_aspect",
-            *(f"scft_{kind}:{b}:auto" for b in BACKENDS for kind in ("lm", "full"))]
+            *(f"scft_{kind}:{b}:auto" for b in AVAILABLE_BACKENDS for kind in ("lm", "full"))]
 ROUNDS = 3
 
 
@@ -33,7 +33,7 @@ def inputs():
 
 @pytest.fixture(scope="module")
 def rows(inputs):
-    return {row.key: row for row in build_rows(PROBLEM, inputs, BACKENDS, [])[0]}
+    return {row.key: row for row in build_rows(PROBLEM, inputs, AVAILABLE_BACKENDS, [])[0]}
 
 
 def _full_loss_float64(x) -> float:

@@ -3,7 +3,8 @@
 ``safety_loss`` computes the LM loss, DeRTa's RTO transition loss and SCFT's classification loss in
 one pass over the vocabulary without materializing the logits.
 """
-from .ops import IGNORE_INDEX, SafetyLossOutput, last_token_index, safety_loss
+from .constants import IGNORE_INDEX
+from .ops import SafetyLossOutput, last_token_index, safety_loss
 
 __version__ = "0.1.0"
 __all__ = ["IGNORE_INDEX", "SafetyLossOutput", "last_token_index", "safety_loss", "SCFTConfig", "SCFTForCausalLM",

@@ -26,10 +26,10 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .ops import IGNORE_INDEX, last_token_index, safety_loss
+from .constants import IGNORE_INDEX, POOLS
+from .ops import last_token_index, safety_loss
 from .ops.cls_head import MAX_CLASSES, MIN_CLASSES
 
-POOLS = ("eos", "pre_eos")
 HEAD_PREFIX = "score."
 SCFT_CONFIG_KEY = "scft"  # the SCFT settings live under this key of the causal LM's config.json
 
@@ -49,12 +49,14 @@ LOGIT_TRANSFORMS = {
 @dataclass
 class SCFTConfig:
     num_labels: int = 2  # classes of the safety head (0 = safe, 1 = unsafe)
-    refusal_token_id: int | None = None  # RTO transition target ("Sorry"); informational for the model
+    # The RTO transition target ("Sorry"), recorded in config.json: the data makes the transition labels, the
+    # model's loss never reads it; SCFTSFTTrainer refuses a data config whose refusal string gives another token.
+    refusal_token_id: int | None = None
     pool: str = "eos"  # "eos": the last token | "pre_eos": the one before (free inference-time check)
     lm_coef: float = 1.0
     transition_coef: float = 1.0
     cls_coef: float = 1.0
-    backend: str = "auto"  # safety_loss backend: "auto" | "triton" | "torch" | "cpu"
+    backend: str = "auto"  # safety_loss backend, one of scft_fast.ops.backends.BACKENDS
     chunk_size: int | None = None  # safety_loss rows per chunk; None: chosen from the shapes
     ignore_index: int = IGNORE_INDEX
     # False by default: Hugging Face's sequence-classification heads have no bias, so a bias-free head exports
@@ -546,7 +548,8 @@ def export_sequence_classifier(model: nn.Module, path: str, tokenizer=None, pad_
 
     transformers' sequence-classification models apply a bias-free ``score`` to the rightmost token that is not
     ``pad_token_id``. The head's token is the EOS (pool="eos"), so the export needs a pad token other than EOS
-    (``pad_token_id``, else the tokenizer's, else the model's): inputs must end with EOS and be padded with it.
+    (``pad_token_id``, else the tokenizer's, else the model's): inputs must end with EOS and be padded with that
+    pad token.
     For pool="pre_eos" the export pads with EOS itself, so that the rightmost non-pad token is the one before the
     EOS. A head trained with a bias cannot be written into that bias-free layer: train with
     ``SCFTConfig(head_bias=False)`` (the default) or the export is refused."""

@@ -20,6 +20,7 @@ from .arguments import (
     positive_int,
     probability,
 )
+from .constants import POOLS
 from .data.constants import MIN_LENGTH
 from .ops.backends import BACKENDS
 from .training.config import (
@@ -102,7 +103,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--vanilla-safety", action=argparse.BooleanOptionalAction, default=_D.vanilla_safety,
                    help="also train each harmful triple's instruction -> refusal, labeled safe for the head (default: "
                         f"{'on' if _D.vanilla_safety else 'off'})")
-    p.add_argument("--pool", choices=("eos", "pre_eos"), default="eos",
+    p.add_argument("--pool", choices=POOLS, default="eos",
                    help="the classifier's token: eos (SCFT) or the one before it (free at inference; default: eos)")
     p.add_argument("--refusal-string", type=non_empty_str, default=_D.refusal_string,
                    help=f"its first token is the RTO target (default: {_D.refusal_string!r})")

@@ -27,9 +27,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from .constants import IGNORE_INDEX
 from .data.constants import UNSAFE
 from .model import unwrap
-from .ops import IGNORE_INDEX
 from .training.accounting import STEP_STATS, output_stats, pooled_loss, stat_means, step_targets
 from .training.export import export_model
 from .training.metrics import auroc

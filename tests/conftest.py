@@ -18,6 +18,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The embedded tokenizer, loaded once per module (a module that pads differently defines its own)."""
+    from scft_fast.data import load_default_tokenizer
+
+    return load_default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def quiet_datasets():
+    """No datasets progress bars while a module's tests build datasets."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    yield
+    datasets.enable_progress_bars()
+
 
 @pytest.fixture(scope="module")
 def embedded_train_head(tmp_path_factory):

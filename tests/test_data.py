@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-datasets = pytest.importorskip("datasets")
+pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
+from helpers import DERTA  # noqa: E402
 from scft_fast.data import (  # noqa: E402
     IGNORE_INDEX,
     SAFE,
@@ -23,26 +24,13 @@ from scft_fast.data import (  # noqa: E402
     PackedCollator,
     PaddedCollator,
     build_dataset,
-    load_default_tokenizer,
 )
 from scft_fast.data.encode import rto_positions  # noqa: E402
 from scft_fast.data.records import harmful_prefix_words  # noqa: E402
-from shared_data import DERTA  # noqa: E402
 
 DERTA_EXAMPLE = DERTA / "example_data_to_read.json"
 IGN = IGNORE_INDEX
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_datasets():
-    datasets.disable_progress_bars()
-    yield
-    datasets.enable_progress_bars()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_default_tokenizer()
+pytestmark = pytest.mark.usefixtures("quiet_datasets")
 
 
 def ids(tok, text):

@@ -7,25 +7,13 @@ import json
 import numpy as np
 import pytest
 
-datasets = pytest.importorskip("datasets")
+pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
-from scft_fast.data import (  # noqa: E402
-    IGNORE_INDEX,
-    SAFE,
-    UNSAFE,
-    DataConfig,
-    PaddedCollator,
-    build_dataset,
-    default_data_files,
-    load_default_tokenizer,
-)
+from scft_fast.constants import IGNORE_INDEX  # noqa: E402
+from scft_fast.data import DataConfig, PaddedCollator, build_dataset, default_data_files  # noqa: E402
+from scft_fast.data.constants import SAFE, UNSAFE  # noqa: E402
 from scft_fast.data.embedded import SPLITS, generate, generate_separate  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_default_tokenizer()
 
 
 def test_default_tokenizer(tok):
@@ -101,8 +89,8 @@ def test_held_out_and_content():
         assert any(shape in r.get("harmful_response", "") for r in train)
 
 
+@pytest.mark.usefixtures("quiet_datasets")
 def test_embedded_eval_builds(tmp_path, tok):
-    datasets.disable_progress_bars()
     ds, stats = build_dataset(default_data_files("eval"), tok, DataConfig(cache_dir=str(tmp_path), rto_keep=0.05))
     n_helpful, n_harmful = generate.SIZES["eval"]
     assert stats.samples_per_kind == {"helpful": n_helpful, "rto": n_harmful, "harmful_prefix": n_harmful}

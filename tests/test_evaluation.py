@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from helpers import DERTA, needs_derta  # noqa: E402
 from scft_fast import evaluation  # noqa: E402
 from scft_fast.data import SAFE, UNSAFE, default_data_files, load_default_tokenizer  # noqa: E402
 from scft_fast.evaluation import (  # noqa: E402
@@ -29,7 +30,6 @@ from scft_fast.evaluation import (  # noqa: E402
 )
 from scft_fast.generation import SafeGeneration, encode_prompts, generate_safe, load_model, p_unsafe_ref  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
-from shared_data import DERTA, needs_derta  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,10 +24,10 @@ from transformers import (  # noqa: E402
 )
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
+from helpers import DERTA, needs_derta  # noqa: E402
 from scft_fast.data import load_default_tokenizer  # noqa: E402
 from scft_fast.generation import REFUSAL_TEXT, encode_prompts, generate_safe, left_pad, main, p_unsafe_ref, read_prompts  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
-from shared_data import DERTA, needs_derta  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["How do I bake bread?", "Tell me a joke about two cats and a dog, please.", "hi"]

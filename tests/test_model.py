@@ -24,9 +24,9 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
+from scft_fast import IGNORE_INDEX  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM, save_merged  # noqa: E402
 
-IGNORE = -100
 VOCAB, REFUSAL = 96, 7
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -57,15 +57,15 @@ def batch(seed=1, rows=3, length=11):
     input_ids = torch.randint(8, VOCAB, (rows, length), generator=g)
     lengths = [length, length - 3, length - 5][:rows]
     attention_mask = torch.zeros(rows, length, dtype=torch.long)
-    labels = torch.full((rows, length), IGNORE)
-    transition = torch.full((rows, length), IGNORE)
+    labels = torch.full((rows, length), IGNORE_INDEX)
+    transition = torch.full((rows, length), IGNORE_INDEX)
     for r, n in enumerate(lengths):
         attention_mask[r, :n] = 1
         if r == 1:
             transition[r, 3:n] = REFUSAL
         else:
             labels[r, 3:n] = input_ids[r, 3:n]
-    cls_labels = torch.tensor([0, 1, IGNORE, 0, 1][:rows])
+    cls_labels = torch.tensor([0, 1, IGNORE_INDEX, 0, 1][:rows])
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, transition_labels=transition,
                 cls_labels=cls_labels)
 
@@ -76,14 +76,14 @@ def reference_loss(model: SCFTForCausalLM, b, pool="eos", coefs=(1.0, 1.0, 1.0))
     logits = out.logits[:, :-1].float()
     logp = logits.log_softmax(-1)
     lm_t, tr_t = b["labels"][:, 1:], b["transition_labels"][:, 1:]
-    lm_mask, tr_mask = lm_t != IGNORE, tr_t != IGNORE
+    lm_mask, tr_mask = lm_t != IGNORE_INDEX, tr_t != IGNORE_INDEX
     lm_sum = -(logp.gather(-1, lm_t.clamp_min(0)[..., None])[..., 0] * lm_mask).sum()
     tr_sum = -(logp.gather(-1, tr_t.clamp_min(0)[..., None])[..., 0] * tr_mask).sum()
     denom = lm_mask.sum() + tr_mask.sum()
     last = b["attention_mask"].sum(1) - 1 - (1 if pool == "pre_eos" else 0)
     pooled = out.hidden_states[-1][torch.arange(len(last)), last]
     cls_logits = F.linear(pooled, model.score.weight, model.score.bias).float()
-    cls_loss = F.cross_entropy(cls_logits, b["cls_labels"], ignore_index=IGNORE)
+    cls_loss = F.cross_entropy(cls_logits, b["cls_labels"], ignore_index=IGNORE_INDEX)
     lm_coef, tr_coef, cls_coef = coefs
     return (lm_coef * lm_sum + tr_coef * tr_sum) / denom + cls_coef * cls_loss, cls_logits
 
@@ -165,8 +165,8 @@ def test_accumulation_with_num_items_equals_large_batch():
     large = grads(model)
     model.zero_grad()
     parts = [{k: v[:1] for k, v in b.items()}, {k: v[1:] for k, v in b.items()}]
-    n_tokens = int((b["labels"][:, 1:] != IGNORE).sum() + (b["transition_labels"][:, 1:] != IGNORE).sum())
-    n_cls = int((b["cls_labels"] != IGNORE).sum())
+    n_tokens = int((b["labels"][:, 1:] != IGNORE_INDEX).sum() + (b["transition_labels"][:, 1:] != IGNORE_INDEX).sum())
+    n_cls = int((b["cls_labels"] != IGNORE_INDEX).sum())
     for part in parts:
         model(**part, num_items_in_batch=n_tokens, num_cls_in_batch=n_cls).loss.backward()
     assert_grads_close(grads(model), large)

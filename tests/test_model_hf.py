@@ -19,10 +19,9 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from scft_fast import SCFTConfig, SCFTForCausalLM, apply_scft_fast  # noqa: E402
+from scft_fast import IGNORE_INDEX, SCFTConfig, SCFTForCausalLM, apply_scft_fast  # noqa: E402
 from scft_fast.model import export_sequence_classifier  # noqa: E402
 
-IGNORE = -100
 VOCAB, EOS, PAD = 96, 2, 0
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, eos_token_id=EOS, pad_token_id=PAD)
@@ -38,7 +37,7 @@ def sft_batch(seed=1, rows=3, length=12):
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(8, VOCAB, (rows, length), generator=g)
     attention_mask = torch.zeros(rows, length, dtype=torch.long)
-    labels = torch.full((rows, length), IGNORE)
+    labels = torch.full((rows, length), IGNORE_INDEX)
     for r, n in enumerate([length, length - 3, length - 5][:rows]):
         input_ids[r, n - 1] = EOS
         input_ids[r, n:] = PAD
@@ -70,7 +69,7 @@ def test_plain_fused_lm_loss_equals_the_models_own(model_fn):
     fused = model(**b)
     assert fused.logits is None
     torch.testing.assert_close(fused.loss, own, rtol=1e-5, atol=1e-6)
-    n = int((b["labels"][:, 1:] != IGNORE).sum())
+    n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
     own_sum = model.base_forward(**b, num_items_in_batch=2 * n).loss  # Trainer's normalizer over two batches
     torch.testing.assert_close(model(**b, num_items_in_batch=2 * n).loss, own_sum, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="need an SCFT head"):

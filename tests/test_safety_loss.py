@@ -12,19 +12,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backend_matrix import available_backends, device_for
-from safety_loss_checks import check, close, make_inputs, run_both
+from helpers import available_backends, check, close, device_for, make_inputs, run_both
 from scft_fast import IGNORE_INDEX, safety_loss
 from scft_fast.ops.reference import safety_loss_ref
 
-BACKENDS = available_backends()
+AVAILABLE_BACKENDS = available_backends()
 
 
 # (seed, N, H, V): V from 1000 to 5000 and never a multiple of a block size; H odd or not a power of 2.
 SHAPES = [(0, 29, 32, 1000), (1, 40, 48, 2047), (2, 33, 97, 3001), (3, 21, 160, 4999)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 @pytest.mark.parametrize("seed,n,h,v", SHAPES)
 def test_matches_float64_reference(backend, seed, n, h, v):
     device = device_for(backend)
@@ -34,7 +33,7 @@ def test_matches_float64_reference(backend, seed, n, h, v):
     check(*run_both(inputs, backend, grad_scale=1.0, **options))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 @pytest.mark.parametrize("terms", ["lm", "lm+transition", "lm+cls", "transition+cls"])
 def test_each_term_alone_and_default_chunking(backend, terms):
     inputs = make_inputs(11, 37, 64, 1531, c=3, s=5, transition="transition" in terms, head="cls" in terms,
@@ -44,14 +43,14 @@ def test_each_term_alone_and_default_chunking(backend, terms):
     check(*run_both(inputs, backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_upstream_gradient_is_applied(backend):
     """loss.backward() with a scaled upstream gradient (what AMP's GradScaler does)."""
     inputs = make_inputs(5, 30, 40, 1200, device=device_for(backend), bias=True, cls_bias=True)
     check(*run_both(inputs, backend, grad_scale=1024.0), atol_rel=2e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_num_items_and_num_cls_override_the_normalizers(backend):
     inputs = make_inputs(6, 30, 40, 1100, device=device_for(backend))
     for num_items in (17, torch.tensor(55)):
@@ -64,7 +63,7 @@ def test_num_items_and_num_cls_override_the_normalizers(backend):
     close(out.loss, cls_only["cls_loss"], 2e-5, 2e-5, "num_items=0 leaves only the cls term")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(backend, dtype):
     inputs = make_inputs(7, 32, 64, 2100, dtype=dtype, device=device_for(backend), bias=True)
@@ -76,7 +75,7 @@ def test_low_precision_inputs(backend, dtype):
         close(g.float(), ref_grads[name], 2e-2, 2e-2, f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_extreme_logits_stay_finite(backend, dtype):
     inputs = make_inputs(8, 24, 32, 1000, dtype=torch.float32, device=device_for(backend))
@@ -92,7 +91,7 @@ def test_extreme_logits_stay_finite(backend, dtype):
 
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"),
                     reason=f"torch {torch.__version__} has no F.linear_cross_entropy (newer than 2.11)")
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_lm_only_matches_torch_linear_cross_entropy(backend):
     inputs = make_inputs(9, 48, 64, 3000, transition=False, head=False, device=device_for(backend))
     h = inputs["hidden"].clone().requires_grad_()
@@ -106,7 +105,7 @@ def test_lm_only_matches_torch_linear_cross_entropy(backend):
     torch.testing.assert_close(gw, tw, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_batched_input_is_flattened(backend):
     inputs = make_inputs(10, 24, 32, 1000, device=device_for(backend))
     flat = safety_loss(**inputs, backend=backend)

@@ -1,7 +1,7 @@
 """safety_loss is a torch.library.custom_op: torch.compile traces around it without graph breaks."""
 import torch
 
-from safety_loss_checks import make_inputs
+from helpers import make_inputs
 from scft_fast import IGNORE_INDEX, safety_loss
 
 

@@ -5,16 +5,15 @@ import sys
 import pytest
 import torch
 
-from backend_matrix import available_backends, device_for
-from safety_loss_checks import check, make_inputs, run_both
+from helpers import available_backends, check, device_for, make_inputs, run_both
 from scft_fast import IGNORE_INDEX, safety_loss
 from scft_fast.ops import chunked
 from scft_fast.ops.reference import safety_loss_ref
 
-BACKENDS = available_backends()
+AVAILABLE_BACKENDS = available_backends()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_every_row_ignored_gives_zero_loss_and_zero_gradients(backend):
     inputs = make_inputs(20, 16, 32, 1000, head=False, device=device_for(backend))
     inputs["labels"][:] = IGNORE_INDEX
@@ -27,7 +26,7 @@ def test_every_row_ignored_gives_zero_loss_and_zero_gradients(backend):
     assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_empty_batch(backend):
     device = device_for(backend)
     h = torch.randn(0, 32, device=device, requires_grad=True)
@@ -40,7 +39,7 @@ def test_empty_batch(backend):
     assert h.grad.shape == (0, 32) and torch.equal(w.grad, torch.zeros_like(w))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_no_pooled_rows(backend):
     inputs = make_inputs(21, 24, 32, 1000, s=0, device=device_for(backend))
     out, grads, ref, ref_grads = run_both(inputs, backend)
@@ -48,7 +47,7 @@ def test_no_pooled_rows(backend):
     assert out.cls_loss.item() == 0.0 and out.cls_logits.shape == (0, 2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_duplicate_pooled_rows_add_their_gradients(backend):
     inputs = make_inputs(22, 24, 32, 1000, s=4, device=device_for(backend))
     inputs["cls_index"] = torch.tensor([5, 5, 9, 5], device=device_for(backend))
@@ -56,7 +55,7 @@ def test_duplicate_pooled_rows_add_their_gradients(backend):
     check(*run_both(inputs, backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_all_pooled_rows_unlabeled(backend):
     inputs = make_inputs(23, 24, 32, 1000, s=3, device=device_for(backend))
     inputs["cls_labels"][:] = IGNORE_INDEX

@@ -9,11 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from backend_matrix import available_backends, device_for
-from safety_loss_checks import DIFF, make_inputs, run_both
+from helpers import DIFF, available_backends, device_for, make_inputs, run_both
 from scft_fast import safety_loss
 
-BACKENDS = available_backends()
+AVAILABLE_BACKENDS = available_backends()
 
 
 class _Record(TorchDispatchMode):
@@ -44,7 +43,7 @@ def test_backward_touches_the_weight_gradient_once_and_materializes_no_zeros():
     assert leaves["lm_weight"].grad.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
 def test_loss_scaled_in_place_after_the_call_scales_the_gradients(backend):
     inputs = make_inputs(51, 26, 32, 700, bias=True, cls_bias=True, device=device_for(backend))
     out, grads, ref, ref_grads = run_both(inputs, backend, grad_scale=3.0)

@@ -18,11 +18,10 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers.trainer_callback import TrainerCallback  # noqa: E402
 
 import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
-from scft_fast import SCFTDataCollator, SCFTForCausalLM, SCFTTrainer  # noqa: E402
+from scft_fast import IGNORE_INDEX, SCFTDataCollator, SCFTForCausalLM, SCFTTrainer  # noqa: E402
 from scft_fast.training.metrics import auroc  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IGNORE = -100
 pytestmark = pytest.mark.usefixtures("one_thread")
 TERMS = ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy")
 
@@ -89,7 +88,7 @@ def test_default_arguments_train_log_and_evaluate(tok, rows, tmp_path):
     for key in ("lm_loss", "transition_loss", "cls_loss"):
         assert metrics[f"eval_{key}"] == pytest.approx(float(getattr(ref, key)), rel=1e-5), key
     labels = torch.tensor(eval_set["cls_label"])
-    labeled = labels != IGNORE
+    labeled = labels != IGNORE_INDEX
     accuracy = (probs.argmax(-1) == labels)[labeled].float().mean().item()
     assert metrics["eval_head_accuracy"] == pytest.approx(accuracy)
     assert metrics["eval_head_auroc"] == pytest.approx(auroc(probs[labeled, 1].numpy(), labels[labeled].numpy() == 1))
@@ -100,8 +99,8 @@ def only(rows, kind):
     if kind == "rto_only":
         return rows.filter(lambda k: k == "rto", input_columns="kind")
     if kind == "head_only":
-        return rows.map(lambda r: {"labels": [IGNORE] * len(r["labels"]),
-                                   "transition_labels": [IGNORE] * len(r["labels"])})
+        return rows.map(lambda r: {"labels": [IGNORE_INDEX] * len(r["labels"]),
+                                   "transition_labels": [IGNORE_INDEX] * len(r["labels"])})
     return rows
 
 
@@ -153,7 +152,7 @@ def test_plain_trainer_with_apply_scft_fast(tok, rows, tmp_path):
         return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=tok.pad_token_id),
                 "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True),
                 "labels": pad_sequence([torch.tensor(r["labels"]) for r in batch], batch_first=True,
-                                       padding_value=IGNORE)}
+                                       padding_value=IGNORE_INDEX)}
 
     data = rows.filter(lambda k: k != "rto", input_columns="kind").select(range(8))
     runs = {}

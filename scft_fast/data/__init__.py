@@ -7,10 +7,11 @@
 Each dataset row: input_ids, labels, transition_labels (n ints each, HF convention: unshifted), cls_pos (the pooled
 position), cls_label (SAFE, UNSAFE or ignore_index), kind, length. Batch keys are model forward arguments.
 """
+from ..constants import IGNORE_INDEX
 from .build import DataStats, build_dataset, safety_dataset
 from .collate import PackedBatchSampler, PackedCollator, PaddedCollator, SCFTDataCollator
 from .config import DataConfig
-from .constants import DERTA_CHAT_TEMPLATE, END_OF_TEXT, IGNORE_INDEX, KINDS, REFUSAL_STRING, SAFE, UNSAFE
+from .constants import DERTA_CHAT_TEMPLATE, END_OF_TEXT, KINDS, REFUSAL_STRING, SAFE, UNSAFE
 from .embedded import default_data_files, load_default_tokenizer
 from .encode import SampleEncoder, refusal_token_id
 from .records import ChatRenderer, DataError, Sample, parse_record

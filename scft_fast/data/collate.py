@@ -25,7 +25,8 @@ import math
 import numpy as np
 import torch
 
-from .constants import IGNORE_INDEX, PAD_TO_MULTIPLE_OF
+from ..constants import IGNORE_INDEX
+from .constants import PAD_TO_MULTIPLE_OF
 
 # The dataset columns the collators read: Trainer must keep them (see SCFTTrainerMixin) though they are no
 # forward arguments.
@@ -98,10 +99,16 @@ class PackedCollator:
                 "cls_index": starts + torch.tensor([int(row["cls_pos"]) for row in rows], dtype=torch.long)}
 
 
+def rank_share(batches: list, rank: int, num_replicas: int) -> list:
+    """Rank ``rank``'s batches: ``rank``, ``rank + num_replicas``, ... of the longest prefix that splits evenly,
+    so every rank runs the same number of steps."""
+    usable = len(batches) - len(batches) % num_replicas
+    return batches[rank:usable:num_replicas]
+
+
 class PackedBatchSampler:
     """Greedy packing in (seeded, per-epoch shuffled) order: a batch closes when the next sequence would overflow
-    max_tokens. With num_replicas > 1, rank r takes batches r, r + num_replicas, ... of an equal-length prefix, so
-    every rank runs the same number of steps."""
+    max_tokens. With num_replicas > 1, each rank takes its ``rank_share`` of the batches."""
 
     def __init__(self, lengths, max_tokens: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1,
                  rank: int = 0):
@@ -131,8 +138,7 @@ class PackedBatchSampler:
             used += n
         if batch:
             batches.append(batch)
-        usable = len(batches) - len(batches) % self.num_replicas
-        return batches[self.rank:usable:self.num_replicas]
+        return rank_share(batches, self.rank, self.num_replicas)
 
     def __iter__(self):
         return iter(self._batches())

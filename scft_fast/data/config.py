@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .constants import IGNORE_INDEX, MAX_LENGTH, MIN_LENGTH, REFUSAL_STRING
+from ..constants import IGNORE_INDEX, POOLS
+from .constants import MAX_LENGTH, MIN_LENGTH, REFUSAL_STRING
 
 
 @dataclass
@@ -24,8 +25,8 @@ class DataConfig:
     def __post_init__(self):
         if not 0.0 < self.rto_keep <= 1.0:
             raise ValueError(f"rto_keep must be in (0, 1], got {self.rto_keep}")
-        if self.pool not in ("eos", "pre_eos"):
-            raise ValueError(f"pool must be 'eos' or 'pre_eos', got {self.pool!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.truncation not in ("prompt", "drop"):
             raise ValueError(f"truncation must be 'prompt' or 'drop', got {self.truncation!r}")
         if self.prefix_label not in (None, "safe", "unsafe"):

@@ -1,7 +1,6 @@
 """Every default of the data layer, in one place."""
 from __future__ import annotations
 
-IGNORE_INDEX = -100
 # DeRTa's refusal token: "Sorry" with no leading space (Llama-3 id 19701).
 REFUSAL_STRING = "Sorry"
 

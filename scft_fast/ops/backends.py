@@ -20,7 +20,6 @@ BACKENDS = ("auto", "triton", "torch", "cpu")
 
 
 class Backend(NamedTuple):
-    name: str
     epilogue: Callable[..., torch.Tensor]
     cls_head: Callable[..., tuple]
 
@@ -29,7 +28,7 @@ class Backend(NamedTuple):
 def _triton_backend() -> Backend:
     from scft_fast.kernels import cls_head_triton, safety_epilogue_triton
 
-    return Backend("triton", safety_epilogue_triton, cls_head_triton)
+    return Backend(safety_epilogue_triton, cls_head_triton)
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,10 +39,10 @@ def _cpu_backend() -> Backend | None:
         return None
     if load_cpu_extension() is None:
         return None
-    return Backend("cpu", safety_epilogue_cpu, cls_head_torch)
+    return Backend(safety_epilogue_cpu, cls_head_torch)
 
 
-TORCH_BACKEND = Backend("torch", safety_epilogue_torch, cls_head_torch)
+TORCH_BACKEND = Backend(safety_epilogue_torch, cls_head_torch)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,8 @@
 """The C++ CPU epilogue (csrc/safety_epilogue.cpp): loaded prebuilt, else built just in time, else None.
 
 ``safety_epilogue_cpu`` has the contract of its torch twin ``safety_epilogue_torch`` (safety_epilogue.py, the
-spec); one OpenMP-parallel, vectorized pass per row. The cpu backend has no C++ head: it uses ``cls_head_torch``.
+spec); OpenMP over blocks of rows, three vectorized sweeps of each row in L2 (csrc/README.md). The cpu backend
+has no C++ head: it uses ``cls_head_torch``.
 
 Where the compiled module comes from, first hit wins, once per process:
 1. ``scft_fast._C``, built by ``SCFT_BUILD_OPS=1 pip install ...`` (setup.py), if built from this source,
@@ -108,14 +109,14 @@ def load_cpu_extension() -> ModuleType | None:
 
 
 def safety_epilogue_cpu(
-    logits: torch.Tensor,  # (c, V) float32 / bfloat16 / float16, contiguous, overwritten with its gradient
-    lm_target: torch.Tensor,  # (c,) int64
-    tr_target: torch.Tensor,  # (c,) int64
-    lm_scale: torch.Tensor,  # () float32
-    tr_scale: torch.Tensor,  # () float32
-    softcap: float | None,
+    logits: torch.Tensor,  # (c, V) fp32/bf16/fp16 on CPU, contiguous; overwritten with d(loss)/d(logits)
+    lm_target: torch.Tensor,  # (c,) int64, contiguous; in [0, V) or ignore_index, checked here
+    tr_target: torch.Tensor,  # (c,) int64, contiguous; in [0, V) or ignore_index, checked here
+    lm_scale: torch.Tensor,  # () float32 on CPU
+    tr_scale: torch.Tensor,  # () float32 on CPU
+    softcap: float | None,  # None or > 0
     ignore_index: int,
-) -> torch.Tensor:  # (2,) float32
+) -> torch.Tensor:  # (2,) float32: [sum of LM CEs, sum of transition CEs], unscaled
     module = load_cpu_extension()
     if module is None:
         raise RuntimeError("the C++ CPU epilogue is unavailable (see the warning above); use backend='torch'")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .safety_loss import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
 
 
 def safety_loss_ref(

@@ -17,11 +17,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..constants import IGNORE_INDEX
 from .backends import BACKENDS, resolve_backend
 from .chunked import chunked_token_loss
 from .cls_head import MAX_CLASSES, MIN_CLASSES
 
-IGNORE_INDEX = -100
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int64, torch.int32)
 _NORMALIZER_RULE = "must be >= 0 and finite"

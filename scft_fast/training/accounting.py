@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import IGNORE_INDEX
 from ..model import positions_from_cu_seqlens, shift_labels
-from ..ops import IGNORE_INDEX
 
 STEP_STATS = ("loss", "lm_sum", "n_lm", "tr_sum", "n_tr", "cls_sum", "n_cls", "cls_correct")
 TOKEN_TARGETS = ("labels", "transition_labels")

@@ -17,6 +17,7 @@ from ..data import (
     load_default_tokenizer,
     refusal_token_id,
 )
+from ..data.collate import rank_share
 from ..errors import ConfigError
 from ..model import SCFT_CONFIG_KEY, SCFTConfig, SCFTForCausalLM
 from .config import TrainConfig
@@ -112,16 +113,17 @@ def build_data(config: TrainConfig, tokenizer):
 
 class BatchPlan:
     """The global order of micro-batches, a pure function of (seed, epoch): resuming at step s needs no sampler
-    state. Step s takes micro-batches [s * gas * world, (s + 1) * gas * world) of the run's stream; rank r the
-    slice [r * gas, (r + 1) * gas) of those. A single process with gas * world accumulation steps therefore sees
-    exactly the batches of a world-rank run."""
+    state. Rank r takes its ``rank_share`` of an epoch's micro-batches (r, r + world, ...: the sampler's sharding),
+    and step s its [s * gas, (s + 1) * gas) slice of those, so the step's micro-batches over all ranks are
+    [s * gas * world, (s + 1) * gas * world) of the epoch. A single process with gas * world accumulation steps
+    therefore sees exactly the batches of a world-rank run."""
 
     def __init__(self, dataset, config: TrainConfig, pad_token_id: int, world_size: int):
         spec = config.data
         self.dataset, self.seed = dataset, config.seed
         self.lengths = np.asarray(dataset["length"], dtype=np.int64)
         self.micro_per_step = config.grad_accum * world_size
-        self.gas = config.grad_accum
+        self.gas, self.world_size = config.grad_accum, world_size
         self.micro_batch_size = spec.micro_batch_size
         self.packing = spec.packing
         if spec.packing:
@@ -160,8 +162,8 @@ class BatchPlan:
 
     def micro_batches(self, step: int, rank: int) -> list[dict]:
         epoch, within = self.locate(step)
-        first = within * self.micro_per_step + rank * self.gas
-        return [self.fetch(indices) for indices in self.epoch_batches(epoch)[first:first + self.gas]]
+        mine = rank_share(self.epoch_batches(epoch), rank, self.world_size)
+        return [self.fetch(indices) for indices in mine[within * self.gas:(within + 1) * self.gas]]
 
     def fetch(self, indices: list[int]) -> dict:
         columns = self.dataset[indices]

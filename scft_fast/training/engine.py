@@ -11,7 +11,6 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
 from .config import OptimSpec, TrainConfig
 from .export import export_model
@@ -56,8 +55,6 @@ def restate_optim(scheduler, optim: OptimSpec) -> None:
 class TorchEngine:
     """A single process: AdamW, clipping, the LR schedule; bf16 through autocast over float32 weights."""
 
-    world_size, rank = 1, 0
-
     def __init__(self, model: torch.nn.Module, config: TrainConfig, total_steps: int, device: torch.device):
         self.module = model.to(device)
         self.device = device
@@ -81,7 +78,8 @@ class TorchEngine:
         return float(norm)
 
     def micro_step(self) -> None:
-        """Called after every micro-batch's backward; DeepSpeed counts them, a single process does not need to."""
+        """Called after each micro-batch's backward but the step's last, which ``step`` closes; DeepSpeed counts
+        them, a single process does not need to."""
 
     @property
     def lr(self) -> float:
@@ -118,7 +116,6 @@ class DeepSpeedEngine:
                  ds_config: dict):
         import deepspeed
 
-        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if "optimizer" in ds_config:
             optimizer = None

@@ -1,9 +1,35 @@
-"""What the safety_loss tests share: random inputs with every kind of row, one call of the op beside its float64
-reference on the same inputs, and the comparison of the two. Tolerances are stated in test_safety_loss.py."""
+"""What the tests share (fixtures live in conftest.py):
+
+- the backends of safety_loss the tests run on, on this machine, and their device;
+- random inputs with every kind of row for the op, one call of the op beside its float64 reference on the same
+  inputs, and the comparison of the two (tolerances are stated in test_safety_loss.py);
+- DeRTa's reference files, read in place from ../shared/data/derta (never copied into the repository).
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
 import torch
 
 from scft_fast import IGNORE_INDEX, SafetyLossOutput, safety_loss
 from scft_fast.ops.reference import safety_loss_ref
+
+
+def available_backends() -> list[str]:
+    """torch always; triton and cpu as soon as their code exists in the package. A backend whose code
+    exists but does not load is *not* skipped: its tests then fail, as they should."""
+    names = ["torch"]
+    if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("scft_fast.kernels.safety_epilogue"):
+        names.append("triton")
+    if not torch.cuda.is_available() and importlib.util.find_spec("scft_fast.ops.cpu_extension") is not None:
+        names.append("cpu")
+    return names
+
+
+def device_for(backend: str) -> torch.device:
+    if backend == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 def make_inputs(seed, n, h, v, c=2, s=4, dtype=torch.float32, device="cpu", bias=False, cls_bias=False,
@@ -72,3 +98,7 @@ def check(out, grads, ref, ref_grads, rtol=2e-5, atol_rel=2e-5):
         close(out.cls_logits, ref["cls_logits"], rtol, atol_rel, "cls_logits")
     for name, g in grads.items():
         close(g, ref_grads[name], rtol, atol_rel, f"grad {name}")
+
+
+DERTA = Path(__file__).resolve().parents[2] / "shared" / "data" / "derta"
+needs_derta = pytest.mark.skipif(not DERTA.is_dir(), reason=f"DeRTa's reference files are not at {DERTA}")
