@@ -1,5 +1,5 @@
 """Per-rank host memory of `scft_fast.training.train` on one process and on 2 ranks under ZeRO-1, 2, 3 and ZeRO-3
-with offload (issue 10), phase by phase:
+with offload, phase by phase:
 
     build       tokenizer + data done; the model is built (ZeRO-3: inside zero.Init, loaded into partitions)
     initialize  the engine: deepspeed.initialize (or our AdamW on one process)
@@ -19,6 +19,7 @@ Targets (2 ranks): ZeRO-3 per-rank peak <= 0.75x the single-process peak; the bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -50,6 +51,7 @@ RUNS = {  # name: (DeepSpeed config or None for one process, ranks)
     "ZeRO-3 offload": ("training/zero3_offload.json", 2),
 }
 PHASES = ("build", "initialize", "step", "export")
+STEP_PARTS = ("forward", "backward", "optimizer")  # the engine's calls within the step phase
 ZERO3_OVER_ONE_TARGET = 0.75
 BUILD_OVER_MODEL_TARGET = 0.6
 # The issue's model: Llama, hidden 1024, 8 layers, vocab 32000: 155.7M parameters, 594 MiB in float32.
@@ -84,20 +86,41 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class PhaseMeter:
-    """Peak and final RSS of each phase of this process, in MiB."""
+    """Peak and final RSS of each phase of this process, in MiB; within the step phase, the peak of each part
+    (forward, backward, optimizer) over the steps and the RSS after it (``parts``)."""
 
     def __init__(self):
         self.phases: dict[str, dict] = {}
+        self.parts: dict[str, dict] = {}
         self.current = None
         self.before = None
+        self.peak = 0.0
 
-    def start(self, phase: str) -> None:
+    @staticmethod
+    def _reset() -> None:
         if not reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): this benchmark needs Linux")
-        self.current, self.before = phase, rss_mib()
+
+    def start(self, phase: str) -> None:
+        self._reset()
+        self.current, self.before, self.peak = phase, rss_mib(), 0.0
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        """A window of the current phase with a peak of its own; the phase's peak stays the max of all windows."""
+        self.peak = max(self.peak, proc_status_kib("VmHWM") / 1024)
+        self._reset()
+        yield
+        peak = proc_status_kib("VmHWM") / 1024
+        record = self.parts.setdefault(name, {"peak_mb": 0.0})
+        record["peak_mb"] = max(record["peak_mb"], peak)
+        record["rss_after_mb"] = rss_mib()
+        self.peak = max(self.peak, peak)
+        self._reset()
 
     def stop(self) -> None:
-        self.phases[self.current] = {"rss_before_mb": self.before, "peak_mb": proc_status_kib("VmHWM") / 1024,
+        self.phases[self.current] = {"rss_before_mb": self.before,
+                                     "peak_mb": max(self.peak, proc_status_kib("VmHWM") / 1024),
                                      "rss_after_mb": rss_mib()}
 
 
@@ -125,10 +148,16 @@ def worker(run: str, model_dir: str, prefix: str, args) -> None:
             def forward(self, **batch):
                 if self.steps_done == 0 and meter.current != "step":
                     meter.start("step")
-                return super().forward(**batch)
+                with meter.part("forward"):
+                    return super().forward(**batch)
+
+            def backward(self, loss):
+                with meter.part("backward"):
+                    super().backward(loss)
 
             def step(self):
-                norm = super().step()
+                with meter.part("optimizer"):
+                    norm = super().step()
                 self.steps_done += 1
                 if self.steps_done == args.steps:
                     meter.stop()
@@ -154,7 +183,8 @@ def worker(run: str, model_dir: str, prefix: str, args) -> None:
     loop.train(config)
     rank = int(os.environ.get("RANK", "0"))
     with open(f"{prefix}.rank{rank}.json", "w") as f:
-        json.dump({"run": run, "rank": rank, "rss_start_mb": rss_start, "phases": meter.phases}, f)
+        json.dump({"run": run, "rank": rank, "rss_start_mb": rss_start, "phases": meter.phases,
+                   "step_parts": meter.parts}, f)
 
 
 def launch(run: str, model_dir: str, args, argv: list[str]) -> list[dict]:
@@ -232,6 +262,9 @@ def _figures(results: dict) -> dict:
             row["build_alloc"] = phases["build"]["peak_mb"] - phases["build"]["rss_before_mb"]
             row["build_held"] = phases["build"]["rss_after_mb"] - phases["build"]["rss_before_mb"]
             row["peak"] = max(phases[p]["peak_mb"] for p in PHASES)
+            parts = r.get("step_parts", {})  # absent from results written before the step was split
+            row.update({f"{part}_peak": parts[part]["peak_mb"] for part in STEP_PARTS if part in parts})
+            row.update({f"{part}_end": parts[part]["rss_after_mb"] for part in STEP_PARTS if part in parts})
             table[run].append(row)
     return table
 
@@ -242,7 +275,7 @@ def report(args, data: dict, save: bool) -> None:
     table = _figures(data["raw"])
     shape, model_info, model_mib, m = data["shape"], data["model"], data["model_fp32_mib"], data["machine"]
     started, finished = dt.datetime.fromisoformat(data["started"]), dt.datetime.fromisoformat(data["finished"])
-    lines = [f"# Per-rank host memory by phase (issue 10), {'quick shape' if data['quick'] else '156M Llama'}", "",
+    lines = [f"# Per-rank host memory by phase, {'quick shape' if data['quick'] else '156M Llama'}", "",
              f"- model: Llama hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} "
              f"layers, {shape['heads']} heads ({shape['kv_heads']} KV), vocab {shape['vocab']}: "
              f"{model_info['params'] / 1e6:.1f}M parameters, {model_mib:.0f} MiB in float32",
@@ -267,7 +300,16 @@ def report(args, data: dict, save: bool) -> None:
             lines.append(f"| {run} | {rank} | {row['before_build']:.0f} | {row['build']:.0f} | "
                          f"{row['build_alloc']:.0f} | {row['build_held']:.0f} | {row['initialize']:.0f} | "
                          f"{row['step']:.0f} | {row['export']:.0f} | {row['peak']:.0f} |")
-    lines += ["", "MiB per rank.", ""]
+    lines += ["", "MiB per rank."]
+    if all(f"{part}_peak" in row for rows in table.values() for row in rows for part in STEP_PARTS):
+        lines += ["", "Within the step phase, per part (peak over the steps; RSS when the part ends, last step):", "",
+                  "| run | rank | forward peak | backward peak | optimizer step peak | after forward | after "
+                  "backward | after optimizer step |", "|---|---|---|---|---|---|---|---|"]
+        for run, rows in table.items():
+            for rank, row in enumerate(rows):
+                lines.append(f"| {run} | {rank} | " + " | ".join(f"{row[f'{part}_peak']:.0f}" for part in STEP_PARTS)
+                             + " | " + " | ".join(f"{row[f'{part}_end']:.0f}" for part in STEP_PARTS) + " |")
+    lines.append("")
     checks = []
     if "1 process" in table and "ZeRO-3" in table:
         one = table["1 process"][0]["peak"]

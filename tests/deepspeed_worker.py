@@ -48,32 +48,59 @@ def config(out_dir: str, data_file: str, checkpoint: str, name: str, **overrides
                        save_every=2, progress=False, summary=eval_samples > 0, **overrides)
 
 
-def record_build(out_dir: str, data_file: str, checkpoint: str) -> None:
-    """What a rank holds right after a ZeRO-3 build from the checkpoint directory: each parameter's local and
-    full sizes, and the new head (gathered) for rank 0 to save."""
+def record_build(out_dir: str, data_file: str, model_dir: str, name: str) -> None:
+    """What a rank holds right after a ZeRO-3 build from ``model_dir``: each parameter's local and full sizes
+    (build_{name}_rank{r}.json), and the whole state dict, gathered one parameter at a time, for rank 0 to save
+    (build_{name}.pt). A ValueError from the build is saved instead (build_{name}_error.txt)."""
     import deepspeed
 
     from scft_fast.training.components import build_model, build_tokenizer, model_config
     from scft_fast.training.deepspeed_config import resolve_deepspeed_config
 
-    cfg = config(out_dir, data_file, checkpoint, "zero3_checkpoint")
+    cfg = config(out_dir, data_file, model_dir, "zero3_checkpoint")
     tokenizer, refusal = build_tokenizer(cfg)
     ds = resolve_deepspeed_config(cfg.deepspeed, cfg, dist.get_world_size(), 3, model_config(cfg, tokenizer))
     torch.manual_seed(cfg.seed)  # as train() seeds before its build
-    model = build_model(cfg, tokenizer, refusal)
+    rank = dist.get_rank()
+    try:
+        model = build_model(cfg, tokenizer, refusal)
+    except ValueError as e:
+        with open(f"{out_dir}/build_{name}_error.txt", "w") as f:
+            f.write(str(e))
+        return
     params = {n: {"local": p.numel(), "partition": p.ds_tensor.numel(), "full": p.ds_numel,
                   "full_shape": list(p.ds_shape)} for n, p in model.named_parameters()}
-    with deepspeed.zero.GatheredParameters(list(model.score.parameters()), modifier_rank=None):
-        head = model.score.weight.detach().clone()
-    rank = dist.get_rank()
-    with open(f"{out_dir}/build_rank{rank}.json", "w") as f:
+    state = {}
+    for n, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            state[n] = p.detach().clone()
+    with open(f"{out_dir}/build_{name}_rank{rank}.json", "w") as f:
         json.dump(params, f)
     if rank == 0:
-        torch.save(head, f"{out_dir}/build_head.pt")
+        torch.save(state, f"{out_dir}/build_{name}.pt")
     del model, ds
 
 
-def main(out_dir: str, data_file: str, checkpoint: str, names: list[str]) -> None:
+def broken_checkpoints(out_dir: str, model_dir: str) -> dict[str, str]:
+    """Copies of the single-file checkpoint ``model_dir`` with one tensor of the wrong shape, one tensor removed."""
+    from safetensors.torch import load_file, save_file
+
+    broken = {"wrong_shape": f"{out_dir}/wrong_shape", "missing": f"{out_dir}/missing"}
+    if dist.get_rank() == 0:
+        state = load_file(f"{model_dir}/model.safetensors")
+        for name, path in broken.items():
+            shutil.copytree(model_dir, path)
+            changed = dict(state)
+            if name == "wrong_shape":
+                changed["model.norm.weight"] = torch.ones(3)
+            else:
+                del changed["model.layers.1.mlp.up_proj.weight"]
+            save_file(changed, f"{path}/model.safetensors", metadata={"format": "pt"})
+    dist.barrier()
+    return broken
+
+
+def main(out_dir: str, data_file: str, checkpoint: str, tied_checkpoint: str, names: list[str]) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")  # train() would do it; the build record and the file come first
@@ -82,7 +109,9 @@ def main(out_dir: str, data_file: str, checkpoint: str, names: list[str]) -> Non
             json.dump(SECTIONS, f)
     dist.barrier()
     if "zero3_checkpoint" in names:
-        record_build(out_dir, data_file, checkpoint)
+        builds = {"plain": checkpoint, "tied": tied_checkpoint, **broken_checkpoints(out_dir, tied_checkpoint)}
+        for build, model_dir in builds.items():
+            record_build(out_dir, data_file, model_dir, build)
     for name in names:
         if name == "zero3_checkpoint":  # small shards: the export's multi-file path (index + several files)
             with mock.patch.object(export, "save_zero3_merged",
@@ -97,8 +126,10 @@ def main(out_dir: str, data_file: str, checkpoint: str, names: list[str]) -> Non
             shutil.copy(f"{out_dir}/zero3/metrics.jsonl", f"{out_dir}/zero3/metrics_first.jsonl")
         dist.barrier()
         train(config(out_dir, data_file, checkpoint, "zero3", resume=True))
+    if "zero3_checkpoint" in names:  # an SCFT checkpoint: the head and its settings come from the directory
+        record_build(out_dir, data_file, f"{out_dir}/zero3_checkpoint/model", "scft")
     print(json.dumps({"done": names}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])

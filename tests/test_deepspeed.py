@@ -38,31 +38,42 @@ def small_data(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory):
+def plain_checkpoint(path, preset: str, **save_kwargs) -> str:
     """A plain Llama checkpoint (no SCFT head) with its tokenizer: what --model points at in a real run."""
     from transformers import LlamaForCausalLM
 
     from scft_fast.data import load_default_tokenizer
     from scft_fast.training.presets import preset_config
 
-    path = tmp_path_factory.mktemp("checkpoint")
     tokenizer = load_default_tokenizer()
     torch.manual_seed(1)
-    LlamaForCausalLM(preset_config("tiny", tokenizer)).save_pretrained(path)
+    LlamaForCausalLM(preset_config(preset, tokenizer)).save_pretrained(path, **save_kwargs)
     tokenizer.save_pretrained(path)
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def distributed_runs(tmp_path_factory, small_data, checkpoint_dir):
+def checkpoint_dir(tmp_path_factory):
+    """Sharded (model.safetensors.index.json + several files), untied."""
+    return plain_checkpoint(tmp_path_factory.mktemp("checkpoint"), "tiny", max_shard_size="300KB")
+
+
+@pytest.fixture(scope="module")
+def tied_checkpoint_dir(tmp_path_factory):
+    """One model.safetensors, tied embeddings (no lm_head.weight in the file)."""
+    return plain_checkpoint(tmp_path_factory.mktemp("tied_checkpoint"), "tiny-tied")
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory, small_data, checkpoint_dir, tied_checkpoint_dir):
     out = tmp_path_factory.mktemp("ds")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     with socket.socket() as probe:  # a free port: other test runs may be launching ranks at the same time
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(REPO, "tests", "deepspeed_worker.py"), str(out), small_data, checkpoint_dir, *STAGES]
+           os.path.join(REPO, "tests", "deepspeed_worker.py"), str(out), small_data, checkpoint_dir,
+           tied_checkpoint_dir, *STAGES]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
@@ -142,25 +153,49 @@ def test_zero3_summary_and_single_writer(distributed_runs):
     assert config["scft"]["num_labels"] == 2
 
 
-def test_zero3_build_from_checkpoint_is_partitioned(distributed_runs, checkpoint_dir):
-    """Right after the ZeRO-3 build (zero.Init through HfDeepSpeedConfig) no rank holds any parameter whole, the
-    head included, and the new head is the one a single process initializes from the same seed."""
+def one_process_build(model_dir):
+    """The model `scft-fast train --model model_dir` builds on one process (SCFTForCausalLM.from_pretrained)."""
     from scft_fast.training.components import build_model, build_tokenizer
 
+    config = TrainConfig(model=ModelSpec(name_or_path=model_dir))
+    tokenizer, refusal = build_tokenizer(config)
+    torch.manual_seed(config.seed)
+    return build_model(config, tokenizer, refusal)
+
+
+@pytest.mark.parametrize("build", ["plain", "tied", "scft"])
+def test_zero3_build_from_checkpoint_is_partitioned(distributed_runs, checkpoint_dir, tied_checkpoint_dir, build):
+    """Right after the ZeRO-3 build from a checkpoint directory (zero_load.load_partitioned: each rank reads its
+    own slice of every tensor) no rank holds any parameter whole, the head included, and the weights are exactly
+    those one process loads: a sharded untied checkpoint, a single-file tied one, and an SCFT export (head and
+    settings from the directory). A new head is the one a single process initializes from the same seed."""
+    model_dir = {"plain": checkpoint_dir, "tied": tied_checkpoint_dir,
+                 "scft": str(distributed_runs / "zero3_checkpoint" / "model")}[build]
     for rank in range(2):
-        params = json.loads((distributed_runs / f"build_rank{rank}.json").read_text())
-        assert "score.weight" in params and "lm_head.weight" in params
+        params = json.loads((distributed_runs / f"build_{build}_rank{rank}.json").read_text())
+        assert "score.weight" in params and "model.embed_tokens.weight" in params
+        assert ("lm_head.weight" in params) == (build != "tied")  # tied: one parameter under the embedding's name
         for name, p in params.items():
             assert p["local"] == 0, (rank, name)  # the module's tensor is freed: only the partition is stored
             assert p["partition"] == -(-p["full"] // 2), (rank, name)  # ceil(full / 2 ranks)
-    head = torch.load(distributed_runs / "build_head.pt")
-    config = TrainConfig(model=ModelSpec(name_or_path=checkpoint_dir))
-    tokenizer, refusal = build_tokenizer(config)
-    torch.manual_seed(config.seed)
-    reference = build_model(config, tokenizer, refusal).score.weight.detach()
-    assert head.shape == reference.shape == (2, 64)
-    torch.testing.assert_close(head, reference, rtol=0, atol=0)
-    assert 0.5 * 0.02 < float(head.std()) < 1.5 * 0.02  # initializer_range, not an uninitialized buffer
+    state = torch.load(distributed_runs / f"build_{build}.pt")
+    reference = one_process_build(model_dir)
+    assert reference.model.embed_tokens.weight is reference.get_output_embeddings().weight or build != "tied"
+    expected = dict(reference.named_parameters())
+    assert state.keys() == expected.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, expected[name].detach(), rtol=0, atol=0, msg=name)
+    head = state["score.weight"]
+    assert head.shape == (2, 64)
+    if build != "scft":  # a new head: initializer_range, not an uninitialized buffer
+        assert 0.5 * 0.02 < float(head.std()) < 1.5 * 0.02
+
+
+def test_zero3_build_names_the_bad_tensor(distributed_runs):
+    wrong = (distributed_runs / "build_wrong_shape_error.txt").read_text()
+    assert "wrong_shape/model.safetensors: tensor model.norm.weight has shape (3,)" in wrong and "(64,)" in wrong
+    missing = (distributed_runs / "build_missing_error.txt").read_text()
+    assert "no tensor for ['model.layers.1.mlp.up_proj.weight']" in missing and "missing/model.safetensors" in missing
 
 
 def test_zero3_exports_load_as_hf_models(distributed_runs):

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..model import SCFT_CONFIG_KEY, SCFTConfig, SCFTForCausalLM
 from .config import TrainConfig
 from .presets import PRESETS, build_preset, preset_config
+from .zero_load import load_partitioned
 
 
 def build_tokenizer(config: TrainConfig):
@@ -52,9 +53,12 @@ def model_config(config: TrainConfig, tokenizer):
 def build_model(config: TrainConfig, tokenizer, refusal: int):
     """The SCFT model (PEFT-wrapped with LoRA) for a preset name or a local HF / SCFT checkpoint directory.
 
-    With a ZeRO-3 HfDeepSpeedConfig alive (resolve_deepspeed_config), transformers builds it inside
-    ``deepspeed.zero.Init``: every parameter, the head's included, is partitioned as it is created, a checkpoint
-    is loaded into the partitions, and no rank holds the whole model."""
+    With a ZeRO-3 HfDeepSpeedConfig alive (resolve_deepspeed_config) it is built inside ``deepspeed.zero.Init``:
+    every parameter, the head's included, is partitioned as it is created; a checkpoint is read into the
+    partitions by ``zero_load.load_partitioned`` (each rank reads its own slice of every tensor), a preset is
+    initialized by transformers one module at a time. No rank holds the whole model."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     spec, loss = config.model, config.loss
     saved = getattr(model_config(config, tokenizer), SCFT_CONFIG_KEY, None)
     # A checkpoint's head keeps its shape (classes, bias); the command line sets how it is trained.
@@ -67,6 +71,8 @@ def build_model(config: TrainConfig, tokenizer, refusal: int):
                    chunk_size=loss.chunk_size, head_bias=head.head_bias if spec.head_bias is None else spec.head_bias)
     if spec.name_or_path in PRESETS:
         model = build_preset(spec.name_or_path, tokenizer, scft)
+    elif is_deepspeed_zero3_enabled():
+        model = load_partitioned(spec.name_or_path, scft, init_head=not saved)
     else:
         model = SCFTForCausalLM.from_pretrained(spec.name_or_path, init_head=not saved, config=scft)
     model._check_logits_match()
