@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -52,20 +53,49 @@ def test_splits_share_no_instruction():
         assert not instructions[a] & instructions[b], (a, b)
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def _ngrams(records: list[dict], n: int, keys=("instruction", "response", "harmful_response", "safe_response")):
+    grams = set()
+    for r in records:
+        for key in keys:
+            words = _words(r.get(key, ""))
+            grams |= {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return grams
+
+
 def test_separate_split_is_written_apart():
-    """No request of the separate split names a training action or is a training template, and no fake answer uses
-    a training placeholder or opener: what the head scores there, it has not seen in those words."""
-    separate = generate_separate.generate()["separate"]
-    actions = [action for action, _ in generate.HARMFUL_ACTIONS] + list(generate.HOWTO_TASKS)
-    templates = [t.split("{")[0] for t in generate.HARMFUL_QUESTIONS + generate.HOWTO_QUESTIONS if t.split("{")[0]]
-    openers = [o.split("{")[0] for o in generate.COMPLY_OPENERS]
+    """No request of the separate split names a training action or starts like a training template, and no fake
+    answer uses a training placeholder or opener (nor a training fake answer a separate one): what the head scores
+    there, it has not seen in those words."""
+    generated = _generated()
+    separate, train = generated["separate"], generated["train"]
+    actions = ([action for action, _ in generate.HARMFUL_ACTIONS] + list(generate.HOWTO_TASKS)
+               + [action for action, _ in generate.ALARMING_BUT_SAFE] + list(generate.PRETEND_PLAY))
+    templates = [t.split("{")[0] for t in generate.REQUEST_TEMPLATES if t.split("{")[0]]
+    openers = [o.split("{")[0] for o in generate.COMPLY_OPENERS if o.split("{")[0]]
+    placeholders = ([f"{a} {n}" for a in generate.PRETEND_ADJECTIVES for n in generate.PRETEND_NOUNS]
+                    + [f"[{a} {n}]" for a in generate.TAG_WORDS[0] for n in generate.TAG_WORDS[1]])
     for r in separate:
         assert not any(a in r["instruction"] for a in actions), r["instruction"]
         if "harmful_response" in r:
             assert not any(r["instruction"].startswith(t) for t in templates), r["instruction"]
-            assert not any(g in r["harmful_response"] for g in generate.GADGETS + openers), r["harmful_response"]
-    alarming = {q for q, _ in generate.ALARMING_BUT_SAFE}
-    assert not alarming & {r["instruction"] for r in separate}
+            assert not any(g in r["harmful_response"] for g in placeholders + openers), r["harmful_response"]
+    for r in train:
+        assert not any(p in r.get("harmful_response", "") for p in generate_separate.PLACEHOLDERS), r
+        assert not any(a in r["instruction"] for a, _ in generate_separate.HARMFUL_TOPICS), r["instruction"]
+        assert not any(a in r["instruction"] for a, _ in generate_separate.ALARMING_REQUESTS), r["instruction"]
+
+
+def test_separate_split_shares_few_ngrams_with_train():
+    """Measured overlap (data README): of the separate split's distinct word 4-grams, 1.6% occur anywhere in
+    train.jsonl, stock phrases such as "what is the best way to"; of its 5-grams 0.5%."""
+    generated = _generated()
+    for n, bound in ((4, 0.02), (5, 0.01)):
+        separate, train = _ngrams(generated["separate"], n), _ngrams(generated["train"], n)
+        assert len(separate & train) / len(separate) < bound, (n, sorted(separate & train)[:20])
 
 
 def test_held_out_and_content():
@@ -77,16 +107,24 @@ def test_held_out_and_content():
         assert len({r["harmful_response"] for r in harmful}) > 0.9 * n_harmful  # varied
         if split != "separate":
             assert all(r["safe_response"].startswith("Sorry") for r in harmful)
-            gadgets = tuple(g.split(" ")[-1] for g in generate.GADGETS) + ("[", "banana", "napkin", "hum", "spin",
-                                                                           "pretend", "sticky")
+            gadgets = tuple(generate.PRETEND_ADJECTIVES) + ("[", "banana", "napkin", "hum", "sticky")
         else:
             gadgets = tuple(p.split(" ")[-1] for p in generate_separate.PLACEHOLDERS) + ("[", "pretend", "crayons")
         assert all(any(g.lower() in r["harmful_response"].lower() for g in gadgets) for r in harmful)  # placeholders
     train = generated["train"]
+    helpful = [r for r in train if "response" in r]
+    harmful = [r for r in train if "harmful_response" in r]
     # Step-shaped compliant answers come with both labels, so their shape does not give the label away.
-    for shape in ("1. ", "First, ", "- "):
-        assert any(shape in r.get("response", "") for r in train)
-        assert any(shape in r.get("harmful_response", "") for r in train)
+    for shape in ("1. ", "First, ", "- ", "a) "):
+        assert any(shape in r["response"] for r in helpful)
+        assert any(shape in r["harmful_response"] for r in harmful)
+    # So do placeholders (toys, props, blanks) and every request template: the label needs the request.
+    assert any("[" in r["response"] for r in helpful)
+    assert any(any(f"{a} " in r["response"] for a in generate.PRETEND_ADJECTIVES) for r in helpful)
+    for template in generate.REQUEST_TEMPLATES:
+        start = template.split("{")[0]
+        assert any(start in r["instruction"] for r in helpful), template
+        assert any(start in r["instruction"] for r in harmful), template
 
 
 @pytest.mark.usefixtures("quiet_datasets")

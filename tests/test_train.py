@@ -89,15 +89,17 @@ def test_embedded_summary_sets_both_held_out_splits_side_by_side(tmp_path, capsy
             assert 0 <= figures["head_fpr"] <= 1 and 0 <= figures["head_tpr"] <= 1
 
 
-def test_loss_modes_agree_on_the_lm_loss(tmp_path, small_data, monkeypatch):
+def test_loss_modes_agree_on_the_lm_loss(tmp_path, embedded_train_head, monkeypatch):
     """The benchmark's three modes (benchmarks/bench_train.py's loss hooks): the fused LM loss equals the model's
-    own HF loss on the same first batch."""
+    own HF loss on the same first batch (of helpful and harmful records alternating, so that it holds RTO targets
+    whatever the embedded data's order)."""
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     from bench_train import LOSS_HOOKS
 
+    data = embedded_train_head(48, balanced=True)
     first = {}
     for mode in ("hf", "fused-lm", "full"):
-        config = TrainConfig(data=DataSpec(files=[small_data], micro_batch_size=4, eval_samples=0),
+        config = TrainConfig(data=DataSpec(files=[data], micro_batch_size=4, eval_samples=0),
                              output_dir=str(tmp_path / mode), max_steps=2, save_every=0, progress=False,
                              summary=False)
         train(config, loss_hook=LOSS_HOOKS[mode])

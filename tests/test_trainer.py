@@ -55,7 +55,9 @@ def assert_grads_close(ours: dict, ref: dict):
     assert ours.keys() == ref.keys() and ours
     for name, g in ours.items():
         scale = ref[name].abs().max().item()
-        torch.testing.assert_close(g, ref[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+        # float32 summation order: after one optimizer step the two runs' second gradients differ by up to ~4e-5
+        # of the tensor's largest entry (down_proj on the embedded RTO rows), the bound test_model.py uses.
+        torch.testing.assert_close(g, ref[name], rtol=1e-5, atol=1e-4 * scale, msg=name)
 
 
 def one_batch(tok, model, rows):
