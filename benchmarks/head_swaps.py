@@ -1,4 +1,4 @@
-"""What a trained head reads (issue 14): its scores on labeled pairs and on pairs with request and response swapped.
+"""What a trained head reads: its scores on labeled pairs and on pairs with request and response swapped.
 
 For each triple file (the embedded eval and separate splits by default) the head scores, with the evaluation's own
 scoring (`scft_fast.evaluation.score_pairs`):
@@ -16,26 +16,25 @@ scores the other file's fakes by whether their words are its own file's.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import random
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from scft_fast.data import default_data_files
-from scft_fast.evaluation import EvalConfig, auroc, load_for_eval, score_pairs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import command_line, cpu_name, git_commit, utc_now  # noqa: E402
+from scft_fast.data import default_data_files  # noqa: E402
+from scft_fast.data.records import read_records  # noqa: E402
+from scft_fast.evaluation import EvalConfig, load_for_eval, score_pairs  # noqa: E402
+from scft_fast.metrics import auroc  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _read(path: str) -> tuple[list[dict], list[dict]]:
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+def _read(path: str) -> tuple[list[dict], list[dict]]:  # -> harmful triples, helpful pairs
+    records = [record for _, record in read_records(path)]
     return [r for r in records if "harmful_response" in r], [r for r in records if "response" in r]
 
 
@@ -49,8 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", nargs=2, metavar=("SAME", "SEPARATE"),
                         default=[default_data_files("eval")[0], default_data_files("separate")[0]],
                         help="the same-generator and the separate-generator triple files (default: embedded)")
-    parser.add_argument("--seed", type=int, default=0, help="which answers are drawn for the swaps")
-    parser.add_argument("--output", type=Path, default=None, help="JSON (default results/head_swaps_<UTC>.json)")
+    parser.add_argument("--seed", type=int, default=0, help="which answers are drawn for the swaps (default: 0)")
+    parser.add_argument("--output", type=Path, default=None, help="the JSON result file (default: benchmarks/results/head_swaps_<UTC date>.json)")
     args = parser.parse_args(argv)
     model, tokenizer, _ = load_for_eval(args.model, "cpu", "float32")
     config = EvalConfig(progress=False, batch_size=32)
@@ -79,17 +78,17 @@ def main(argv=None) -> int:
                                   ("same harmful + separate fake", same_harmful, separate_harmful)):
         pairs = [(r["instruction"], rng.choice(fakes)["harmful_response"], 1) for r in requests]
         report["cross"][name] = _stats(score_pairs(model, tokenizer, pairs, config))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"command": shlex.join([sys.executable, *sys.argv]), "commit": commit, "machine": platform.processor()
-              or platform.machine(), "model": args.model, "data": args.data, "seed": args.seed, "report": report}
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%MZ")
+    result = {"command": command_line(__file__, sys.argv[1:] if argv is None else argv), "commit": git_commit(),
+              "machine": cpu_name(), "model": args.model, "data": args.data, "seed": args.seed, "report": report}
+    stamp = utc_now().strftime("%Y%m%dT%H%MZ")
     output = args.output or RESULTS / f"head_swaps_{stamp}.json"
     output.write_text(json.dumps(result, indent=2) + "\n")
     for name, groups in report["splits"].items():
         for group, stats in groups.items():
             if group != "auroc":
                 print(f"{name:9s} {group:24s} n={stats['n']:4d} median p_unsafe {stats['median_p_unsafe']:.3g}")
-        print(f"{name:9s} AUROC " + ", ".join(f"{k} {v:.3f}" for k, v in groups["auroc"].items()))
+        print(f"{name:9s} AUROC " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}"
+                                              for k, v in groups["auroc"].items()))
     for name, stats in report["cross"].items():
         print(f"{name:34s} n={stats['n']:4d} median p_unsafe {stats['median_p_unsafe']:.3g}")
     print(f"wrote {output}")
