@@ -289,7 +289,7 @@ def report(args, table: dict, command, started, load_start, commit_start, model_
             args.out, f"sft_{device}_{started:%Y%m%dT%H%MZ}",
             {"command": command, "header": header, "model": model_info, "device": device,
              "device_name": device_name, "threads": threads, "first_loss_spread": spread,
-             "args": {k: v for k, v in vars(args).items() if k != "worker"}, "table": table})
+             "args": {k: v for k, v in vars(args).items() if k != "worker"}, "table": table}, markdown)
         print(f"wrote {stem}.md and {stem}.json")
 
 

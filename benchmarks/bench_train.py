@@ -358,7 +358,7 @@ def report(args, runs: dict[str, list[dict]], command, started, finished, load_s
             {"command": command, "header": header, "args": {k: v for k, v in vars(args).items() if k != "worker"},
              "model": model_info, "device": device, "device_name": device_name, "threads": threads,
              "table": table, "per_rep_ratio": per_rep_ratio, "runs": runs,
-             "checks": [{"pass": ok, "text": text} for ok, text in checks]})
+             "checks": [{"pass": ok, "text": text} for ok, text in checks]}, markdown)
         print(f"wrote {stem}.md and {stem}.json")
 
 

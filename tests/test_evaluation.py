@@ -9,7 +9,6 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from helpers import DERTA, needs_derta  # noqa: E402
 from scft_fast.cli.evaluate import main  # noqa: E402
@@ -17,6 +16,7 @@ from scft_fast.data import SAFE, UNSAFE, default_data_files, load_default_tokeni
 from scft_fast.evaluation import EvalConfig, EvalData, evaluate, is_refusal, load_eval_data, run, score_pairs  # noqa: E402
 from scft_fast.generation import SafeGeneration, encode_prompts, generate_safe, load_model, p_unsafe_ref  # noqa: E402
 from scft_fast.model import SCFTConfig, SCFTForCausalLM  # noqa: E402
+from scft_fast.training.presets import random_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,12 +27,8 @@ def tokenizer():
 
 
 def tiny_base(tokenizer, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config)
+    return random_causal_lm("llama", tokenizer, seed, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
 
 
 def tiny_model(tokenizer, pool="eos", seed=0):

@@ -13,7 +13,6 @@ transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -21,6 +20,7 @@ from transformers import (  # noqa: E402
 
 from scft_fast import IGNORE_INDEX, SCFTConfig, SCFTForCausalLM, apply_scft_fast  # noqa: E402
 from scft_fast.model import export_sequence_classifier  # noqa: E402
+from scft_fast.training.presets import random_causal_lm  # noqa: E402
 
 VOCAB, EOS, PAD = 96, 2, 0
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -28,8 +28,7 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_
 
 
 def llama(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**{**SMALL, "tie_word_embeddings": False, **overrides}))
+    return random_causal_lm("llama", None, seed, **{**SMALL, "tie_word_embeddings": False, **overrides})
 
 
 def sft_batch(seed=1, rows=3, length=12):

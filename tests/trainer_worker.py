@@ -7,11 +7,12 @@ import json
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_callback import TrainerCallback
 
 from scft_fast import SCFTConfig, SCFTDataCollator, SCFTTrainer, apply_scft_fast, safety_dataset
 from scft_fast.data import load_default_tokenizer, refusal_token_id
+from scft_fast.training.presets import random_causal_lm
 
 # ZeRO-3 with every parameter partitioned: DeepSpeed's default persistence threshold (1e5 elements) would keep
 # all of this tiny model's parameters whole on every rank and test nothing of the gathering.
@@ -35,11 +36,9 @@ def dataset(tok, data_file: str):
 
 
 def causal_lm(tok, seed: int = 0, tied: bool = False):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tied,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id))
+    return random_causal_lm("llama", tok, seed, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            tie_word_embeddings=tied)
 
 
 def model(tok, seed: int = 0, tied: bool = False, lora: bool = False):
