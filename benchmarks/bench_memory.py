@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,8 +39,11 @@ from harness import (  # noqa: E402
     load_average_text,
     proc_status_kib,
     reset_peak_rss,
+    result_stem,
     rss_mib,
     save_random_llama,
+    utc_now,
+    write_results,
 )
 from op_memory import MMAP_THRESHOLD  # noqa: E402
 
@@ -212,7 +216,7 @@ def launch(run: str, model_dir: str, args, argv: list[str]) -> list[dict]:
     for rank in range(ranks):
         with open(f"{prefix}.rank{rank}.json") as f:
             results.append(json.load(f))
-    subprocess.run(["rm", "-rf", work])
+    shutil.rmtree(work)
     return results
 
 
@@ -229,14 +233,14 @@ def main(argv=None) -> int:
 
     argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     shape = SHAPES["quick" if args.quick else "156m"]
-    started, load_start, commit = dt.datetime.now(dt.timezone.utc), load_average_text(), git_commit()
+    started, load_start, commit = utc_now(), load_average_text(), git_commit()
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_memory_model_") as model_dir:
         model_info = save_random_llama(argparse.Namespace(seed=args.seed, **shape), model_dir)
         for run in args.runs:
             print(f"running {run} ...", flush=True)
             results[run] = launch(run, model_dir, args, argv)
-    finished = dt.datetime.now(dt.timezone.utc)
+    finished = utc_now()
     data = {"shape": shape, "quick": args.quick, "model": model_info,
             "model_fp32_mib": model_info["params"] * 4 / 2 ** 20, "dtype": "float32",
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__},
@@ -331,13 +335,9 @@ def report(args, data: dict, save: bool) -> None:
     print("\n".join(lines))
     if not save:
         return
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"memory_cpu_{started:%Y%m%dT%H%MZ}{'_quick' if data['quick'] else ''}")
-    with open(base + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(base + ".json", "w") as f:
-        json.dump({**data, "per_rank": table, "checks": [{"pass": ok, "text": text} for ok, text in checks]}, f,
-                  indent=2)
+    base = write_results(args.out, result_stem("memory", "cpu", started, "quick" if data["quick"] else ""),
+                         {**data, "per_rank": table, "checks": [{"pass": ok, "text": text} for ok, text in checks]},
+                         "\n".join(lines) + "\n", indent=2)
     print(f"wrote {base}.md / .json")
 
 

@@ -640,13 +640,19 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     print(f"{path}: {len(records)} records")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
-    args = parser.parse_args()
-    for split, records in generate(args.seed).items():
+def write_splits(generate_splits, description: str, default_seed: int, argv=None) -> None:
+    """The command line of a split generator: generate_splits(seed) -> {split: records}, each written as
+    <out-dir>/<split>.jsonl."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seed", type=int, default=default_seed, help="the generator's seed (default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the JSONL files go (default: %(default)s)")
+    args = parser.parse_args(argv)
+    for split, records in generate_splits(args.seed).items():
         write_jsonl(args.out_dir / f"{split}.jsonl", records)
+
+
+def main() -> None:
+    write_splits(generate, __doc__.splitlines()[0], SEED)
 
 
 if __name__ == "__main__":

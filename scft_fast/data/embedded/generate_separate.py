@@ -13,13 +13,10 @@ It is never read by training: `scft-fast train` only scores it in its summary, b
 """
 from __future__ import annotations
 
-import argparse
 import random
-from pathlib import Path
 
-from .generate import write_jsonl
+from .generate import write_splits
 
-OUT_DIR = Path(__file__).resolve().parent
 SIZES = {"separate": (180, 120)}  # (benign, harmful) records
 SEED = 20261201
 
@@ -244,12 +241,7 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
-    args = parser.parse_args()
-    for split, records in generate(args.seed).items():
-        write_jsonl(args.out_dir / f"{split}.jsonl", records)
+    write_splits(generate, __doc__.splitlines()[0], SEED)
 
 
 if __name__ == "__main__":
