@@ -73,7 +73,8 @@ def test_separate_split_is_written_apart():
     generated = _generated()
     separate, train = generated["separate"], generated["train"]
     actions = ([action for action, _ in generate.HARMFUL_ACTIONS] + list(generate.HOWTO_TASKS)
-               + [action for action, _ in generate.ALARMING_BUT_SAFE] + list(generate.PRETEND_PLAY))
+               + [action for action, _ in generate.ALARMING_BUT_SAFE + generate.INTENT_BUT_SAFE]
+               + list(generate.PRETEND_PLAY))
     templates = [t.split("{")[0] for t in generate.REQUEST_TEMPLATES if t.split("{")[0]]
     openers = [o.split("{")[0] for o in generate.COMPLY_OPENERS if o.split("{")[0]]
     placeholders = ([f"{a} {n}" for a in generate.PRETEND_ADJECTIVES for n in generate.PRETEND_NOUNS]
@@ -90,7 +91,7 @@ def test_separate_split_is_written_apart():
 
 
 def test_separate_split_shares_few_ngrams_with_train():
-    """Measured overlap (data README): of the separate split's distinct word 4-grams, 1.6% occur anywhere in
+    """Measured overlap (data README): of the separate split's distinct word 4-grams, 1.4% occur anywhere in
     train.jsonl, stock phrases such as "what is the best way to"; of its 5-grams 0.5%."""
     generated = _generated()
     for n, bound in ((4, 0.02), (5, 0.01)):
