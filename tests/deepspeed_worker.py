@@ -121,6 +121,22 @@ def broken_checkpoints(out_dir: str, model_dir: str) -> dict[str, str]:
     return broken
 
 
+def bin_checkpoint(out_dir: str, model_dir: str) -> str:
+    """A copy of the sharded safetensors checkpoint ``model_dir`` as one pytorch_model.bin: a checkpoint the
+    partitioned read refuses, so the ZeRO-3 build takes transformers' loader."""
+    from safetensors.torch import load_file
+
+    path = f"{out_dir}/bin"
+    if dist.get_rank() == 0:
+        shutil.copytree(model_dir, path, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+        with open(f"{model_dir}/model.safetensors.index.json") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {k: v for name in files for k, v in load_file(f"{model_dir}/{name}").items()}
+        torch.save(state, f"{path}/pytorch_model.bin")
+    dist.barrier()
+    return path
+
+
 def main(out_dir: str, data_file: str, checkpoint: str, tied_checkpoint: str, names: list[str]) -> None:
     import deepspeed
 
@@ -130,7 +146,8 @@ def main(out_dir: str, data_file: str, checkpoint: str, tied_checkpoint: str, na
             json.dump(SECTIONS, f)
     dist.barrier()
     if "zero3_checkpoint" in names:
-        builds = {"plain": checkpoint, "tied": tied_checkpoint, **broken_checkpoints(out_dir, tied_checkpoint)}
+        builds = {"plain": checkpoint, "tied": tied_checkpoint, "bin": bin_checkpoint(out_dir, checkpoint),
+                  **broken_checkpoints(out_dir, tied_checkpoint)}
         for build, model_dir in builds.items():
             record_build(out_dir, data_file, model_dir, build)
     for name in names:

@@ -152,14 +152,16 @@ def one_process_build(model_dir):
     return build_model(config, tokenizer, refusal)
 
 
-@pytest.mark.parametrize("build", ["plain", "tied", "scft"])
+@pytest.mark.parametrize("build", ["plain", "tied", "scft", "bin"])
 def test_zero3_build_from_checkpoint_is_partitioned(distributed_runs, checkpoint_dir, tied_checkpoint_dir, build):
     """Right after the ZeRO-3 build from a checkpoint directory (zero_load.load_partitioned: each rank reads its
     own slice of every tensor) no rank holds any parameter whole, the head included, and the weights are exactly
     those one process loads: a sharded untied checkpoint, a single-file tied one, and an SCFT export (head and
-    settings from the directory). A new head is the one a single process initializes from the same seed."""
+    settings from the directory). A new head is the one a single process initializes from the same seed.
+    "bin": the same checkpoint as one pytorch_model.bin, which goes through transformers' ZeRO-3 loader (the
+    fallback): partitioned and equal too."""
     model_dir = {"plain": checkpoint_dir, "tied": tied_checkpoint_dir,
-                 "scft": str(distributed_runs / "zero3_checkpoint" / "model")}[build]
+                 "scft": str(distributed_runs / "zero3_checkpoint" / "model"), "bin": str(distributed_runs / "bin")}[build]
     for rank in range(2):
         params = json.loads((distributed_runs / f"build_{build}_rank{rank}.json").read_text())
         assert "score.weight" in params and "model.embed_tokens.weight" in params
