@@ -14,7 +14,7 @@ import argparse
 import pytest
 
 from bench_memory import PHASES, RUNS, SHAPES, _figures, launch, parse_args
-from bench_train import build_model_dir
+from harness import save_random_llama
 
 ARGV = ["--quick", "--steps", "2", "--max-length", "64"]
 
@@ -22,7 +22,7 @@ ARGV = ["--quick", "--steps", "2", "--max-length", "64"]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("bench_memory_model"))
-    build_model_dir(argparse.Namespace(seed=0, **SHAPES["quick"]), directory)
+    save_random_llama(argparse.Namespace(seed=0, **SHAPES["quick"]), directory)
     return directory
 
 

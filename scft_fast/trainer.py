@@ -32,6 +32,7 @@ from .metrics import auroc, is_unsafe, p_unsafe
 from .model import unwrap
 from .training.accounting import STEP_STATS, output_stats, pooled_loss, stat_means, step_targets
 from .training.export import export_model
+from .training.zero_memory import master_weights_shared
 
 
 class SCFTTrainerMixin:
@@ -45,6 +46,12 @@ class SCFTTrainerMixin:
         self._train_stats: torch.Tensor | None = None  # (len(STEP_STATS),) since the last training log
         self._eval_stats: torch.Tensor | None = None
         self._eval_scores: list[torch.Tensor] = []  # (n, 2) [p_unsafe, label] of labeled evaluation sequences
+
+    def train(self, *args, **kwargs):
+        # Accelerate builds the DeepSpeed engine inside train(): under ZeRO-3 with float32 weights, without a
+        # second float32 copy of them (training/zero_memory.py).
+        with master_weights_shared():
+            return super().train(*args, **kwargs)
 
     # -- the SCFT model under the wrappers ------------------------------------------------------------------------
     def _scft_model(self):

@@ -9,7 +9,8 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
-from scft_fast.training import DataSpec, ModelSpec, TrainConfig, export, train
+from scft_fast.training import DataSpec, ModelSpec, TrainConfig, export, loop, train
+from scft_fast.training.zero_memory import shares_master_weights
 
 LORA = dict(lora_rank=4, lora_alpha=16.0, lora_dropout=0.0,
             lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -81,6 +82,26 @@ def record_build(out_dir: str, data_file: str, model_dir: str, name: str) -> Non
     del model, ds
 
 
+def recording_engine(out_dir: str):
+    """loop's DeepSpeedEngine, writing on rank 0 whether each run's ZeRO optimizer uses the model's partitions as
+    its master weights (master_weights.json: {run directory: true / false / null})."""
+    class Recording(loop.DeepSpeedEngine):
+        def __init__(self, model, config, *args, **kwargs):
+            super().__init__(model, config, *args, **kwargs)
+            if dist.get_rank() == 0:
+                path = f"{out_dir}/master_weights.json"
+                try:
+                    with open(path) as f:
+                        seen = json.load(f)
+                except FileNotFoundError:
+                    seen = {}
+                seen[config.output_dir.rsplit("/", 1)[-1]] = shares_master_weights(self.optimizer)
+                with open(path, "w") as f:
+                    json.dump(seen, f)
+
+    return mock.patch.object(loop, "DeepSpeedEngine", Recording)
+
+
 def broken_checkpoints(out_dir: str, model_dir: str) -> dict[str, str]:
     """Copies of the single-file checkpoint ``model_dir`` with one tensor of the wrong shape, one tensor removed."""
     from safetensors.torch import load_file, save_file
@@ -100,6 +121,22 @@ def broken_checkpoints(out_dir: str, model_dir: str) -> dict[str, str]:
     return broken
 
 
+def bin_checkpoint(out_dir: str, model_dir: str) -> str:
+    """A copy of the sharded safetensors checkpoint ``model_dir`` as one pytorch_model.bin: a checkpoint the
+    partitioned read refuses, so the ZeRO-3 build takes transformers' loader."""
+    from safetensors.torch import load_file
+
+    path = f"{out_dir}/bin"
+    if dist.get_rank() == 0:
+        shutil.copytree(model_dir, path, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+        with open(f"{model_dir}/model.safetensors.index.json") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state = {k: v for name in files for k, v in load_file(f"{model_dir}/{name}").items()}
+        torch.save(state, f"{path}/pytorch_model.bin")
+    dist.barrier()
+    return path
+
+
 def main(out_dir: str, data_file: str, checkpoint: str, tied_checkpoint: str, names: list[str]) -> None:
     import deepspeed
 
@@ -109,16 +146,18 @@ def main(out_dir: str, data_file: str, checkpoint: str, tied_checkpoint: str, na
             json.dump(SECTIONS, f)
     dist.barrier()
     if "zero3_checkpoint" in names:
-        builds = {"plain": checkpoint, "tied": tied_checkpoint, **broken_checkpoints(out_dir, tied_checkpoint)}
+        builds = {"plain": checkpoint, "tied": tied_checkpoint, "bin": bin_checkpoint(out_dir, checkpoint),
+                  **broken_checkpoints(out_dir, tied_checkpoint)}
         for build, model_dir in builds.items():
             record_build(out_dir, data_file, model_dir, build)
     for name in names:
-        if name == "zero3_checkpoint":  # small shards: the export's multi-file path (index + several files)
-            with mock.patch.object(export, "save_zero3_merged",
-                                   functools.partial(export.save_zero3_merged, max_shard_bytes=EXPORT_SHARD_BYTES)):
+        with recording_engine(out_dir):
+            if name == "zero3_checkpoint":  # small shards: the export's multi-file path (index + several files)
+                with mock.patch.object(export, "save_zero3_merged", functools.partial(
+                        export.save_zero3_merged, max_shard_bytes=EXPORT_SHARD_BYTES)):
+                    train(config(out_dir, data_file, checkpoint, name))
+            else:
                 train(config(out_dir, data_file, checkpoint, name))
-        else:
-            train(config(out_dir, data_file, checkpoint, name))
     if "zero3" in names:
         # Resume the ZeRO-3 run from its step-2 checkpoint (sharded: every rank reloads its partition); the test
         # compares the re-run step 3 with the first one.

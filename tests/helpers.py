@@ -3,9 +3,12 @@
 - the backends of safety_loss the tests run on, on this machine, and their device;
 - random inputs with every kind of row for the op, one call of the op beside its float64 reference on the same
   inputs, and the comparison of the two (tolerances are stated in test_safety_loss.py);
-- DeRTa's reference files, read in place from ../shared/data/derta (never copied into the repository).
+- DeRTa's reference files, read in place from ../shared/data/derta (never copied into the repository);
+- an exported model's weights, from one file or from its shards.
 """
 import importlib.util
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,16 @@ def check(out, grads, ref, ref_grads, rtol=2e-5, atol_rel=2e-5):
 
 DERTA = Path(__file__).resolve().parents[2] / "shared" / "data" / "derta"
 needs_derta = pytest.mark.skipif(not DERTA.is_dir(), reason=f"DeRTa's reference files are not at {DERTA}")
+
+
+def load_export(model_dir) -> dict[str, torch.Tensor]:
+    """The exported weights, from model.safetensors or from the shards its index lists."""
+    from safetensors.torch import load_file
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        return load_file(os.path.join(model_dir, "model.safetensors"))
+    with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    assert len(files) > 1
+    return {k: v for name in files for k, v in load_file(os.path.join(model_dir, name)).items()}

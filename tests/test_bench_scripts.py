@@ -29,3 +29,13 @@ def test_a_smoke_run_writes_its_results(tmp_path, script, shape, modes, prefix):
     assert set(data["table"]) == set(modes)
     markdown = result.with_suffix(".md").read_text()
     assert all(f"| {mode} " in markdown for mode in modes) and data["command"]
+
+
+def test_every_pytest_benchmark_twin_imports():
+    """`pytest benchmarks/ --benchmark-only` collects every twin: a name a twin imports from a script or the
+    harness still exists (collection imports each module; nothing is run)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly",
+                           str(REPO / "benchmarks")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for twin in sorted((REPO / "benchmarks").glob("test_*.py")):
+        assert f"benchmarks/{twin.name}: " in proc.stdout, twin.name

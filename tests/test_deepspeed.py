@@ -15,9 +15,9 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed")
-from safetensors.torch import load_file  # noqa: E402
 
 from deepspeed_worker import LORA, PACKED_TOKENS  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import load_export  # noqa: E402
 from scft_fast.data import default_data_files  # noqa: E402
 from scft_fast.training import DataSpec, ModelSpec, TrainConfig, train  # noqa: E402
 
@@ -91,17 +91,6 @@ def single_process(tmp_path, data_file, reference, checkpoint):
     return out
 
 
-def load_export(model_dir):
-    """The exported weights, from model.safetensors or from the shards its index lists."""
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if not os.path.exists(index):
-        return load_file(os.path.join(model_dir, "model.safetensors"))
-    with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-    assert len(files) > 1
-    return {k: v for name in files for k, v in load_file(os.path.join(model_dir, name)).items()}
-
-
 def metrics_file(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -163,14 +152,16 @@ def one_process_build(model_dir):
     return build_model(config, tokenizer, refusal)
 
 
-@pytest.mark.parametrize("build", ["plain", "tied", "scft"])
+@pytest.mark.parametrize("build", ["plain", "tied", "scft", "bin"])
 def test_zero3_build_from_checkpoint_is_partitioned(distributed_runs, checkpoint_dir, tied_checkpoint_dir, build):
     """Right after the ZeRO-3 build from a checkpoint directory (zero_load.load_partitioned: each rank reads its
     own slice of every tensor) no rank holds any parameter whole, the head included, and the weights are exactly
     those one process loads: a sharded untied checkpoint, a single-file tied one, and an SCFT export (head and
-    settings from the directory). A new head is the one a single process initializes from the same seed."""
+    settings from the directory). A new head is the one a single process initializes from the same seed.
+    "bin": the same checkpoint as one pytorch_model.bin, which goes through transformers' ZeRO-3 loader (the
+    fallback): partitioned and equal too."""
     model_dir = {"plain": checkpoint_dir, "tied": tied_checkpoint_dir,
-                 "scft": str(distributed_runs / "zero3_checkpoint" / "model")}[build]
+                 "scft": str(distributed_runs / "zero3_checkpoint" / "model"), "bin": str(distributed_runs / "bin")}[build]
     for rank in range(2):
         params = json.loads((distributed_runs / f"build_{build}_rank{rank}.json").read_text())
         assert "score.weight" in params and "model.embed_tokens.weight" in params
@@ -196,6 +187,54 @@ def test_zero3_build_names_the_bad_tensor(distributed_runs):
     assert "wrong_shape/model.safetensors: tensor model.norm.weight has shape (3,)" in wrong and "(64,)" in wrong
     missing = (distributed_runs / "build_missing_error.txt").read_text()
     assert "no tensor for ['model.layers.1.mlp.up_proj.weight']" in missing and "missing/model.safetensors" in missing
+
+
+def test_zero3_master_weights_are_the_model_partitions(distributed_runs):
+    """Float32 ZeRO-3 keeps no second float32 copy of the partition (training/zero_memory.py; the runs above still
+    match one process); optimizer offload keeps its own, and ZeRO-1/2 are not the ZeRO-3 optimizer."""
+    shared = json.loads((distributed_runs / "master_weights.json").read_text())
+    assert shared["zero3"] is True and shared["zero3_tied"] is True and shared["zero3_checkpoint"] is True
+    assert shared["zero3_lora"] is True
+    assert shared["zero3_offload"] is False
+    assert shared["zero1"] is None and shared["zero2"] is None
+
+
+def test_zero3_master_weights_shared_is_scoped():
+    """Outside the context the optimizer's method is DeepSpeed's own again."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    from scft_fast.training.zero_memory import master_weights_shared
+
+    original = Stage3._create_fp32_partitions
+    with master_weights_shared():
+        assert Stage3._create_fp32_partitions is not original
+    assert Stage3._create_fp32_partitions is original
+
+
+def test_zero3_export_shards_hold_at_most_a_rank_share(distributed_runs):
+    """With the default shard size no shard of the 2-rank export holds more than half the model plus one unit
+    (a decoder layer or the embedding), so rank 0 never copies the whole model at once; the shards together are
+    the whole model."""
+    from safetensors import safe_open
+
+    model_dir = distributed_runs / "zero3" / "model"
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 2
+    sizes, tensors = [], {}
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt") as f:
+            shard = {k: f.get_tensor(k) for k in f.keys()}
+        tensors.update(shard)
+        sizes.append(sum(t.numel() * t.element_size() for t in shard.values()))
+    total = sum(sizes)
+    assert total == index["metadata"]["total_size"]
+    largest_unit = max(
+        sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(prefix))
+        for prefix in ["model.embed_tokens.", "lm_head."] + [f"model.layers.{i}." for i in range(64)])
+    for size in sizes[:-1]:
+        assert -(-total // 2) <= size < -(-total // 2) + largest_unit
+    assert sizes[-1] < -(-total // 2) + largest_unit
 
 
 def test_zero3_exports_load_as_hf_models(distributed_runs):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers.trainer_callback import TrainerCallback  # noqa: E402
 
 import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
+from helpers import load_export  # noqa: E402
 from scft_fast import IGNORE_INDEX, SCFTDataCollator, SCFTForCausalLM, SCFTTrainer  # noqa: E402
 from scft_fast.metrics import auroc  # noqa: E402
 
@@ -315,7 +316,8 @@ def test_two_ranks_match_one_process(distributed_runs, one_process, run):
             assert ours[key] == pytest.approx(ref[key], rel=1e-5), key
     for key in ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy", "head_auroc"):
         assert result["eval"][f"eval_{key}"] == pytest.approx(ref_eval[f"eval_{key}"], rel=1e-5), key
-    model = load_file(str(distributed_runs / run / "model.safetensors"))
+    assert result["master_weights_shared"] is (True if run == "zero3" else None)  # training/zero_memory.py
+    model = load_export(distributed_runs / run)  # ZeRO-3: shards of at most half the model each
     assert model.keys() == ref_model.keys()
     for name, tensor in model.items():
         assert tensor.shape == ref_model[name].shape, name  # full shapes, gathered from the ZeRO-3 partitions

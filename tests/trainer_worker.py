@@ -13,6 +13,7 @@ from transformers.trainer_callback import TrainerCallback
 from scft_fast import SCFTConfig, SCFTDataCollator, SCFTTrainer, apply_scft_fast, safety_dataset
 from scft_fast.data import load_default_tokenizer, refusal_token_id
 from scft_fast.training.presets import random_causal_lm
+from scft_fast.training.zero_memory import shares_master_weights
 
 # ZeRO-3 with every parameter partitioned: DeepSpeed's default persistence threshold (1e5 elements) would keep
 # all of this tiny model's parameters whole on every rank and test nothing of the gathering.
@@ -97,7 +98,9 @@ def main(out_dir: str, data_file: str) -> None:
             with open(f"{out_dir}/{run}/result.json", "w") as f:
                 json.dump({"logs": trace.logs, "eval": evaluation,
                            "backend": str(torch.distributed.get_backend()),
-                           "engine": type(t.model_wrapped).__name__}, f)
+                           "engine": type(t.model_wrapped).__name__,
+                           "master_weights_shared": shares_master_weights(
+                               getattr(t.model_wrapped, "optimizer", None))}, f)
         # One process, three Trainers: the accelerate state (and its DeepSpeed plugin) is per Trainer.
         AcceleratorState._reset_state(reset_partial_state=False)
         del t

@@ -14,6 +14,7 @@ import torch
 
 from .config import OptimSpec, TrainConfig
 from .export import export_model
+from .zero_memory import master_weights_shared
 
 
 def lr_lambda(optim: OptimSpec, total_steps: int):
@@ -124,9 +125,10 @@ class DeepSpeedEngine:
         # A callable: DeepSpeed calls it on the optimizer it ends up with (ours or the JSON's).
         scheduler = None if "scheduler" in ds_config else (lambda opt: build_scheduler(opt, config.optim,
                                                                                       total_steps))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            model_parameters=[p for p in model.parameters() if p.requires_grad])
+        with master_weights_shared():  # no second float32 copy under ZeRO-3 (zero_memory.py)
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+                model_parameters=[p for p in model.parameters() if p.requires_grad])
         self.module = self.engine.module
         self.device, self.optim = device, config.optim
         self.own_schedule = "scheduler" not in ds_config  # restate_optim knows our LambdaLR only

@@ -8,8 +8,10 @@ Under ZeRO-3, ``save_zero3_merged`` writes the same files without a full gather:
 embedding, the final norm, the LM head, the SCFT head, each on its own) is gathered with
 ``GatheredParameters(modifier_rank=None)``: read-only, so nothing is broadcast back when it ends. Rank 0 alone
 copies the unit's merged tensors (LoRA folded in, as ``merged_state_dict`` does for a whole model) to CPU,
-appends them to the current shard and writes the shard once it reaches ``max_shard_bytes``. No rank holds more
-than one unit's full weights on the device side, and rank 0 no more than one shard plus one unit on the host.
+appends them to the current shard and writes the shard once it reaches ``max_shard_bytes``: by default the
+smaller of 1 GiB and the model's size over the number of ranks, so that rank 0's copies never add up to the whole
+model. No rank holds more than one unit's full weights on the device side, and rank 0 no more than one shard (at
+most its share of the model) plus one unit on the host.
 The files are what ``save_pretrained`` writes: ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` +
 ``model.safetensors.index.json``), ``config.json`` with the SCFT settings, ``generation_config.json``.
 """
@@ -24,7 +26,7 @@ from torch import nn
 
 from ..model import merged_state_dict, save_merged, unwrap
 
-MAX_SHARD_BYTES = 2 ** 30  # rank 0's host-side ceiling during the export (plus the unit being written)
+MAX_SHARD_BYTES = 2 ** 30  # the largest shard a ZeRO-3 export writes (smaller on a model of < world_size GiB)
 
 
 def export_model(model: torch.nn.Module, path: str, tokenizer=None) -> None:
@@ -70,12 +72,21 @@ def _tied_keys(base: nn.Module) -> set[str]:
             if base.get_parameter(target) is base.get_parameter(source)}
 
 
-def save_zero3_merged(model: nn.Module, path: str, rank: int, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Every rank calls this (the gathers are collective); rank 0 writes ``path``."""
+def zero3_shard_bytes(model: nn.Module, world_size: int) -> int:
+    """The default shard size of a ZeRO-3 export: min(1 GiB, the model's bytes / world_size), at least 1 byte."""
+    size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    return max(1, min(MAX_SHARD_BYTES, -(-size // max(1, world_size))))
+
+
+def save_zero3_merged(model: nn.Module, path: str, rank: int, max_shard_bytes: int | None = None) -> None:
+    """Every rank calls this (the gathers are collective); rank 0 writes ``path``. ``max_shard_bytes``: default
+    ``zero3_shard_bytes``."""
     import deepspeed
     from safetensors.torch import save_file
 
     base = unwrap(model)
+    if max_shard_bytes is None:
+        max_shard_bytes = zero3_shard_bytes(base, dist.get_world_size() if dist.is_initialized() else 1)
     skip = _tied_keys(base)
     shard: dict[str, torch.Tensor] = {}
     files: list[tuple[str, list[str]]] = []
