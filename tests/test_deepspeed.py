@@ -111,6 +111,9 @@ def test_zero_stages_match_one_process(distributed_runs, small_data, checkpoint_
         assert [r["step"] for r in steps] == [1, 2, 3]
         for ours, ref in zip(steps, reference):
             for key in LOSSES:
+                if ref[key] is None:  # a batch without RTO samples has no transition loss: null in both runs
+                    assert ours[key] is None and ours["rto_tokens"] == ref["rto_tokens"] == 0, (stage, key)
+                    continue
                 assert ours[key] == pytest.approx(ref[key], rel=1e-5), (stage, ours["step"], key)
             assert ours["tokens"] == ref["tokens"]
         model = load_export(os.path.join(run, "model"))
