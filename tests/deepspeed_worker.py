@@ -9,8 +9,8 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
+from helpers import shares_master_weights
 from scft_fast.training import DataSpec, ModelSpec, TrainConfig, export, loop, train
-from scft_fast.training.zero_memory import shares_master_weights
 
 LORA = dict(lora_rank=4, lora_alpha=16.0, lora_dropout=0.0,
             lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])

@@ -4,7 +4,8 @@
 - random inputs with every kind of row for the op, one call of the op beside its float64 reference on the same
   inputs, and the comparison of the two (tolerances are stated in test_safety_loss.py);
 - DeRTa's reference files, read in place from ../shared/data/derta (never copied into the repository);
-- an exported model's weights, from one file or from its shards.
+- an exported model's weights, from one file or from its shards; whether a ZeRO-3 optimizer shares the model's
+  partitions as its master weights.
 """
 import importlib.util
 import json
@@ -118,3 +119,13 @@ def load_export(model_dir) -> dict[str, torch.Tensor]:
         files = sorted(set(json.load(f)["weight_map"].values()))
     assert len(files) > 1
     return {k: v for name in files for k, v in load_file(os.path.join(model_dir, name)).items()}
+
+
+def shares_master_weights(optimizer) -> bool | None:
+    """Whether a ZeRO-3 optimizer's master weights are the model's partitions (scft_fast/training/zero_memory.py);
+    None: not a ZeRO-3 optimizer."""
+    flat16 = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    flat32 = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if flat16 is None or flat32 is None:
+        return None
+    return all(a.data_ptr() == b.data_ptr() for a, b in zip(flat16, flat32))

@@ -50,11 +50,3 @@ def master_weights_shared():
     finally:
         Stage3._create_fp32_partitions = original
 
-
-def shares_master_weights(optimizer) -> bool | None:
-    """Whether a ZeRO-3 optimizer's master weights are the model's partitions (None: not a ZeRO-3 optimizer)."""
-    flat16 = getattr(optimizer, "fp16_partitioned_groups_flat", None)
-    flat32 = getattr(optimizer, "fp32_partitioned_groups_flat", None)
-    if flat16 is None or flat32 is None:
-        return None
-    return all(a.data_ptr() == b.data_ptr() for a, b in zip(flat16, flat32))
