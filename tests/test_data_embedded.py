@@ -12,16 +12,16 @@ pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
 from scft_fast.constants import IGNORE_INDEX  # noqa: E402
-from scft_fast.data import DataConfig, PaddedCollator, build_dataset, default_data_files  # noqa: E402
+from scft_fast.data import ChatRenderer, DataConfig, PaddedCollator, build_dataset, default_data_files  # noqa: E402
 from scft_fast.data.constants import SAFE, UNSAFE  # noqa: E402
-from scft_fast.data.embedded import SPLITS, generate, generate_separate  # noqa: E402
+from scft_fast.data.embedded import SPLITS, generate, generate_separate, train_tokenizer  # noqa: E402
 
 
 def test_default_tokenizer(tok):
     assert tok.eos_token == "<|end_of_text|>" and tok.eos_token_id is not None
     assert tok.pad_token_id is not None and tok.bos_token_id is not None
     assert len(tok(("Sorry"), add_special_tokens=False)["input_ids"]) == 1
-    assert 2000 <= len(tok) <= 4096
+    assert len(tok) == train_tokenizer.VOCAB_SIZE  # the script's size, special tokens included
     text = "[INST] What is 2 plus 2? [\\INST] 2 plus 2 is 4.<|end_of_text|>"
     encoded = tok(text)["input_ids"]
     assert encoded[0] == tok.bos_token_id and encoded[-1] == tok.eos_token_id
@@ -126,6 +126,19 @@ def test_held_out_and_content():
         start = template.split("{")[0]
         assert any(start in r["instruction"] for r in helpful), template
         assert any(start in r["instruction"] for r in harmful), template
+
+
+def test_helpful_openers_balance_the_refusal_opener(tok):
+    """About as many helpful answers open with "Sure" as refusals open a response with "Sorry" (one per harmful
+    record): a third of them, plus the how-to answers whose own opener says "Sure"; both openers are single tokens,
+    so neither wins greedy decoding by its count alone."""
+    n_helpful, n_harmful = generate.SIZES["train"]
+    helpful = [r["response"] for r in generate.generate()["train"] if "response" in r]
+    sure = sum(r.split(" ")[0].rstrip("!.,") == "Sure" for r in helpful)
+    assert generate.SURE_SHARE - 0.03 < sure / n_helpful < generate.SURE_SHARE + 0.08
+    assert abs(sure - n_harmful) < 0.2 * n_harmful
+    lead = ChatRenderer(tok).split([{"role": "user", "content": "Hi"}])[1]  # what the target starts with
+    assert all(len(tok(lead + opener, add_special_tokens=False)["input_ids"]) == 1 for opener in ("Sure", "Sorry"))
 
 
 @pytest.mark.usefixtures("quiet_datasets")

@@ -131,6 +131,9 @@ def test_zero3_resume_repeats_the_step(distributed_runs):
     first, resumed = metrics_file(run / "metrics_first.jsonl"), metrics(run)
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for key in LOSSES + ("grad_norm", "lr"):
+        if first[2][key] is None:  # a batch without RTO samples has no transition loss: null in both runs
+            assert key == "transition_loss" and resumed[2][key] is None and resumed[2]["rto_tokens"] == 0, key
+            continue
         assert resumed[2][key] == pytest.approx(first[2][key], rel=1e-6), key
 
 

@@ -118,11 +118,11 @@ def test_packed_training_runs(tmp_path, small_data):
     assert len(rows) == 2 and rows[0]["tokens"] <= 512 and rows[0]["cls_loss"] > 0
 
 
-def test_report_to_tensorboard_logs_every_record(tmp_path, small_data, one_thread):
+def test_report_to_tensorboard_logs_every_record(tmp_path, embedded_train_head, one_thread):
     """--report-to tensorboard: transformers' TensorBoardCallback writes each metrics.jsonl record as Trainer's
-    runs name them (train/<key>), at its step."""
+    runs name them (train/<key>), at its step. Balanced records, so that the two steps hold RTO samples."""
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    main(["train", "--data", small_data, "--micro-batch-size", "4", "--max-steps", "2", "--eval-samples", "0",
+    main(["train", "--data", embedded_train_head(48, balanced=True), "--micro-batch-size", "4", "--max-steps", "2", "--eval-samples", "0",
           "--save-every", "0", "--no-progress", "--report-to", "tensorboard", "--output-dir", str(tmp_path)])
     (run,) = os.listdir(tmp_path / "runs")
     events = event_accumulator.EventAccumulator(str(tmp_path / "runs" / run))
