@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", required=True, help="one or more SCFT model directories "
                         "(scft-fast train's model/) or causal LM directories")
+    parser.add_argument("--label", nargs="+", default=None, help="a name per --model for the table and the plot "
+                        "(default: the paths)")
     parser.add_argument("--data", default=default_data_files("separate")[0],
                         help="a triple file: its harmful requests and its benign ones (default: the embedded "
                         "separate split)")
@@ -76,21 +78,24 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     args = parser.parse_args(argv)
+    labels_of = args.label or args.model
+    if len(labels_of) != len(args.model):
+        parser.error(f"--label: {len(labels_of)} names for {len(args.model)} models")
     data = load_eval_data([args.data])
     if not data.harmful or not data.benign:
         parser.error(f"--data {args.data}: needs harmful and benign prompts, got {len(data.harmful)} and "
                      f"{len(data.benign)}")
     started = utc_now()
     models, curves = {}, {}
-    for path in args.model:
+    for name, path in zip(labels_of, args.model):
         model, tokenizer, _ = load_for_eval(path, "cpu", "float32")
         harmful = opener_log_probs(model, tokenizer, data.harmful, args.refusal_string)
         benign = opener_log_probs(model, tokenizer, data.benign, args.refusal_string)
         scores = np.r_[harmful, benign]
         labels = np.r_[np.full(len(harmful), UNSAFE), np.full(len(benign), SAFE)]
         fpr, tpr = roc_curve(scores, labels)
-        curves[path] = (fpr, tpr)
-        models[path] = {"auroc": auroc(scores, labels), "at_fpr": [threshold_at_fpr(scores, labels, f) for f in FPRS],
+        curves[name] = (fpr, tpr)
+        models[name] = {"path": path, "auroc": auroc(scores, labels), "at_fpr": [threshold_at_fpr(scores, labels, f) for f in FPRS],
                         "median_log_p": {"harmful": float(np.median(harmful)), "benign": float(np.median(benign))},
                         "roc": [list(map(float, fpr)), list(map(float, tpr))]}
     payload = {"command": command_line(__file__, sys.argv[1:] if argv is None else argv), "commit": git_commit(),
@@ -102,8 +107,8 @@ def main(argv=None) -> int:
              f"log P({args.refusal_string!r} opens the response | prompt), {len(data.harmful)} harmful and "
              f"{len(data.benign)} benign prompts; commit {payload['commit']}, {payload['machine']}.", "",
              header, "|" + " --- |" * (2 + len(FPRS))]
-    for path, result in models.items():
-        lines.append(f"| {path} | {result['auroc']:.3f} | "
+    for name, result in models.items():
+        lines.append(f"| {name} | {result['auroc']:.3f} | "
                      + " | ".join(f"{point['tpr']:.3f}" for point in result["at_fpr"]) + " |")
     markdown = "\n".join(lines) + "\n"
     stem = write_results(args.out, result_stem("refusal_roc", "cpu", started, args.tag), payload, markdown)
@@ -115,8 +120,8 @@ def main(argv=None) -> int:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5, 5))
-        for path, (fpr, tpr) in curves.items():
-            ax.plot(fpr, tpr, label=f"{path} (AUROC {models[path]['auroc']:.3f})")
+        for name, (fpr, tpr) in curves.items():
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {models[name]['auroc']:.3f})")
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
         ax.plot([TARGET[0]], [TARGET[1]], marker="*", color="black", linestyle="none",
                 label=f"target: refusal >= {TARGET[1]:g} with over-refusal <= {TARGET[0]:g}")
