@@ -15,13 +15,14 @@ benchmarks/results/ and a plot of the curves beside them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import command_line, cpu_name, git_commit, result_stem, utc_now, write_results  # noqa: E402
+from harness import REPO, command_line, cpu_name, git_commit, result_stem, utc_now, write_results  # noqa: E402
 from scft_fast.data import REFUSAL_STRING, SAFE, UNSAFE, default_data_files  # noqa: E402
 from scft_fast.evaluation import load_eval_data, load_for_eval  # noqa: E402
 from scft_fast.generation import encode_prompts  # noqa: E402
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     if len(labels_of) != len(args.model):
         parser.error(f"--label: {len(labels_of)} names for {len(args.model)} models")
     data = load_eval_data([args.data])
+    shown = os.path.relpath(args.data, REPO) if os.path.abspath(args.data).startswith(str(REPO) + os.sep) else args.data
     if not data.harmful or not data.benign:
         parser.error(f"--data {args.data}: needs harmful and benign prompts, got {len(data.harmful)} and "
                      f"{len(data.benign)}")
@@ -99,11 +101,11 @@ def main(argv=None) -> int:
                         "median_log_p": {"harmful": float(np.median(harmful)), "benign": float(np.median(benign))},
                         "roc": [list(map(float, fpr)), list(map(float, tpr))]}
     payload = {"command": command_line(__file__, sys.argv[1:] if argv is None else argv), "commit": git_commit(),
-               "machine": cpu_name(), "started": started.isoformat(), "data": args.data,
+               "machine": cpu_name(), "started": started.isoformat(), "data": shown,
                "n_harmful": len(data.harmful), "n_benign": len(data.benign), "refusal_string": args.refusal_string,
                "models": models}
     header = "| model | AUROC | " + " | ".join(f"TPR at FPR {f:g}" for f in FPRS) + " |"
-    lines = [f"# Refusal opener ROC: {args.data}", "",
+    lines = [f"# Refusal opener ROC: {shown}", "",
              f"log P({args.refusal_string!r} opens the response | prompt), {len(data.harmful)} harmful and "
              f"{len(data.benign)} benign prompts; commit {payload['commit']}, {payload['machine']}.", "",
              header, "|" + " --- |" * (2 + len(FPRS))]
