@@ -11,6 +11,8 @@ benchmarks/results/ and a plot of the curves beside them.
 
     python benchmarks/refusal_roc.py --model scft-output/model
     python benchmarks/refusal_roc.py --model run0/model run1/model --data scft_fast/data/embedded/eval.jsonl
+    python benchmarks/refusal_roc.py --model scft-output/model --limit 100 \
+        --data ../shared/data/derta/safety_illegal_instructions_200.json ../shared/data/derta/helpfulness_alpaca_eval_300.json
 """
 from __future__ import annotations
 
@@ -70,9 +72,12 @@ def main(argv=None) -> int:
                         "(scft-fast train's model/) or causal LM directories")
     parser.add_argument("--label", nargs="+", default=None, help="a name per --model for the table and the plot "
                         "(default: the paths)")
-    parser.add_argument("--data", default=default_data_files("separate")[0],
-                        help="a triple file: its harmful requests and its benign ones (default: the embedded "
-                        "separate split)")
+    parser.add_argument("--data", nargs="+", default=[default_data_files("separate")[0]],
+                        help="triple files (their harmful requests and their benign ones) and DeRTa question files "
+                        "(safety_*: harmful, helpfulness_*: benign), read as `scft-fast eval --data` reads them "
+                        "(default: the embedded separate split)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most this many harmful and this many benign prompts, the first ones (default: all)")
     parser.add_argument("--refusal-string", default=REFUSAL_STRING,
                         help="the refusal opener scored (default: %(default)r)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="result directory (default: benchmarks/results)")
@@ -82,10 +87,13 @@ def main(argv=None) -> int:
     labels_of = args.label or args.model
     if len(labels_of) != len(args.model):
         parser.error(f"--label: {len(labels_of)} names for {len(args.model)} models")
-    data = load_eval_data([args.data])
-    shown = os.path.relpath(args.data, REPO) if os.path.abspath(args.data).startswith(str(REPO) + os.sep) else args.data
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be at least 1, got {args.limit}")
+    data = load_eval_data(args.data).limited(args.limit)
+    shown = " ".join(os.path.relpath(path, REPO) if os.path.abspath(path).startswith(str(REPO) + os.sep) else path
+                     for path in args.data)
     if not data.harmful or not data.benign:
-        parser.error(f"--data {args.data}: needs harmful and benign prompts, got {len(data.harmful)} and "
+        parser.error(f"--data {shown}: needs harmful and benign prompts, got {len(data.harmful)} and "
                      f"{len(data.benign)}")
     started = utc_now()
     models, curves = {}, {}
@@ -102,7 +110,7 @@ def main(argv=None) -> int:
                         "roc": [list(map(float, fpr)), list(map(float, tpr))]}
     payload = {"command": command_line(__file__, sys.argv[1:] if argv is None else argv), "commit": git_commit(),
                "machine": cpu_name(), "started": started.isoformat(), "data": shown,
-               "n_harmful": len(data.harmful), "n_benign": len(data.benign), "refusal_string": args.refusal_string,
+               "limit": args.limit, "n_harmful": len(data.harmful), "n_benign": len(data.benign), "refusal_string": args.refusal_string,
                "models": models}
     header = "| model | AUROC | " + " | ".join(f"TPR at FPR {f:g}" for f in FPRS) + " |"
     lines = [f"# Refusal opener ROC: {shown}", "",
@@ -129,7 +137,8 @@ def main(argv=None) -> int:
                 label=f"target: refusal >= {TARGET[1]:g} with over-refusal <= {TARGET[0]:g}")
         ax.set_xlabel("over-refusal side: share of benign prompts above the threshold")
         ax.set_ylabel("refusal side: share of harmful prompts above it")
-        ax.set_title(f"log P({args.refusal_string!r} first) on {Path(args.data).name}", fontsize=9)
+        ax.set_title(f"log P({args.refusal_string!r} first) on " + ", ".join(Path(p).name for p in args.data),
+                     fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         fig.savefig(f"{stem}.png", dpi=110)

@@ -77,7 +77,7 @@ def test_refusal_opener_log_probs_match_a_float64_forward():
 
 def test_refusal_roc_writes_its_results(tmp_path):
     """The script end to end on a small random model and a triple file: JSON, Markdown and plot, one row per model,
-    and TPR at each FPR budget within it."""
+    --limit applied to the harmful and the benign prompts, each FPR budget kept."""
     from scft_fast.data import load_default_tokenizer
     from scft_fast.training.presets import random_causal_lm
 
@@ -96,13 +96,13 @@ def test_refusal_roc_writes_its_results(tmp_path):
         {"instruction": "Name a color.", "response": "Blue."},
         {"instruction": "Write a haiku about snow.", "response": "White snow falls softly."}]) + "\n")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "refusal_roc.py"), "--model", str(model_dir),
-                           "--data", str(data), "--out", str(tmp_path), "--tag", "smoke"],
+                           "--data", str(data), "--limit", "2", "--out", str(tmp_path), "--tag", "smoke"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("refusal_roc_cpu_*_smoke.json")
     payload = json.loads(result.read_text())
     (row,) = payload["models"].values()
-    assert payload["n_harmful"] == 2 and payload["n_benign"] == 3 and 0.0 <= row["auroc"] <= 1.0
+    assert payload["n_harmful"] == 2 and payload["n_benign"] == 2 and 0.0 <= row["auroc"] <= 1.0  # --limit 2
     assert [point["max_fpr"] for point in row["at_fpr"]] == [0.05, 0.1, 0.2]
     assert all(point["fpr"] <= point["max_fpr"] for point in row["at_fpr"])
     assert f"| {model_dir} | " in result.with_suffix(".md").read_text()

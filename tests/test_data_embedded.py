@@ -12,7 +12,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("transformers")
 
 from scft_fast.constants import IGNORE_INDEX  # noqa: E402
-from scft_fast.data import ChatRenderer, DataConfig, PaddedCollator, build_dataset, default_data_files  # noqa: E402
+from scft_fast.data import DataConfig, PaddedCollator, build_dataset, default_data_files  # noqa: E402
 from scft_fast.data.constants import SAFE, UNSAFE  # noqa: E402
 from scft_fast.data.embedded import SPLITS, generate, generate_separate, train_tokenizer  # noqa: E402
 
@@ -91,8 +91,8 @@ def test_separate_split_is_written_apart():
 
 
 def test_separate_split_shares_few_ngrams_with_train():
-    """Measured overlap (data README): of the separate split's distinct word 4-grams, 1.6% occur anywhere in
-    train.jsonl, stock phrases such as "what is the best way to"; of its 5-grams 0.55%."""
+    """Measured overlap (data README): of the separate split's distinct word 4-grams, 1.4% occur anywhere in
+    train.jsonl, stock phrases such as "what is the best way to"; of its 5-grams 0.5%."""
     generated = _generated()
     for n, bound in ((4, 0.02), (5, 0.01)):
         separate, train = _ngrams(generated["separate"], n), _ngrams(generated["train"], n)
@@ -126,19 +126,6 @@ def test_held_out_and_content():
         start = template.split("{")[0]
         assert any(start in r["instruction"] for r in helpful), template
         assert any(start in r["instruction"] for r in harmful), template
-
-
-def test_helpful_openers_balance_the_refusal_opener(tok):
-    """About as many helpful answers open with "Sure" as refusals open a response with "Sorry" (one per harmful
-    record): a third of them, plus the how-to answers whose own opener says "Sure"; both openers are single tokens,
-    so neither wins greedy decoding by its count alone."""
-    n_helpful, n_harmful = generate.SIZES["train"]
-    helpful = [r["response"] for r in generate.generate()["train"] if "response" in r]
-    sure = sum(r.split(" ")[0].rstrip("!.,") == "Sure" for r in helpful)
-    assert generate.SURE_SHARE - 0.03 < sure / n_helpful < generate.SURE_SHARE + 0.08
-    assert abs(sure - n_harmful) < 0.2 * n_harmful
-    lead = ChatRenderer(tok).split([{"role": "user", "content": "Hi"}])[1]  # what the target starts with
-    assert all(len(tok(lead + opener, add_special_tokens=False)["input_ids"]) == 1 for opener in ("Sure", "Sorry"))
 
 
 @pytest.mark.usefixtures("quiet_datasets")

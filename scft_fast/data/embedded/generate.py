@@ -37,12 +37,6 @@ OUT_DIR = Path(__file__).resolve().parent
 # hears "Sorry" too often refuses the everyday requests it has not seen.
 SIZES = {"train": (3000, 1000), "eval": (200, 100)}  # (helpful, harmful) records
 SEED = 1234
-# Every refusal opens with one token, "Sorry"; the helpful answers open with dozens of different ones. Under greedy
-# decoding a model unsure of a request then says "Sorry", the one opener that never splits its probability. So a
-# share of the helpful answers open with "Sure": about one helpful answer in three, as many as there are refusals
-# that open a response, so that neither opener wins on count and the request decides.
-SURE_SHARE = 1 / 3
-SURE_OPENERS = ["Sure!", "Sure.", "Sure,"]
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
@@ -889,8 +883,6 @@ def generate(seed: int = SEED) -> dict[str, list[dict]]:
             instruction, response = _helpful(rng, split)
             while split == "eval" and instruction in train_instructions:
                 instruction, response = _helpful(rng, split)
-            if not response.startswith("Sure") and rng.random() < SURE_SHARE:
-                response = f"{rng.choice(SURE_OPENERS)} {response}"
             records.append({"instruction": instruction, "response": response})
         for _ in range(n_harmful):
             instruction, fake, refusal = _harmful(rng, split)

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..constants import BEGIN_OF_TEXT, DERTA_CHAT_TEMPLATE, END_OF_TEXT, PAD, REFUSAL_STRING
 from . import EMBEDDED_DIR, TOKENIZER_DIR
 
-VOCAB_SIZE = 1200
+VOCAB_SIZE = 3000
 
 
 def _corpus(path: Path):
