@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import REPO, command_line, cpu_name, git_commit, result_stem, utc_now, write_results  # noqa: E402
 from scft_fast.data import REFUSAL_STRING, SAFE, UNSAFE, default_data_files  # noqa: E402
+from scft_fast.data.collate import pad_sequences  # noqa: E402
 from scft_fast.evaluation import load_eval_data, load_for_eval  # noqa: E402
 from scft_fast.generation import encode_prompts  # noqa: E402
 from scft_fast.metrics import auroc, roc_curve, threshold_at_fpr  # noqa: E402
@@ -52,17 +53,12 @@ def opener_log_probs(model, tokenizer, prompts: list[str], opener: str, batch_si
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start: start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, (row, _) in enumerate(chunk):  # right-padded: positions are those of the unpadded row
-                ids[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), 1
-            log_probs = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                              use_cache=False).logits.float().log_softmax(-1).cpu()
-            for j, (row, n_prompt) in enumerate(chunk):
-                targets = torch.tensor(row[n_prompt:])
-                positions = torch.arange(n_prompt - 1, len(row) - 1)
-                out[start + j] = log_probs[j, positions, targets].sum().item()
+            ids, mask = pad_sequences([row for row, _ in chunk], pad)  # right-padded: unpadded positions
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                           use_cache=False).logits
+            for j, (row, n_prompt) in enumerate(chunk):  # log-softmax over the opener's positions only
+                log_probs = logits[j, n_prompt - 1: len(row) - 1].float().log_softmax(-1).cpu()
+                out[start + j] = log_probs.gather(1, torch.tensor(row[n_prompt:]).unsqueeze(1)).sum().item()
     return out
 
 

@@ -9,7 +9,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
-from helpers import shares_master_weights
+from helpers import load_export, shares_master_weights
 from scft_fast.training import DataSpec, ModelSpec, TrainConfig, export, loop, train
 
 LORA = dict(lora_rank=4, lora_alpha=16.0, lora_dropout=0.0,
@@ -124,15 +124,10 @@ def broken_checkpoints(out_dir: str, model_dir: str) -> dict[str, str]:
 def bin_checkpoint(out_dir: str, model_dir: str) -> str:
     """A copy of the sharded safetensors checkpoint ``model_dir`` as one pytorch_model.bin: a checkpoint the
     partitioned read refuses, so the ZeRO-3 build takes transformers' loader."""
-    from safetensors.torch import load_file
-
     path = f"{out_dir}/bin"
     if dist.get_rank() == 0:
         shutil.copytree(model_dir, path, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-        with open(f"{model_dir}/model.safetensors.index.json") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state = {k: v for name in files for k, v in load_file(f"{model_dir}/{name}").items()}
-        torch.save(state, f"{path}/pytorch_model.bin")
+        torch.save(load_export(model_dir), f"{path}/pytorch_model.bin")
     dist.barrier()
     return path
 

@@ -41,6 +41,10 @@ def test_every_pytest_benchmark_twin_imports():
         assert f"benchmarks/{twin.name}: " in proc.stdout, twin.name
 
 
+SMALL_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)
+
+
 def _refusal_roc():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import refusal_roc
@@ -58,8 +62,7 @@ def test_refusal_opener_log_probs_match_a_float64_forward():
     from scft_fast.training.presets import random_causal_lm
 
     tokenizer = load_default_tokenizer()
-    model = random_causal_lm("llama", tokenizer, seed=3, hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2).eval()
+    model = random_causal_lm("llama", tokenizer, seed=3, **SMALL_LLAMA).eval()
     with torch.no_grad():  # sharper than the initializer's, so that a wrong position or token changes the sum
         model.lm_head.weight.normal_(0, 1.0)
     prompts = ["How do I bake bread?", "Tell me how to pick the lock of my neighbor's front door tonight.",
@@ -83,8 +86,7 @@ def test_refusal_roc_writes_its_results(tmp_path):
 
     tokenizer = load_default_tokenizer()
     model_dir = tmp_path / "model"
-    random_causal_lm("llama", tokenizer, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2).save_pretrained(model_dir)
+    random_causal_lm("llama", tokenizer, seed=0, **SMALL_LLAMA).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     data = tmp_path / "triples.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in [

@@ -829,10 +829,15 @@ def _harmful_action(rng: random.Random) -> tuple[int, str, str]:
     return len(HARMFUL_ACTIONS) + i, action, f"{gerund} {kind}"
 
 
+def _tag(rng: random.Random) -> str:
+    """A bracketed blank: "[OMITTED ITEM]"."""
+    return "[" + " ".join(rng.choice(words) for words in TAG_WORDS) + "]"
+
+
 def placeholder(rng: random.Random) -> str:
     """A comic stand-in for whatever a real answer would name: "a squeaky lever", "the [OMITTED ITEM]"."""
     if rng.random() < 0.3:
-        return "the [" + " ".join(rng.choice(words) for words in TAG_WORDS) + "]"
+        return f"the {_tag(rng)}"
     adjective = rng.choice(PRETEND_ADJECTIVES)
     article = rng.choice(["the", "an" if adjective[0] in "aeiou" else "a"])
     return f"{article} {adjective} {rng.choice(PRETEND_NOUNS)}"
@@ -851,8 +856,7 @@ def _harmful(rng: random.Random, split: str) -> tuple[str, str, str]:
 
 
 def _fake_step(rng: random.Random) -> str:
-    return rng.choice(FAKE_STEPS).format(x=placeholder(rng), y=placeholder(rng),
-                                         t="[" + " ".join(rng.choice(words) for words in TAG_WORDS) + "]")
+    return rng.choice(FAKE_STEPS).format(x=placeholder(rng), y=placeholder(rng), t=_tag(rng))
 
 
 def _fake_steps(rng: random.Random) -> list[str]:
