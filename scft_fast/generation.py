@@ -202,8 +202,11 @@ def generate_safe(model, tokenizer, prompts: list, *, threshold: float | None = 
     """Generates a response per prompt (one left-padded batch, KV cache, greedy or sampled as generate_kwargs say)
     and withholds those the head finds unsafe: blocked exactly when p_unsafe > threshold (None: the threshold stored
     in the model's SCFT config, else THRESHOLD; each result names the one used). ``model`` is an
-    SCFTForCausalLM; generate_kwargs pass through to generate() (max_new_tokens, do_sample, temperature, streamer
-    for a single prompt, ...)."""
+    SCFTForCausalLM (PEFT-wrapped or not); generate_kwargs pass through to generate() (max_new_tokens, do_sample,
+    temperature, streamer for a single prompt, ...)."""
+    from .model import scft_base
+
+    model = scft_base(model, "generate_safe")
     threshold, threshold_source = resolve_threshold(model, threshold)
     _check_arguments(prompts, threshold, mode, check_every, generate_kwargs)
     streamer = generate_kwargs.pop("streamer", None)

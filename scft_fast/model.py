@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,12 @@ from .data.collate import positions_from_mask
 from .ops import last_token_index, safety_loss
 from .ops.cls_head import MAX_CLASSES, MIN_CLASSES
 
-HEAD_PREFIX = "score."
+HEAD_NAME = "score"  # the SCFT head's module name
+HEAD_PREFIX = HEAD_NAME + "."
+# What every error about an adapter loaded without its head tells the user to do instead.
+ADAPTER_LOADER_HINT = ("load SCFT adapters with scft_fast.SCFTForCausalLM.from_pretrained(adapter_dir), which "
+                       "builds the base with a head and loads the adapter's trained head into it "
+                       "(AutoPeftModelForCausalLM and AutoModelForCausalLM build the base without one)")
 SCFT_CONFIG_KEY = "scft"  # the SCFT settings live under this key of the causal LM's config.json
 
 # Config attributes that change the logits in ways the fused loss does not reproduce, with the value that
@@ -200,14 +205,17 @@ def apply_scft_fast(model: nn.Module, config: SCFTConfig | None = None, *, check
     ``SCFTConfig`` the model also gets ``score``, the safety head (initialized as the architecture initializes
     a linear layer), and its forward accepts ``transition_labels`` / ``cls_labels`` / ``cls_index``. Under
     PEFT the head is added to the adapter's ``modules_to_save``, so it trains fully and adapter checkpoints
-    carry it. ``check_logits`` runs one 4-token forward to make sure the model's logits are
-    ``lm_head(hidden)`` (this catches logit transforms that no config attribute names).
+    carry it; called on a PEFT model whose base already has a head (``apply_scft_fast`` before
+    ``get_peft_model``), it does just that. ``check_logits`` runs one 4-token forward to make sure the model's
+    logits are ``lm_head(hidden)`` (this catches logit transforms that no config attribute names).
     """
     base = unwrap(model)
+    if base is not model:
+        _refuse_dropped_head(model, base)
     if isinstance(base, SCFTForCausalLM):
         if config is None or config == base.scft_config:
-            if base is not model and base.scft_config is not None:  # LoRA put on a loaded SCFT model
-                _train_head_with_adapter(model, base)
+            if base is not model and base.scft_config is not None:  # LoRA put on a patched SCFT model
+                train_head_with_adapter(model)
             return model
         if base.scft_config is not None:
             raise ValueError(f"the model already has an SCFT head ({base.scft_config}); apply_scft_fast cannot "
@@ -218,19 +226,87 @@ def apply_scft_fast(model: nn.Module, config: SCFTConfig | None = None, *, check
     if check_logits:
         base._check_logits_match()
     if base is not model and config is not None:
-        _train_head_with_adapter(model, base)
+        train_head_with_adapter(model)
     return model
 
 
-def _train_head_with_adapter(peft_model: nn.Module, base: PreTrainedModel) -> None:
+def train_head_with_adapter(peft_model: nn.Module) -> None:
+    """Makes the SCFT head of a PEFT model train fully and ride in its adapter checkpoints: ``score`` joins every
+    active adapter's ``modules_to_save``. A head that PEFT gave LoRA layers of its own ("all-linear" matches it)
+    gets its plain layer back first: the fused op reads the head's weight, never a low-rank delta, so LoRA there
+    would log a head loss for weights that never move. Idempotent; a no-op on a model without a head."""
+    base = unwrap(peft_model)
+    if base is peft_model or getattr(base, "scft_config", None) is None:
+        return
     from peft.utils.other import set_additional_trainable_modules
 
+    if _lora_wrapped(base.score):
+        base.score = base.score.get_base_layer()
+        names = getattr(peft_model.base_model, "targeted_module_names", None)
+        if names is not None:
+            names[:] = [n for n in names if n.rpartition(".")[2] != HEAD_NAME]
     for adapter in peft_model.active_adapters:
         peft_config = peft_model.peft_config[adapter]
+        targets = peft_config.target_modules
+        if isinstance(targets, (set, list)) and HEAD_NAME in targets:
+            peft_config.target_modules = type(targets)(t for t in targets if t != HEAD_NAME)
         modules = list(getattr(peft_config, "modules_to_save", None) or [])
-        if "score" not in modules:
-            peft_config.modules_to_save = modules + ["score"]
+        if HEAD_NAME not in modules:
+            peft_config.modules_to_save = modules + [HEAD_NAME]
         set_additional_trainable_modules(peft_model, peft_config, base.config, adapter)
+
+
+def is_trl_fused_lm_head(forward) -> bool:
+    """Whether ``forward`` is the one trl's ``add_fused_lm_head`` puts on a model (trl 1.16,
+    trl/trainer/utils.py): SFTTrainer's own loss, which never calls the model's forward."""
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)  # functools.wraps hides its names
+    return (code is not None and code.co_name == "_fused_forward"
+            and code.co_filename.replace(os.sep, "/").endswith("trl/trainer/utils.py"))
+
+
+@contextlib.contextmanager
+def fused_lm_head_allowed(model: nn.Module):
+    """Inside it, trl may patch its fused LM head onto ``model`` (SCFTSFTTrainer, whose loss is the model's own
+    forward, lets SFTTrainer's constructor do so)."""
+    model.__dict__["_fused_lm_head_allowed"] = True
+    try:
+        yield
+    finally:
+        model.__dict__.pop("_fused_lm_head_allowed", None)
+
+
+def _lora_wrapped(module: nn.Module) -> bool:
+    """Whether PEFT injected adapter layers (LoRA and its kin) into ``module``: they keep the original layer as
+    ``base_layer``; PEFT's modules_to_save copy (``original_module`` + ``modules_to_save``) does not."""
+    return getattr(module, "base_layer", None) is not None
+
+
+def _refuse_dropped_head(peft_model: nn.Module, base: nn.Module) -> None:
+    """An adapter trained with an SCFT head lists it among ``modules_to_save``; a loader that built the base
+    without a head (``AutoPeftModelForCausalLM``, ``PeftModel.from_pretrained`` on an unpatched base) dropped the
+    trained head without a word. Adding a new, untrained head on top would hide that."""
+    if getattr(base, "scft_config", None) is not None:
+        return
+    for name, peft_config in getattr(peft_model, "peft_config", {}).items():
+        if HEAD_NAME in (getattr(peft_config, "modules_to_save", None) or ()):
+            raise ValueError(f"adapter {name!r} was trained with an SCFT head ({HEAD_NAME!r} is among its "
+                             f"modules_to_save), but the base model it was loaded onto has none, so its loader "
+                             f"dropped the trained head: {ADAPTER_LOADER_HINT}")
+
+
+def scft_base(model: nn.Module, what: str) -> PreTrainedModel:
+    """The SCFT model with a head under ``model`` (PEFT-wrapped or not), or a ValueError saying why there is none
+    and how to load one; ``what`` names the caller."""
+    base = unwrap(model)
+    if base is not model:
+        _refuse_dropped_head(model, base)
+    if getattr(base, "scft_config", None) is None:
+        why = ("was patched without an SCFTConfig" if isinstance(base, SCFTForCausalLM)
+               else "is a plain transformers model (AutoModelForCausalLM drops the score.* weights)")
+        raise ValueError(f"{what} needs a model with an SCFT head, but {type(base).__name__} {why}: load a saved SCFT "
+                         f"model with scft_fast.SCFTForCausalLM.from_pretrained(path) (an adapter directory "
+                         f"included), or add a head with apply_scft_fast(model, SCFTConfig())")
+    return base
 
 
 class SCFTForCausalLM:
@@ -244,6 +320,16 @@ class SCFTForCausalLM:
         super().__init__(config, *args, **kwargs)
         saved = getattr(config, SCFT_CONFIG_KEY, None)
         self._setup_scft(SCFTConfig.from_dict(saved) if saved else None, init_head=True)
+
+    def __setattr__(self, name: str, value) -> None:
+        if (name == "forward" and getattr(self, "scft_config", None) is not None
+                and not getattr(self, "_fused_lm_head_allowed", False) and is_trl_fused_lm_head(value)):
+            raise ValueError(
+                "trl.SFTTrainer computes its loss with a fused LM head of its own, patched over the model's forward: "
+                "it knows no RTO target and no SCFT head, so the head would never train and RTO rows would be "
+                "trained as LM targets. Train an SCFT model with scft_fast.SCFTSFTTrainer (SFTTrainer's "
+                "constructor), or patch with apply_scft_fast(model) (no SCFTConfig) for plain SFT")
+        super().__setattr__(name, value)
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
@@ -259,11 +345,19 @@ class SCFTForCausalLM:
         A checkpoint without ``score.weight`` is an error unless ``init_head=True``; then ``config``, the
         checkpoint's SCFT settings or the defaults describe the new head. ``config`` overrides the saved
         settings (the head's shape must match). Other keyword arguments go to transformers' from_pretrained
-        (dtype, device_map, attn_implementation, ...)."""
+        (dtype, device_map, attn_implementation, ...).
+
+        A PEFT adapter directory (``adapter_config.json``) gives the ``PeftModel``: its base (the adapter's
+        ``base_model_name_or_path``, or ``base_model=``) loaded with a head, then the adapter, whose
+        ``modules_to_save`` hold the trained head. The head's shape is read from the adapter's tensors, its other
+        settings from ``config``, else the ``scft_config.json`` SCFTTrainer writes beside its adapter
+        checkpoints, else the base's, else the defaults. ``is_trainable=True`` keeps the adapter trainable."""
         if cls is not SCFTForCausalLM:  # a concrete patched class: transformers' own loading
             if config is not None:  # here, transformers' config argument
                 kwargs["config"] = config
             return super().from_pretrained(path, *args, **kwargs)
+        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            return _load_adapter(path, *args, config=config, **kwargs)
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         hf_config = kwargs.pop("hf_config", None) or AutoConfig.from_pretrained(path)
@@ -445,8 +539,7 @@ class SCFTForCausalLM:
             hidden = out.hidden_states[-1]
             return SCFTOutput(**out, cls_logits=self.score(hidden.reshape(-1, hidden.shape[-1])[cls_index]).float())
         options = self.scft_config or PLAIN_LM
-        if self.scft_config is None and (transition_labels is not None or cls_labels is not None):
-            raise ValueError("transition_labels / cls_labels need an SCFT head: apply_scft_fast(model, SCFTConfig())")
+        self._check_loss_inputs(transition_labels, cls_labels, num_items_in_batch, num_cls_in_batch, options)
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("return_dict", None)
         hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -469,6 +562,38 @@ class SCFTForCausalLM:
             head, num_items_in_batch, num_cls_in_batch, self.softcap, options)
         return SCFTOutput(**out)
 
+    def _check_loss_inputs(self, transition_labels, cls_labels, num_items_in_batch, num_cls_in_batch,
+                           options: SCFTConfig) -> None:
+        """The combinations that would train something other than what is logged, refused before any work (attribute
+        reads only: no host sync)."""
+        safety_targets = transition_labels is not None or cls_labels is not None
+        if self.scft_config is None and safety_targets:
+            raise ValueError("transition_labels / cls_labels need an SCFT head: apply_scft_fast(model, SCFTConfig())")
+        if safety_targets and num_items_in_batch is not None and num_cls_in_batch is None:
+            raise ValueError(
+                "num_items_in_batch came without num_cls_in_batch beside transition_labels / cls_labels: a trainer "
+                "that counts only LM labels (transformers.Trainer's num_items_in_batch does) would divide the RTO "
+                "and head terms by the wrong count. Train with scft_fast.SCFTTrainer (or put SCFTTrainerMixin in "
+                "front of your Trainer subclass; SCFTSFTTrainer for TRL), which counts LM + RTO targets and "
+                "labeled sequences; a loop of your own passes both, counted as "
+                "scft_fast.training.accounting.step_targets counts them")
+        if cls_labels is None or options.cls_coef == 0 or not (self.training and torch.is_grad_enabled()):
+            return
+        if _lora_wrapped(self.score):
+            raise ValueError(
+                f"PEFT put adapter layers on the SCFT head ({HEAD_NAME!r}; target_modules='all-linear' matches it): "
+                f"the fused loss reads the head's weight, so that low-rank update would never train while the head "
+                f"loss is logged. Call apply_scft_fast(peft_model) after get_peft_model (SCFTTrainer and "
+                f"SCFTSFTTrainer do it), which gives the head its plain layer back and trains it fully, or leave it "
+                f"out of LoRA with LoraConfig(exclude_modules=[{HEAD_NAME!r}], modules_to_save=[{HEAD_NAME!r}])")
+        if not self.score.weight.requires_grad:
+            raise ValueError(
+                f"the SCFT head ({HEAD_NAME!r}) is frozen (requires_grad=False), yet cls_labels give it a loss that "
+                f"would be logged every step while the head never moves. Under PEFT, call apply_scft_fast(peft_model) "
+                f"after get_peft_model (SCFTTrainer and SCFTSFTTrainer do it) or add {HEAD_NAME!r} to the "
+                f"LoraConfig's modules_to_save; to keep the head fixed on purpose, set SCFTConfig(cls_coef=0.0) or "
+                f"pass no cls_labels")
+
     @torch.no_grad()
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
@@ -484,6 +609,49 @@ class SCFTForCausalLM:
         index = self.pooled_index(batch, length, attention_mask, None if attention_mask is not None
                                   else position_ids, cu_seqlens, cls_index)
         return self.score(hidden.reshape(batch * length, -1)[index]).float().softmax(-1)
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SCFT_CONFIG = "scft_config.json"  # the SCFT settings beside an adapter (PEFT's files have no place for them)
+
+
+def write_adapter_scft_config(model: nn.Module, path: str) -> None:
+    """Writes the SCFT settings of a PEFT model's head beside its adapter files in ``path``, where
+    ``SCFTForCausalLM.from_pretrained(path)`` reads them back (pool, threshold, coefficients)."""
+    scft = getattr(unwrap(model), "scft_config", None)
+    if scft is not None:
+        with open(os.path.join(path, ADAPTER_SCFT_CONFIG), "w") as f:
+            json.dump(asdict(scft), f, indent=2, sort_keys=True)
+
+
+def _load_adapter(path: str, *args, config: SCFTConfig | None = None, base_model: str | None = None,
+                  is_trainable: bool = False, **kwargs) -> nn.Module:
+    """``SCFTForCausalLM.from_pretrained`` of a PEFT adapter directory (see there)."""
+    from peft import PeftConfig, PeftModel
+
+    peft_config = PeftConfig.from_pretrained(path)
+    base_path = base_model or peft_config.base_model_name_or_path
+    if not base_path or not os.path.isfile(os.path.join(base_path, "config.json")):
+        raise ValueError(f"{os.path.join(path, ADAPTER_CONFIG)}: its base model {base_path!r} is not a local model "
+                         f"directory; pass base_model=PATH (the directory the adapter was trained on)")
+    head = _read_head(path, prefix=ADAPTER_HEAD_PREFIX)
+    if head is None:
+        raise ValueError(f"{path}: the adapter holds no SCFT head ({ADAPTER_HEAD_PREFIX}weight): it was trained "
+                         f"without one; load it with peft.PeftModel.from_pretrained(base, {path!r})")
+    if config is None and os.path.isfile(os.path.join(path, ADAPTER_SCFT_CONFIG)):
+        with open(os.path.join(path, ADAPTER_SCFT_CONFIG)) as f:
+            config = SCFTConfig.from_dict(json.load(f))
+    if config is None:
+        saved = getattr(AutoConfig.from_pretrained(base_path), SCFT_CONFIG_KEY, None)
+        config = SCFTConfig.from_dict(saved) if saved else SCFTConfig()
+    config = replace(config, num_labels=head["weight"].shape[0], head_bias="bias" in head)
+    base = SCFTForCausalLM.from_pretrained(base_path, *args, init_head=True, config=config, **kwargs)
+    model = PeftModel.from_pretrained(base, path, is_trainable=is_trainable)
+    score = unwrap(model).score
+    if any(not torch.equal(getattr(score, k).detach().cpu(), v.to(getattr(score, k).dtype)) for k, v in head.items()):
+        raise ValueError(f"{path}: the adapter's SCFT head did not load into the model (PEFT's modules_to_save "
+                         f"{peft_config.modules_to_save!r} do not name {HEAD_NAME!r})")
+    return model
 
 
 def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, torch.Tensor]:
@@ -601,27 +769,48 @@ def has_head(path: str) -> bool:
     return _read_head(path) is not None
 
 
-def _read_head(path: str) -> dict[str, torch.Tensor] | None:
-    """``score.*`` tensors of a checkpoint directory (single file or sharded safetensors, or a .bin)."""
+# How PEFT names the head (a modules_to_save copy) in adapter_model.safetensors.
+ADAPTER_HEAD_PREFIX = "base_model.model." + HEAD_PREFIX
+
+
+def _read_head(path: str, prefix: str = HEAD_PREFIX) -> dict[str, torch.Tensor] | None:
+    """The head's tensors (names under ``prefix``, which is dropped) of a checkpoint directory: single file or
+    sharded safetensors, a .bin, or PEFT's adapter_model.safetensors."""
     from safetensors import safe_open
 
     index_file = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index_file):
         with open(index_file) as f:
             weight_map = json.load(f)["weight_map"]
-        files = sorted({v for k, v in weight_map.items() if k.startswith(HEAD_PREFIX)})
+        files = sorted({v for k, v in weight_map.items() if k.startswith(prefix)})
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
+    elif os.path.exists(os.path.join(path, "adapter_model.safetensors")):
+        files = ["adapter_model.safetensors"]
     elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
         state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-        head = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+        head = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         return head or None
     else:
-        raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+        raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json, "
+                                f"adapter_model.safetensors or pytorch_model.bin")
     head = {}
     for name in files:
         with safe_open(os.path.join(path, name), framework="pt") as f:
             for key in f.keys():
-                if key.startswith(HEAD_PREFIX):
-                    head[key[len(HEAD_PREFIX):]] = f.get_tensor(key)
+                if key.startswith(prefix):
+                    head[key[len(prefix):]] = f.get_tensor(key)
     return head or None
+
+
+def __getattr__(name: str):
+    """Patched classes carry this module's name (``scft_class``), so PEFT records it as the "parent_library" of an
+    adapter trained on one and ``AutoPeftModel*.from_pretrained`` (given ``import_allowlist``) or pickle look the
+    class up here. Neither can rebuild the head: say what loads it."""
+    import transformers
+
+    if isinstance(getattr(transformers, name, None), type) and issubclass(getattr(transformers, name), PreTrainedModel):
+        raise AttributeError(f"{__name__}.{name} is a {name} patched by scft_fast, which cannot be rebuilt from its "
+                             f"name: {ADAPTER_LOADER_HINT}; a full SCFT checkpoint loads with "
+                             f"SCFTForCausalLM.from_pretrained(path) too")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

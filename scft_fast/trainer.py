@@ -29,7 +29,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .constants import IGNORE_INDEX
 from .metrics import auroc, is_unsafe, p_unsafe
-from .model import unwrap
+from .model import train_head_with_adapter, unwrap, write_adapter_scft_config
 from .training.accounting import STEP_STATS, output_stats, pooled_loss, stat_means, step_targets
 from .training.export import export_model
 from .training.zero_memory import master_weights_shared
@@ -40,6 +40,9 @@ class SCFTTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Before the optimizer exists: a head PEFT froze (apply_scft_fast before get_peft_model, or TRL's
+        # peft_config=) joins the adapter's modules_to_save and trains.
+        train_head_with_adapter(self.model)
         # The normalizers below always reach the model's forward, whatever its signature says.
         self.model_accepts_loss_kwargs = True
         self._num_cls_in_batch: torch.Tensor | None = None
@@ -156,6 +159,12 @@ class SCFTTrainerMixin:
         return output
 
     # -- saving ---------------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if unwrap(model) is not model:  # an adapter checkpoint: the head's settings beside PEFT's files
+            write_adapter_scft_config(model, output_dir if output_dir is not None else self.args.output_dir)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """What ``SCFTForCausalLM.from_pretrained`` loads, with the tokenizer and the training arguments. Every rank
         calls it (Trainer does): ZeRO-3 partitions are gathered one layer at a time, the main process writes."""

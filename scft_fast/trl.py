@@ -46,7 +46,7 @@ from .data.collate import INPUT_COLUMNS
 from .data.config import DataConfig
 from .data.constants import CLS_LABELS, SAFE, UNSAFE
 from .data.encode import refusal_token_id, rto_positions
-from .model import SCFTForCausalLM, unwrap
+from .model import SCFTForCausalLM, fused_lm_head_allowed, unwrap
 from .trainer import SCFTTrainerMixin
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,27 @@ def to_safety_rows(dataset, processing_class, data_config: DataConfig, *, label_
     return rows
 
 
+# scft_fast.data rows' safety columns (besides input_ids and labels).
+SAFETY_ROW_COLUMNS = ("transition_labels", "cls_pos", "cls_label")
+
+
+def _refuse_safety_columns(datasets: dict, safety_columns: tuple[str, ...]) -> None:
+    """A model patched without an SCFTConfig trains LM targets only: rows meant for RTO or the head would be
+    trained as ordinary completions (harmful ones included), so their columns are refused."""
+    for name, dataset in datasets.items():
+        for part, data in (dataset.items() if isinstance(dataset, dict) else [(None, dataset)]):
+            if data is None:
+                continue
+            found = [c for c in safety_columns if c in (get_dataset_column_names(data) or ())]
+            if found:
+                where = name + (f"[{part!r}]" if part is not None else "")
+                raise ValueError(
+                    f"{where} has the safety column(s) {found}, but the model was patched without an SCFTConfig: "
+                    f"its loss has no RTO target and no head, so RTO rows would be trained as ordinary LM "
+                    f"targets. Patch it with apply_scft_fast(model, SCFTConfig(...)) to train them, or drop the "
+                    f"columns for plain SFT (a column of another meaning: rename it)")
+
+
 class _ModelLossSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is the model's forward with labels, as in Trainer, not SFTTrainer's own LM head (see
     the module doc); TRL's num_tokens metric is kept."""
@@ -176,14 +197,18 @@ class SCFTSFTTrainer(SCFTTrainerMixin, _ModelLossSFTTrainer):
         self.scft_config = base.scft_config
         self.label_column, self.rto_column = label_column, rto_column
         self.data_config = None
-        if self.scft_config is not None:
+        if self.scft_config is None:
+            _refuse_safety_columns({"train_dataset": train_dataset, "eval_dataset": eval_dataset},
+                                   (rto_column, label_column, *SAFETY_ROW_COLUMNS))
+        else:
             self.data_config = data_config or DataConfig(pool=self.scft_config.pool)
             if self.data_config.pool != self.scft_config.pool:
                 raise ValueError(f"data_config.pool={self.data_config.pool!r} but the model's head pools "
                                  f"{self.scft_config.pool!r} at inference; make them equal")
             data_collator = self._safety_collator(args, data_collator, processing_class)
-        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *trl_args,
-                         **trl_kwargs)
+        with fused_lm_head_allowed(base):  # SFTTrainer patches in its LM head; our loss never calls it
+            super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *trl_args,
+                             **trl_kwargs)
 
     def _safety_collator(self, args, data_collator, processing_class):
         for flag in ("packing", "padding_free"):

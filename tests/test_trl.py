@@ -9,6 +9,7 @@ apply_scft_fast model and that this loss, scft_fast's fused loss and the model's
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -229,3 +230,47 @@ def test_unmodified_sft_trainer_keeps_the_model_generating(tmp_path):
     prompt = torch.tensor([TOKENIZER("[INST] How do I bake bread? [\\INST]")["input_ids"]])
     greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=TOKENIZER.pad_token_id)
     assert torch.equal(model.generate(prompt, **greedy), reference.generate(prompt, **greedy))
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"], ids=["named", "all_linear"])
+def test_scft_sft_trainer_with_peft_config_trains_the_head(tmp_path, targets):
+    """SFTTrainer wraps the model in PEFT itself (peft_config=), which freezes the head or gives it LoRA layers:
+    SCFTSFTTrainer puts it back among modules_to_save, so it moves and the adapter checkpoint carries it."""
+    import peft
+    from safetensors.torch import load_file
+
+    dataset = trl_dataset("prompt_completion")
+    trainer = SCFTSFTTrainer(model=scft_model(), args=sft_config(tmp_path, len(dataset), save_strategy="steps",
+                                                                 save_steps=STEPS),
+                             train_dataset=dataset, processing_class=TOKENIZER,
+                             peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    score = trainer.model.get_base_model().score
+    before = score.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(score.weight.detach(), before)
+    assert not any(".score.lora_" in n for n, _ in trainer.model.named_parameters())
+    adapter = load_file(str(tmp_path / f"checkpoint-{STEPS}" / "adapter_model.safetensors"))
+    torch.testing.assert_close(adapter["base_model.model.score.weight"], score.weight.detach(), rtol=0, atol=0)
+
+
+def test_unmodified_sft_trainer_refuses_an_scft_model(tmp_path):
+    """SFTTrainer's own fused LM head knows no RTO target and no head: an SCFT model under it would log nothing
+    wrong and train no safety term, so the patch of its LM head is refused, naming SCFTSFTTrainer."""
+    with pytest.raises(ValueError, match="trl.SFTTrainer computes its loss with a fused LM head of its own.*"
+                                         "scft_fast.SCFTSFTTrainer"):
+        SFTTrainer(model=scft_model(), args=sft_config(tmp_path, 4), processing_class=TOKENIZER,
+                   train_dataset=trl_dataset("prompt_completion"))
+
+
+def test_safety_columns_without_an_scft_config_are_refused(tmp_path):
+    """A model patched without an SCFTConfig would train RTO rows' harmful completions as LM targets."""
+    for columns, found in ((True, "['rto', 'label']"), (False, None)):
+        dataset = trl_dataset("prompt_completion", safety_columns=columns)
+        make = lambda: SCFTSFTTrainer(model=apply_scft_fast(tiny_llama()), args=sft_config(tmp_path, 4),  # noqa: E731
+                                      train_dataset=dataset, processing_class=TOKENIZER)
+        if found is None:
+            make()
+            continue
+        with pytest.raises(ValueError, match=rf"train_dataset has the safety column\(s\) {re.escape(found)}, but the "
+                                             rf"model was patched without an SCFTConfig"):
+            make()

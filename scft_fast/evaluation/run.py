@@ -25,6 +25,9 @@ def _batches(items: list, size: int, desc: str, progress: bool):
 def score_pairs(model, tokenizer, pairs: list[tuple[str, str, int]], config: EvalConfig) -> np.ndarray:  # (N,)
     """p_unsafe of each (instruction, response), laid out exactly as a training sample (the data layer renders,
     tokenizes and pads it) and pooled at the training position."""
+    from ..model import scft_base
+
+    model = scft_base(model, "score_pairs")
     data_config = DataConfig(pool=model.scft_config.pool, max_length=config.max_length)
     renderer, encoder = ChatRenderer(tokenizer), SampleEncoder(tokenizer, data_config)
     samples = [pair_sample(renderer, instruction, response, label, "pairs", i + 1)
