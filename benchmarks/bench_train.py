@@ -52,7 +52,7 @@ from harness import (
 from scft_fast import IGNORE_INDEX
 from scft_fast.model import SCFTOutput
 from scft_fast.training import LossHook
-from scft_fast.training.accounting import loss_targets
+from scft_fast.hf.accounting import loss_targets
 
 # "rto-rows" is a control beside the three ways: the fused LM loss over the rows full mode visits.
 # DeRTa's RTO targets sit on harmful-response tokens that have no LM target, so full mode sends more rows

@@ -269,7 +269,7 @@ def save_random_llama(shape, directory: str) -> dict:
     """Saves the random-initialized Llama of ``shape`` (hidden, intermediate, layers, heads, kv_heads, vocab,
     seed) + the embedded tokenizer, so every run loads the same weights."""
     from scft_fast.data import load_default_tokenizer
-    from scft_fast.training.presets import random_causal_lm
+    from scft_fast.hf.presets import random_causal_lm
 
     tokenizer = load_default_tokenizer()
     if shape.vocab < len(tokenizer):

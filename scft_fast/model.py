@@ -366,6 +366,15 @@ class SCFTForCausalLM:
         if not has_head(path) and not init_head:
             raise ValueError(f"{path} holds no SCFT head ({HEAD_PREFIX}weight not found in its weights); "
                              f"pass init_head=True to initialize a new one")
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        transformers_loader = kwargs.pop("_transformers_loader", False)  # hf.zero3's fallback
+        if is_deepspeed_zero3_enabled() and not transformers_loader and not args and not kwargs:
+            # Under a live ZeRO-3 config, with no loading option of transformers': built partitioned, each rank
+            # reading only its slice of the checkpoint (hf/zero3.py).
+            from .hf.zero3 import load_partitioned
+
+            return load_partitioned(path, scft, init_head)
         setattr(hf_config, SCFT_CONFIG_KEY, asdict(scft))
         target = scft_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)])
         from transformers.utils import logging as hf_logging
@@ -576,7 +585,7 @@ class SCFTForCausalLM:
                 "and head terms by the wrong count. Train with scft_fast.SCFTTrainer (or put SCFTTrainerMixin in "
                 "front of your Trainer subclass; SCFTSFTTrainer for TRL), which counts LM + RTO targets and "
                 "labeled sequences; a loop of your own passes both, counted as "
-                "scft_fast.training.accounting.step_targets counts them")
+                "scft_fast.hf.accounting.step_targets counts them")
         if cls_labels is None or options.cls_coef == 0 or not (self.training and torch.is_grad_enabled()):
             return
         if _lora_wrapped(self.score):

@@ -15,24 +15,27 @@ it too: ``class SCFTSFTTrainer(SCFTTrainerMixin, trl.SFTTrainer)``.
 - Logs: ``lm_loss``, ``transition_loss``, ``cls_loss``, ``head_accuracy``, sums over the logging window and ranks.
 - Evaluation: ``eval_loss`` over the whole evaluation set taken as one batch (not a mean of batch means), the
   three terms, ``eval_head_accuracy`` and ``eval_head_auroc`` (``scft_fast.metrics``; absent with one class).
-- Saving: ``save_model`` writes what ``SCFTForCausalLM.from_pretrained`` loads (``training/export.py``): the
+- Saving: ``save_model`` writes what ``SCFTForCausalLM.from_pretrained`` loads (``hf/export.py``): the
   full model, ZeRO-3 partitions gathered, LoRA merged under PEFT. A PEFT run's checkpoints stay Trainer's
   adapter checkpoints (adapters + the head, which ``apply_scft_fast`` adds to ``modules_to_save``).
 """
 from __future__ import annotations
 
 import os
+import time
 
+import numpy as np
 import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .constants import IGNORE_INDEX
-from .metrics import auroc, is_unsafe, p_unsafe
+from .evaluation.held_out import held_out_metrics
+from .hf.accounting import STEP_STATS, output_stats, stat_means, step_targets
+from .hf.export import export_model
+from .hf.patches import master_weights_shared
+from .metrics import p_unsafe
 from .model import train_head_with_adapter, unwrap, write_adapter_scft_config
-from .training.accounting import STEP_STATS, output_stats, pooled_loss, stat_means, step_targets
-from .training.export import export_model
-from .training.zero_memory import master_weights_shared
 
 
 class SCFTTrainerMixin:
@@ -47,12 +50,15 @@ class SCFTTrainerMixin:
         self.model_accepts_loss_kwargs = True
         self._num_cls_in_batch: torch.Tensor | None = None
         self._train_stats: torch.Tensor | None = None  # (len(STEP_STATS),) since the last training log
+        self._train_tokens: torch.Tensor | int = 0  # real tokens of this rank since the last training log
+        self._last_log_time: float | None = None
         self._eval_stats: torch.Tensor | None = None
         self._eval_scores: list[torch.Tensor] = []  # (n, 2) [p_unsafe, label] of labeled evaluation sequences
 
     def train(self, *args, **kwargs):
         # Accelerate builds the DeepSpeed engine inside train(): under ZeRO-3 with float32 weights, without a
-        # second float32 copy of them (training/zero_memory.py).
+        # second float32 copy of them (hf/patches.py).
+        self._last_log_time = time.perf_counter()
         with master_weights_shared():
             return super().train(*args, **kwargs)
 
@@ -103,15 +109,22 @@ class SCFTTrainerMixin:
         if model.training:
             stats = output_stats(outputs, inputs.get("cls_labels"), self.scft_ignore_index)
             self._train_stats = stats if self._train_stats is None else self._train_stats + stats
+            mask = inputs.get("attention_mask")
+            tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            self._train_tokens = self._train_tokens + tokens.to(stats.device, torch.float64)
         return (loss, outputs) if return_outputs else loss
 
     # -- logging --------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # "loss" marks Trainer's training log, which every rank reaches at the same step: the reduce is collective.
         if "loss" in logs and self._train_stats is not None:
-            stats = self.accelerator.reduce(self._train_stats, reduction="sum")
-            self._train_stats = None
-            logs = {**logs, **{k: v for k, v in stat_means(stats).items() if v is not None}}
+            stats = self.accelerator.reduce(torch.cat([self._train_stats, self._train_tokens[None]]), reduction="sum")
+            self._train_stats, self._train_tokens = None, 0
+            now = time.perf_counter()
+            logs = {**logs, **{k: v for k, v in stat_means(stats[:-1]).items() if v is not None}}
+            if self._last_log_time is not None:  # real tokens (all ranks) per second since the last log
+                logs["tokens_per_s"] = float(stats[-1]) / (now - self._last_log_time)
+            self._last_log_time = now
         super().log(logs, *args, **kwargs)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
@@ -148,14 +161,9 @@ class SCFTTrainerMixin:
         self._eval_stats, self._eval_scores = None, []
         if not any(stats[STEP_STATS.index(count)] for count in ("n_lm", "n_tr", "n_cls")):
             return output  # no batch carried a target: Trainer's own result stands
-        metrics = {"loss": pooled_loss(stats, **self._coefs())}
-        metrics.update({k: v for k, v in stat_means(stats).items() if v is not None})
-        if scores:
-            scores = torch.cat(scores).numpy()
-            head_auroc = auroc(scores[:, 0], is_unsafe(scores[:, 1]))
-            if head_auroc is not None:
-                metrics["head_auroc"] = head_auroc
-        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in metrics.items()})
+        scores = torch.cat(scores).numpy() if scores else np.zeros((0, 2))
+        metrics = held_out_metrics(stats.cpu(), scores[:, 0], scores[:, 1].astype(np.int64), **self._coefs())
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in metrics.items() if v is not None})
         return output
 
     # -- saving ---------------------------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def load_export(model_dir) -> dict[str, torch.Tensor]:
 
 
 def shares_master_weights(optimizer) -> bool | None:
-    """Whether a ZeRO-3 optimizer's master weights are the model's partitions (scft_fast/training/zero_memory.py);
+    """Whether a ZeRO-3 optimizer's master weights are the model's partitions (scft_fast/hf/patches.py);
     None: not a ZeRO-3 optimizer."""
     flat16 = getattr(optimizer, "fp16_partitioned_groups_flat", None)
     flat32 = getattr(optimizer, "fp32_partitioned_groups_flat", None)

@@ -59,7 +59,7 @@ def test_refusal_opener_log_probs_match_a_float64_forward():
 
     from scft_fast.data import load_default_tokenizer
     from scft_fast.generation import encode_prompts
-    from scft_fast.training.presets import random_causal_lm
+    from scft_fast.hf.presets import random_causal_lm
 
     tokenizer = load_default_tokenizer()
     model = random_causal_lm("llama", tokenizer, seed=3, **SMALL_LLAMA).eval()
@@ -82,7 +82,7 @@ def test_refusal_roc_writes_its_results(tmp_path):
     """The script end to end on a small random model and a triple file: JSON, Markdown and plot, one row per model,
     --limit applied to the harmful and the benign prompts, each FPR budget kept."""
     from scft_fast.data import load_default_tokenizer
-    from scft_fast.training.presets import random_causal_lm
+    from scft_fast.hf.presets import random_causal_lm
 
     tokenizer = load_default_tokenizer()
     model_dir = tmp_path / "model"

@@ -43,7 +43,7 @@ def plain_checkpoint(path, preset: str, **save_kwargs) -> str:
     from transformers import LlamaForCausalLM
 
     from scft_fast.data import load_default_tokenizer
-    from scft_fast.training.presets import preset_config
+    from scft_fast.hf.presets import preset_config
 
     tokenizer = load_default_tokenizer()
     torch.manual_seed(1)
@@ -160,7 +160,7 @@ def one_process_build(model_dir):
 
 @pytest.mark.parametrize("build", ["plain", "tied", "scft", "bin"])
 def test_zero3_build_from_checkpoint_is_partitioned(distributed_runs, checkpoint_dir, tied_checkpoint_dir, build):
-    """Right after the ZeRO-3 build from a checkpoint directory (zero_load.load_partitioned: each rank reads its
+    """Right after the ZeRO-3 build from a checkpoint directory (zero3.load_partitioned: each rank reads its
     own slice of every tensor) no rank holds any parameter whole, the head included, and the weights are exactly
     those one process loads: a sharded untied checkpoint, a single-file tied one, and an SCFT export (head and
     settings from the directory). A new head is the one a single process initializes from the same seed.
@@ -196,7 +196,7 @@ def test_zero3_build_names_the_bad_tensor(distributed_runs):
 
 
 def test_zero3_master_weights_are_the_model_partitions(distributed_runs):
-    """Float32 ZeRO-3 keeps no second float32 copy of the partition (training/zero_memory.py; the runs above still
+    """Float32 ZeRO-3 keeps no second float32 copy of the partition (hf/patches.py; the runs above still
     match one process); optimizer offload keeps its own, and ZeRO-1/2 are not the ZeRO-3 optimizer."""
     shared = json.loads((distributed_runs / "master_weights.json").read_text())
     assert shared["zero3"] is True and shared["zero3_tied"] is True and shared["zero3_checkpoint"] is True
@@ -209,7 +209,7 @@ def test_zero3_master_weights_shared_is_scoped():
     """Outside the context the optimizer's method is DeepSpeed's own again."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
 
-    from scft_fast.training.zero_memory import master_weights_shared
+    from scft_fast.hf.patches import master_weights_shared
 
     original = Stage3._create_fp32_partitions
     with master_weights_shared():

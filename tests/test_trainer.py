@@ -250,7 +250,7 @@ def test_packed_collator_gives_the_padded_loss(tok, rows):
 @pytest.mark.parametrize("layout", ["padded", "packed", "packed_cu_seqlens_only"])
 def test_loss_targets_count_what_the_model_counts(tok, rows, layout):
     from scft_fast.data import PackedCollator
-    from scft_fast.training.accounting import loss_targets
+    from scft_fast.hf.accounting import loss_targets
 
     picked = [rows[i] for i in range(6)]
     batch = (SCFTDataCollator(tok) if layout == "padded" else PackedCollator(10 ** 6))(picked)
@@ -316,7 +316,7 @@ def test_two_ranks_match_one_process(distributed_runs, one_process, run):
             assert ours[key] == pytest.approx(ref[key], rel=1e-5), key
     for key in ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy", "head_auroc"):
         assert result["eval"][f"eval_{key}"] == pytest.approx(ref_eval[f"eval_{key}"], rel=1e-5), key
-    assert result["master_weights_shared"] is (True if run == "zero3" else None)  # training/zero_memory.py
+    assert result["master_weights_shared"] is (True if run == "zero3" else None)  # hf/patches.py
     model = load_export(distributed_runs / run)  # ZeRO-3: shards of at most half the model each
     assert model.keys() == ref_model.keys()
     for name, tensor in model.items():

@@ -13,7 +13,7 @@ from transformers.trainer_callback import TrainerCallback
 from helpers import shares_master_weights
 from scft_fast import SCFTConfig, SCFTDataCollator, SCFTTrainer, apply_scft_fast, safety_dataset
 from scft_fast.data import load_default_tokenizer, refusal_token_id
-from scft_fast.training.presets import random_causal_lm
+from scft_fast.hf.presets import random_causal_lm
 
 # ZeRO-3 with every parameter partitioned: DeepSpeed's default persistence threshold (1e5 elements) would keep
 # all of this tiny model's parameters whole on every rank and test nothing of the gathering.

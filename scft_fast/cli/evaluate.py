@@ -8,13 +8,13 @@ import os
 import sys
 from dataclasses import asdict, replace
 
-from ..arguments import add_debug_flag, cli_main, non_empty_str, non_negative_int, positive_int, probability
 from ..data import default_data_files
 from ..errors import ConfigError
 from ..evaluation import EvalConfig, evaluate, format_table, load_eval_data, load_for_eval, plot_reports
 from ..evaluation.report import truncated_prompts
 from ..generation import check_model_dir, resolve_threshold, store_threshold
 from ..metrics import THRESHOLD
+from .common import add_debug_flag, cli_main, non_empty_str, non_negative_int, positive_int, probability
 
 
 def build_parser() -> argparse.ArgumentParser:

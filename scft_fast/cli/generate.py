@@ -9,7 +9,11 @@ from dataclasses import asdict
 import torch
 from transformers import TextStreamer
 
-from ..arguments import (
+from ..data.records import read_prompts
+from ..errors import ConfigError
+from ..generation import MODES, REFUSAL_TEXT, check_model_dir, generate_safe, load_model, resolve_threshold
+from ..metrics import THRESHOLD
+from .common import (
     add_debug_flag,
     cli_main,
     non_empty_str,
@@ -18,10 +22,6 @@ from ..arguments import (
     positive_int,
     probability,
 )
-from ..data.records import read_prompts
-from ..errors import ConfigError
-from ..generation import MODES, REFUSAL_TEXT, check_model_dir, generate_safe, load_model, resolve_threshold
-from ..metrics import THRESHOLD
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,13 +9,18 @@ from .constants import CLS_LABELS, MAX_LENGTH, MIN_LENGTH, REFUSAL_STRING, TRUNC
 
 @dataclass
 class DataConfig:
+    """The data recipe: ``safety_dataset()``, ``SCFTSFTTrainer`` and ``scft-fast train`` read these defaults, so
+    they build the same samples from the same file. The recipe (measured on the separate-generator split, README):
+    DeRTa's sparse RTO (a fifth of a harmful response's positions) and vanilla refusals, which give the head
+    (harmful request, refusal) pairs labeled safe."""
+
     refusal_string: str = REFUSAL_STRING  # its first token is the RTO transition target
-    rto_keep: float = 1.0  # fraction of RTO positions kept per sample (DeRTa's full-parameter recipe: 0.05)
+    rto_keep: float = 0.2  # fraction of RTO positions kept per sample (DeRTa's full-parameter recipe: 0.05)
     pool: str = "eos"  # pooled row for the classifier: "eos" | "pre_eos" (last target token before EOS)
     max_length: int = MAX_LENGTH
     truncation: str = "prompt"  # "prompt": cut the prompt's start first, then the target's end | "drop"
     prefix_label: str | None = None  # classification label of harmful-prefix samples: None | "safe" | "unsafe"
-    vanilla_safety: bool = False  # also emit instruction + safe response from every harmful triple
+    vanilla_safety: bool = True  # also emit instruction + safe response from every harmful triple
     skip_invalid: bool = False  # skip and count invalid records instead of raising DataError
     seed: int = 0
     num_proc: int = 1

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model import HEAD_PREFIX, SCFT_CONFIG_KEY, SCFTConfig, SCFTForCausalLM, scft_class
-from .run_dir import say
+from .callbacks import say
 
 BLOCK_BYTES = 8 * 2 ** 20  # the largest piece of a checkpoint tensor in memory at once (plus one row)
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
@@ -188,7 +188,7 @@ def load_partitioned(path: str, scft: SCFTConfig, init_head: bool) -> nn.Module:
     if refusal is not None:
         if dist.get_rank() == 0:
             say(f"ZeRO-3 build through transformers' loader (rank 0 reads the whole checkpoint): {refusal}")
-        return SCFTForCausalLM.from_pretrained(path, init_head=init_head, config=scft)
+        return SCFTForCausalLM.from_pretrained(path, init_head=init_head, config=scft, _transformers_loader=True)
     config.name_or_path = path
     model = _construct(target, config, checkpoint_files(path))
     _fill(model, tensors, key_map, path, init_head, f"{target.__name__} with SCFT head {scft}")

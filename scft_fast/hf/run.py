@@ -1,0 +1,322 @@
+"""``scft-fast train``'s work, on ``SCFTTrainer``: check, build, train, export, summarize.
+
+    summary = train(ModelArguments(), DataArguments(), SCFTTrainingArguments())
+
+1. Set-up checks before any heavy work (files, the model directory, the launcher, the backend); the output
+   directory claimed (``callbacks.claim_output_dir``); on ``resume``, the newest intact checkpoint chosen and the
+   settings that define the run compared with its ``train_config.json``.
+2. The tokenizer (the embedded one for a preset), the data (``DataArguments`` -> ``DataConfig``: the training set
+   and the held-out splits of the summary), the model (``apply_scft_fast`` with ``ModelArguments`` -> ``SCFTConfig``;
+   under ZeRO-3 built partitioned, each rank reading its slice of the checkpoint; LoRA through PEFT).
+3. ``SCFTTrainer.train`` with ``run_callbacks`` (output directory, verified checkpoints, divergence stop, metrics,
+   held-out summary) and a checkpoint at the last step, so that a failed export can be resumed.
+4. The final model written to ``model.tmp`` and renamed ``model`` once complete, with its tokenizer.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import asdict, replace
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from ..data import build_dataset, default_data_files, load_default_tokenizer, refusal_token_id
+from ..errors import ConfigError, RunError, UserError
+from .arguments import PRESETS, DataArguments, ModelArguments, SCFTTrainingArguments
+from .callbacks import (
+    SUMMARY,
+    checkpoints,
+    claim_output_dir,
+    newest_intact_checkpoint,
+    run_callbacks,
+    say,
+    write_json,
+)
+
+TRAIN_CONFIG = "train_config.json"
+MODEL_DIR = "model"
+# What a resumed run must share with the run it continues (dotted keys of train_config.json): other data or seed
+# would give other batches, another batch geometry other steps, another model or head another objective.
+RUN_DEFINING = ("model.model", "model.pool", "model.lora_rank", "model.head_bias", "data.data", "data.max_length",
+                "data.truncation", "data.packing", "data.rto_keep", "data.vanilla_safety", "data.prefix_label",
+                "data.refusal_string", "training.per_device_train_batch_size",
+                "training.gradient_accumulation_steps", "training.seed")
+# The training arguments train_config.json records (the rest are Trainer's to keep in its checkpoints).
+RECORDED_TRAINING = ("output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+                     "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_steps", "adam_beta1",
+                     "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "seed", "bf16",
+                     "deepspeed", "gradient_checkpointing", "save_steps", "save_total_limit")
+# What torch.distributed's env:// rendezvous reads; torchrun and the deepspeed launcher set all of them.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# -- 1. set-up checks -------------------------------------------------------------------------------------------------
+def check_setup(model_args: ModelArguments, data_args: DataArguments, args: SCFTTrainingArguments) -> None:
+    """What can be refused before any tokenization or model build, each as a ConfigError naming the flag."""
+    name = model_args.model
+    if name not in PRESETS:
+        if not os.path.isdir(name):
+            raise ConfigError(f"--model {name!r} is neither a preset ({', '.join(PRESETS)}) nor a local directory "
+                              f"holding a Hugging Face causal LM")
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ConfigError(f"--model {name} has no config.json: it is not a Hugging Face model directory (expected "
+                              f"config.json, the weights and the tokenizer files side by side)")
+    for flag, files in (("--data", data_args.data), ("--eval-data", data_args.eval_data)):
+        for path in files or ():
+            if os.path.isdir(path):
+                raise ConfigError(f"{flag} {path} is a directory: pass its JSONL files (e.g. {flag} "
+                                  f"{os.path.join(path, '*.jsonl')})")
+            if not os.path.isfile(path):
+                raise ConfigError(f"{flag} {path}: no such file")
+    missing = [k for k in LAUNCHER_ENV if k not in os.environ]
+    if args.deepspeed and missing:
+        raise ConfigError(f"--deepspeed needs a distributed launcher ({', '.join(missing)} not set): run `torchrun "
+                          f"--nproc_per_node N -m scft_fast.cli.train --deepspeed {args.deepspeed} ...` or `deepspeed "
+                          f"--num_gpus N --module scft_fast.cli.train ...`, or drop --deepspeed for one process")
+    if model_args.backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("--backend triton needs a CUDA GPU, and none is visible here: use --backend auto (the C++ "
+                          "extension or torch on CPU), or set TRITON_INTERPRET=1 to run the kernels interpreted (slow)")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_config(model_args: ModelArguments, data_args: DataArguments, args: SCFTTrainingArguments) -> dict:
+    """What train_config.json records: every model and data setting, the training arguments that shape the run."""
+    return {"model": asdict(model_args), "data": asdict(data_args),
+            "training": {k: getattr(args, k) for k in RECORDED_TRAINING}}
+
+
+def _comparable(key: str, value):
+    if key in ("model.model", "data.data") and value is not None:  # ./a.jsonl and a.jsonl are one file
+        paths = [value] if isinstance(value, str) else value
+        real = [os.path.realpath(p) if os.path.exists(p) else p for p in paths]
+        return real[0] if isinstance(value, str) else real
+    return list(value) if isinstance(value, tuple) else value
+
+
+def flag_of(key: str) -> str:
+    """The command-line flag of a dotted train_config.json key."""
+    from .arguments import SCFTTrainingArguments as training
+
+    section, _, name = key.partition(".")
+    kinds = {"model": ModelArguments, "data": DataArguments, "training": training}
+    for f in getattr(kinds.get(section), "__dataclass_fields__", {}).values():
+        if f.name == name:
+            aliases = f.metadata.get("aliases") or []
+            return aliases[0] if aliases else "--" + name.replace("_", "-")
+    return key
+
+
+def resume_changes(output_dir: str, config: dict, override: bool) -> list[str]:
+    """Compares the new settings with the run's train_config.json: a run-defining difference is a UserError (unless
+    ``override``), the others are returned as "--flag new (was old)"."""
+    path = os.path.join(output_dir, TRAIN_CONFIG)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            saved = _flatten(json.load(f))
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}): restore it, or pass --resume-override") from None
+    new = _flatten(config)
+    ignored = {"training.output_dir"}
+    changed = [k for k in new if k not in ignored and k in saved
+               and _comparable(k, saved[k]) != _comparable(k, new[k])]
+    defining = [k for k in changed if k in RUN_DEFINING]
+    if defining and not override:
+        details = "; ".join(f"{flag_of(k)} {new[k]!r} (the run's: {saved[k]!r})" for k in defining)
+        raise UserError(f"--resume: {details} would change what the run in {output_dir} means: pass the run's "
+                        f"settings, or add --resume-override to continue under the new ones")
+    return [f"{flag_of(k)} {new[k]!r} (was {saved[k]!r})" for k in changed]
+
+
+# -- 2. build ---------------------------------------------------------------------------------------------------------
+def build_tokenizer(model_args: ModelArguments, data_args: DataArguments):
+    """(tokenizer, refusal token id): the embedded tokenizer for a preset, else the checkpoint's."""
+    from transformers import AutoTokenizer
+
+    tokenizer = (load_default_tokenizer() if model_args.model in PRESETS
+                 else AutoTokenizer.from_pretrained(model_args.model))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # pooling never reads pad ids, so EOS padding is safe
+    return tokenizer, refusal_token_id(tokenizer, data_args.refusal_string)
+
+
+def build_datasets(data_args: DataArguments, tokenizer, data_config):
+    """(training set, {name: (held-out set, title)}, the training set's DataStats). Held-out sets keep every RTO
+    position and the vanilla refusals, as ``scft-fast eval`` scores them. With the embedded data: "eval", held out
+    from the training generator, and "separate", written by a separate generator; with --data: "eval" from
+    --eval-data, if given."""
+    train_set, stats = build_dataset(data_args.data or default_data_files("train"), tokenizer, data_config)
+    if data_args.eval_data:
+        sources = {"eval": (data_args.eval_data, "--eval-data")}
+    elif data_args.data is None:
+        sources = {"eval": (default_data_files("eval"), "same generator"),
+                   "separate": (default_data_files("separate"), "separate generator")}
+    else:
+        sources = {}
+    held_out = {}
+    if data_args.eval_samples > 0:
+        for name, (files, title) in sources.items():
+            held, _ = build_dataset(files, tokenizer, replace(data_config, rto_keep=1.0, vanilla_safety=True))
+            held_out[name] = (held.select(range(min(data_args.eval_samples, len(held)))), title)
+    return train_set, held_out, stats
+
+
+def build_model(model_args: ModelArguments, tokenizer, refusal: int):
+    """The SCFT model (PEFT-wrapped with LoRA) for a preset or a local HF / SCFT checkpoint. Under ZeRO-3 (a
+    TrainingArguments naming a stage-3 config is alive) it is built partitioned: a preset by transformers one module
+    at a time, a checkpoint by ``SCFTForCausalLM.from_pretrained``, each rank reading its slice."""
+    from transformers import AutoConfig
+
+    from ..model import SCFT_CONFIG_KEY, SCFTConfig, SCFTForCausalLM, apply_scft_fast
+    from .presets import build_preset
+
+    saved = None
+    if model_args.model not in PRESETS:
+        raw = getattr(AutoConfig.from_pretrained(model_args.model), SCFT_CONFIG_KEY, None)
+        saved = SCFTConfig.from_dict(raw) if raw else None
+    scft = model_args.scft_config(refusal, saved)
+    if model_args.model in PRESETS:
+        model = build_preset(model_args.model, tokenizer, scft)
+    else:
+        model = SCFTForCausalLM.from_pretrained(model_args.model, init_head=saved is None, config=scft)
+    model._check_logits_match()
+    if model_args.lora_rank > 0:
+        import peft
+
+        rank = model_args.lora_rank
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=rank, lora_alpha=model_args.lora_alpha if model_args.lora_alpha is not None else 2 * rank,
+            lora_dropout=model_args.lora_dropout, target_modules=model_args.target_modules))
+        apply_scft_fast(model)  # the head joins modules_to_save: it trains fully
+    return model
+
+
+class FinalCheckpoint(TrainerCallback):
+    """A checkpoint at the last step too, so that an export that fails (a full disk) can be resumed."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and args.save_strategy != "no":
+            control.should_save = True
+
+
+# -- 3. and 4. train, export ------------------------------------------------------------------------------------------
+def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTrainingArguments, *,
+          resume: bool = False, resume_override: bool = False) -> dict | None:
+    """Runs the configured training; returns the summary (also in OUTPUT_DIR/summary.json) on the main process, None
+    on the others. Raises UserError on a bad set-up or a refused output directory (before any heavy work),
+    RunError when the run diverges or cannot write its files."""
+    from ..data import SCFTDataCollator
+    from ..trainer import SCFTTrainer
+
+    check_setup(model_args, data_args, args)
+    main = _rank() == 0
+    try:
+        lock = claim_output_dir(args.output_dir, resume) if main else None
+    except OSError as e:
+        raise ConfigError(f"cannot use output directory {args.output_dir}: {_why(e)}") from None
+    started = False
+    try:
+        config = run_config(model_args, data_args, args)
+        changes = resume_changes(args.output_dir, config, resume_override) if resume and main else []
+        checkpoint = newest_intact_checkpoint(args.output_dir) if resume else None
+        summary_path = os.path.join(args.output_dir, SUMMARY)
+        if (checkpoint is not None and os.path.isdir(os.path.join(args.output_dir, MODEL_DIR))
+                and os.path.exists(summary_path) and args.max_steps > 0 and max(checkpoints(args.output_dir)) >= args.max_steps):
+            if main:
+                say(f"the run in {args.output_dir} is finished ({args.max_steps} steps, model in "
+                    f"{os.path.join(args.output_dir, MODEL_DIR)}): nothing to do; pass a larger --max-steps to train further")
+            with open(summary_path) as f:
+                return json.load(f) if main else None
+        if main:
+            if checkpoint is not None:
+                say(f"resuming from {checkpoint}" + "".join(f"\n  changed on resume: {c}" for c in changes))
+            elif resume:
+                say(f"no checkpoint in {args.output_dir}: starting from step 0")
+            write_json(os.path.join(args.output_dir, TRAIN_CONFIG), config)
+
+        if args.deepspeed:
+            import deepspeed
+
+            # zero.Init (the partitioned build) takes the world size from DeepSpeed's own communication layer,
+            # which accelerate starts on GPUs but not on CPU ranks, where it would count one rank.
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        tokenizer, refusal = build_tokenizer(model_args, data_args)
+        data_config = data_args.data_config(model_args.pool, args.seed)
+        train_set, held_out, stats = build_datasets(data_args, tokenizer, data_config)
+        model = build_model(model_args, tokenizer, refusal)
+        collator = SCFTDataCollator(tokenizer, packing=data_args.packing)
+        eval_collator = SCFTDataCollator(tokenizer)
+        callbacks = run_callbacks(held_out, eval_collator, lock, args.per_device_eval_batch_size)
+        summary_callback = callbacks[-1] if held_out else None
+        if summary_callback is not None:
+            summary_callback.extra.update(refusal_token_id=refusal, data=stats.to_dict(),
+                                          model_dir=os.path.join(args.output_dir, MODEL_DIR),
+                                          optimizer=_optimizer_summary(args))
+        trainer = SCFTTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                              processing_class=tokenizer, callbacks=[*callbacks, FinalCheckpoint()])
+        started = True
+        trainer.train(resume_from_checkpoint=checkpoint)
+        export(trainer, os.path.join(args.output_dir, MODEL_DIR))
+        return summary_callback.summary if summary_callback is not None and main else None
+    except (OSError, RuntimeError) as e:
+        if not is_write_failure(e):
+            raise
+        kind = RunError if started else ConfigError
+        raise kind(f"{'training stopped: ' if started else ''}{_why(e)}. The output directory {args.output_dir} "
+                   f"{'can be resumed (--resume) from its newest intact checkpoint once there is room' if started else 'was left as it was'}") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """A file that could not be written: an OSError (full disk, read-only, no permission), or torch.save's zip
+    writer reporting a short write as a RuntimeError."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM)
+    return any(s in str(e) for s in ("unexpected pos", "file write failed", "No space left"))
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return f"cannot write {e.filename or 'a file'}: {e.strerror}"
+    return f"a file could not be written ({str(e).splitlines()[0][:120]}): no space left on the device"
+
+
+def export(trainer, path: str) -> None:
+    """``trainer.save_model`` into ``path + ".tmp"``, renamed ``path`` once complete (every rank calls it)."""
+    import shutil
+
+    tmp = path + ".tmp"
+    main = trainer.args.should_save
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(tmp)
+    if main:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _optimizer_summary(args: SCFTTrainingArguments) -> dict:
+    return {"optimizer": args.optim, "lr": args.learning_rate, "weight_decay": args.weight_decay,
+            "scheduler": args.lr_scheduler_type, "scheduler_kwargs": args.lr_scheduler_kwargs,
+            "warmup_steps": args.warmup_steps}
