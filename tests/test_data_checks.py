@@ -246,3 +246,29 @@ def test_any_one_target_is_enough(tok, key, position):
     batch = no_targets(PaddedCollator(tok.pad_token_id)(toy_rows()))
     batch[key].view(-1)[position] = SAFE if key == "cls_labels" else 9
     checked(batch)
+
+
+@pytest.mark.parametrize("name", COLLATORS)
+def test_no_target_warning_agrees_with_the_models_count(tok, name):
+    """On random sparse labels, check_batch warns exactly when the trainer's count of the model's targets
+    (training.accounting.loss_targets, through the model's own shift) is 0."""
+    from scft_fast.training.accounting import loss_targets
+
+    rng = torch.Generator().manual_seed(0)
+    warned = []
+    for _ in range(40):
+        rows = []
+        for _ in range(3):
+            n = int(torch.randint(2, 7, (), generator=rng))
+            labels = torch.where(torch.rand(n, generator=rng) < 0.08, 7, IGN).tolist()
+            transition = torch.where(torch.rand(n, generator=rng) < 0.04, 9, IGN).tolist()
+            label = SAFE if torch.rand((), generator=rng) < 0.05 else IGN
+            rows.append({"input_ids": [5] * (n - 1) + [1], "labels": labels, "transition_labels": transition,
+                         "cls_pos": n - 1, "cls_label": label})
+        batch = COLLATORS[name](tok)(rows)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_batch(batch)
+        warned.append(bool(caught))
+        assert warned[-1] == (loss_targets(batch).sum() == 0), rows
+    assert 5 < sum(warned) < 35  # both outcomes are exercised
