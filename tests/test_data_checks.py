@@ -272,3 +272,19 @@ def test_no_target_warning_agrees_with_the_models_count(tok, name):
         warned.append(bool(caught))
         assert warned[-1] == (loss_targets(batch).sum() == 0), rows
     assert 5 < sum(warned) < 35  # both outcomes are exercised
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronizations exist only on CUDA")
+@pytest.mark.parametrize("name", COLLATORS)
+def test_one_host_sync(tok, dataset_rows, name):
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in COLLATORS[name](tok)(dataset_rows).items()}
+    check_batch(batch)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as record:
+            check_batch(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in record if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -66,7 +66,7 @@ def check_batch(batch: dict, ignore_index: int = IGNORE_INDEX) -> None:
         pooled = index.clamp(0, N - 1)
         own = layout.sequence[pooled] == torch.arange(index.numel(), device=device)
         misplaced = ((index < 0) | (index >= N) | ~layout.real[pooled] | ~own).any()
-    flags = torch.stack([t.long() for t in (layout.valid, misplaced, layout.count.to(device), targets)])
+    flags = torch.stack([t.long() for t in (layout.valid, misplaced, layout.count, targets)])
     valid, any_misplaced, count, n_targets = flags.tolist()  # the one host sync
 
     if not valid:
@@ -107,8 +107,9 @@ def _refuse_pooled_rows(index: list[int], real: list[bool], sequence: list[int],
 class _Layout:
     """The sequences of a batch, read as the model reads them: a packed row's from cu_seqlens (either key), else
     from position_ids restarting at 0 when there is no attention_mask; a padded batch's from its rows.
-    sequence (N,): each flat row's sequence; real (N,): not padding; count: the number of sequences (a tensor);
-    valid: cu_seqlens, if any, are boundaries; position_ids: what the model's shift reads."""
+    sequence (N,): each flat row's sequence; real (N,): not padding; count: the number of sequences; valid:
+    cu_seqlens, if any, are boundaries; position_ids: what the model's shift reads. All on the batch's device, made
+    there (a host tensor copied over would be a host sync of its own)."""
 
     def __init__(self, batch: dict, B: int, T: int, device: torch.device):
         N = B * T
@@ -125,7 +126,7 @@ class _Layout:
                 self.position_ids = positions_from_cu_seqlens(bounds.clamp(0, T), T)
             self.sequence = torch.searchsorted(bounds[1:], flat, right=True)
             self.real = flat < bounds[-1]
-            self.count = torch.tensor(bounds.numel() - 1)
+            self.count = torch.full((), bounds.numel() - 1, device=device)
         elif self.packed:
             starts = (self.position_ids.expand(B, T) == 0).clone()
             starts[:, 0] = True
@@ -136,4 +137,4 @@ class _Layout:
             mask = batch.get("attention_mask")
             self.sequence = flat // T
             self.real = mask.reshape(-1) != 0 if mask is not None else torch.ones(N, dtype=torch.bool, device=device)
-            self.count = torch.tensor(B)
+            self.count = torch.full((), B, device=device)
