@@ -660,3 +660,88 @@ def test_read_records_names_file_lines(tmp_path):
     empty = write(tmp_path, [{"question": "a"}, "", {"text": "b"}], name="noq.jsonl")
     with pytest.raises(DataError, match="noq.jsonl:3: expected an object with a non-empty string field"):
         read_prompts(str(empty))
+
+
+# ------------------------------------------------------------------ one line reader: training, evaluation, generation
+
+NESTED = '{"instruction": "q", "response": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+TOO_DEEP = ("nested deeper than Python's recursion limit lets JSON decode: a record is an object of strings (a chat "
+            "record: an object holding a list of objects)")
+SURROGATE = ("lone UTF-16 surrogate '\\ud800' at index 1 of the string (an escape \\ud800-\\udfff without its pair is "
+             "no character): write the character itself, or both halves of its surrogate pair")
+REFUSED_BY_EVERY_READER = [  # (line, error after "FILE:2: "): each crashed with a traceback naming no file
+    ('{"instruction": "q", "response": "a", "label": ["unsafe"]}',
+     "field 'label': expected a string, one of ['safe', 'unsafe'], got list ['unsafe']"),
+    (NESTED, TOO_DEEP),
+    ('{"instruction": "q\\ud800?", "response": "a"}', f"field 'instruction': {SURROGATE}"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\\udfff"}]}',
+     "field 'messages[1].content': " + SURROGATE.replace("'\\ud800'", "'\\udfff'")),
+]
+
+
+@pytest.mark.parametrize("bad, message", REFUSED_BY_EVERY_READER,
+                         ids=["label list", "nested 100k deep", "lone surrogate", "lone surrogate in a turn"])
+def test_training_and_evaluation_refuse_with_file_line_field(tmp_path, tok, bad, message):
+    from scft_fast.evaluation import load_eval_data
+
+    path = write(tmp_path, ['{"instruction": "q", "response": "a"}', bad])
+    with pytest.raises(DataError) as info:
+        build_dataset([path], tok, DataConfig(cache_dir=str(tmp_path / "cache")))
+    assert str(info.value) == f"{path}:2: {message}"
+    with pytest.raises(DataError) as info:
+        load_eval_data([str(path)])
+    assert str(info.value) == f"{path}:2: {message}"
+    _, stats = build(tmp_path / "skip", ['{"instruction": "q", "response": "a"}', bad], tok, skip_invalid=True)
+    assert (stats.samples, stats.invalid) == (1, 1) and stats.errors[0].endswith(f":2: {message}")
+
+
+def test_lone_surrogate_in_a_json_list_and_a_key(tmp_path):
+    from scft_fast.data.records import read_records
+
+    listed = tmp_path / "list.json"
+    listed.write_text('[{"question": "a"}, {"question": "b\\ud800?"}]')
+    with pytest.raises(DataError) as info:
+        read_records(str(listed))
+    assert str(info.value) == f"{listed}:2: field 'question': {SURROGATE}"
+    key = write(tmp_path, ['{"question": "a", "x\\udc00": "b"}'], name="key.jsonl")
+    with pytest.raises(DataError) as info:
+        read_records(str(key))
+    assert str(info.value) == (f"{key}:1: field 'x\\udc00': " + SURROGATE.replace("'\\ud800'", "'\\udc00'")
+                               .replace("of the string", "of the key"))
+
+
+def test_surrogate_pairs_are_characters(tmp_path, tok):
+    ds, _ = build(tmp_path, ['{"instruction": "q", "response": "smile \\ud83d\\ude00"}'], tok)
+    assert "smile \U0001f600" in tok.decode(ds[0]["input_ids"])
+
+
+def test_turns_after_the_last_assistant_turn_are_refused(tmp_path, tok):
+    trailing = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                             {"role": "user", "content": "and then?"}]}
+    path = write(tmp_path, [trailing])
+    with pytest.raises(DataError) as info:
+        build_dataset([path], tok, DataConfig(cache_dir=str(tmp_path / "cache")))
+    assert str(info.value) == (f"{path}:1: field 'messages[2]': a user turn after the last assistant turn "
+                               "(messages[1]): the target is the last assistant turn and nothing after it is trained "
+                               "on; end the conversation with the assistant turn to train on")
+    ended, _ = build(tmp_path / "ended", [{"messages": trailing["messages"][:2]}], tok)
+    assert len(ended) == 1
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_training_and_evaluation_read_the_same_lines(tmp_path, tok, separator):
+    """JSON allows these raw inside a string; str.splitlines would cut the record there (the eval reader did)."""
+    from scft_fast.data.records import read_prompts
+    from scft_fast.evaluation import load_eval_data
+
+    record = {"instruction": f"first{separator}second", "response": f"one{separator}two"}
+    path = tmp_path / "sep.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\r\n" + json.dumps({"question": "x"}) + "\n",
+                    encoding="utf-8")
+    assert separator in path.read_text(encoding="utf-8")
+    helpful = tmp_path / "helpful.jsonl"
+    helpful.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    ds, _ = build_dataset([helpful], tok, DataConfig(cache_dir=str(tmp_path / "cache")))
+    assert tok.decode(ds[0]["input_ids"]).endswith(f"one{separator}two<|end_of_text|>")
+    assert load_eval_data([str(helpful)]).pairs == [(record["instruction"], record["response"], SAFE)]
+    assert read_prompts(str(path)) == [record["instruction"], "x"]

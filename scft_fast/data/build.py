@@ -8,8 +8,6 @@ Rows of the result: input_ids, labels, transition_labels (lists of n ints), cls_
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -24,7 +22,7 @@ from .encode import (
     STATUS_TRUNCATED_TARGET,
     SampleEncoder,
 )
-from .records import ChatRenderer, DataError, detect_format, parse_record
+from .records import ChatRenderer, DataError, decode_record, detect_format, jsonl_lines, parse_record, scan_file
 
 logger = logging.getLogger(__name__)
 
@@ -73,52 +71,21 @@ class DataStats:
         return "\n".join(lines)
 
 
-_BOMS = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
-
-
-def scan_file(path: str) -> str:
-    """The SHA-256 of a data file's bytes, after checking that it is a UTF-8 file with at least one non-blank line;
-    raises DataError naming the file and line otherwise. The hash keys the datasets cache to the content."""
-    if os.path.isdir(path):
-        raise DataError(path, 0, None, f"is a directory: pass its JSONL files ({os.path.join(path, '*.jsonl')})")
-    if not os.path.isfile(path):
-        raise DataError(path, 0, None, "no such data file")
-    digest, records = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            digest.update(raw)
-            if number == 1 and raw[:2] in _BOMS:
-                raise DataError(path, 1, None, f"the file is {_BOMS[raw[:2]]}-encoded; save it as UTF-8 (e.g. "
-                                f"iconv -f UTF-16 -t UTF-8)")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(path, number, None, f"not UTF-8 text (byte {raw[e.start]:#04x} at column "
-                                f"{e.start + 1}); save the file as UTF-8") from None
-            records += bool(text.strip())
-    if not records:
-        raise DataError(path, 0, None, "no records: the file is empty or holds only blank lines")
-    return digest.hexdigest()
-
-
 def _read_lines(files: list[str], signatures: list):
     """One row per non-blank line. signatures (content hashes) only key the datasets cache to the files."""
     del signatures
     record = harmful = 0
     for path in files:
-        with open(path, encoding="utf-8-sig") as f:
-            for line, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                harmful_index = -1
-                try:
-                    is_harmful = detect_format(json.loads(raw), path, line) == "harmful"
-                except ValueError:  # invalid JSON or DataError: reported by the map, with its field
-                    is_harmful = False
-                if is_harmful:
-                    harmful_index, harmful = harmful, harmful + 1
-                yield {"source": path, "line": line, "raw": raw, "record": record, "harmful_index": harmful_index}
-                record += 1
+        for line, raw in jsonl_lines(path):
+            harmful_index = -1
+            try:
+                is_harmful = detect_format(decode_record(raw, path, line), path, line) == "harmful"
+            except DataError:  # reported by the map, with its field
+                is_harmful = False
+            if is_harmful:
+                harmful_index, harmful = harmful, harmful + 1
+            yield {"source": path, "line": line, "raw": raw, "record": record, "harmful_index": harmful_index}
+            record += 1
 
 
 class _Expander:

@@ -20,6 +20,11 @@ to pass as a DataLoader's batch_sampler alongside PackedCollator:
 
 pad_sequences (right or left padding with its attention mask) and positions_from_mask (the position ids of a padded
 row) are the padding rules of every padded batch here: the collators, generation's left-padded prompts, the model.
+positions_from_cu_seqlens (a packed row's position ids) and shift_labels (HF-convention labels -> each row's target,
+never across a packed boundary) are the model's rules for what a batch trains, which check_batch counts by.
+
+check_rows refuses dataset rows that would train silently wrong (labels not one per token, a cls_pos outside its
+sequence); every collator here calls it. checks.check_batch does the same for a collated batch from any collator.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX
 from .constants import PAD_TO_MULTIPLE_OF
@@ -63,6 +69,42 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:  # (B, T)
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor,  # (S + 1,)
+                              length: int) -> torch.Tensor:  # (1, length)
+    starts = torch.zeros(length, dtype=torch.long, device=cu_seqlens.device)
+    starts[cu_seqlens[1:-1].long()] = torch.diff(cu_seqlens.long())[:-1]
+    return (torch.arange(length, device=cu_seqlens.device) - starts.cumsum(0)).unsqueeze(0)
+
+
+def shift_labels(labels: torch.Tensor,  # (B, T) HF convention: labels[t] is token t
+                 position_ids: torch.Tensor | None,  # (B, T) or (T,) packed rows, restarting at 0
+                 ignore_index: int) -> torch.Tensor:  # (B, T): row t's target, token t + 1
+    shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    if position_ids is not None:
+        # The last row of each packed sequence must not predict the next sequence's first token.
+        pos = position_ids.expand_as(labels)
+        shifted = shifted.masked_fill(F.pad(pos[:, 1:] == 0, (0, 1), value=False), ignore_index)
+    return shifted
+
+
+def check_rows(rows: list[dict]) -> None:
+    """Refuses dataset rows that would train silently wrong: a ``labels`` or ``transition_labels`` list that is not
+    one entry per token (padding would fill a short one with ignore_index and drop its last targets, EOS included;
+    packing would shift every later sequence's targets), or a ``cls_pos`` outside its sequence (the head would pool
+    padding or another sequence). Any position inside is accepted: the data layer pools the EOS or the token before
+    it, a user's own rows may pool elsewhere. Python ints only, cheap on every batch."""
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        for key in ("labels", "transition_labels"):
+            if len(row[key]) != n:
+                raise ValueError(f"row {i} of the batch: {key!r} has {len(row[key])} entries and 'input_ids' {n}: "
+                                 f"expected one {key} entry per token (unshifted, HF convention; the model shifts)")
+        cls_pos = int(row["cls_pos"])
+        if not 0 <= cls_pos < n:
+            raise ValueError(f"row {i} of the batch: 'cls_pos' {cls_pos} is outside its sequence of {n} tokens: "
+                             f"expected 0 <= cls_pos < {n} (its EOS: {n - 1})")
+
+
 class PaddedCollator:
     input_columns = INPUT_COLUMNS
 
@@ -74,6 +116,8 @@ class PaddedCollator:
         self.padding_side, self.ignore_index = padding_side, ignore_index
 
     def __call__(self, rows: list[dict]) -> dict:
+        check_rows(rows)
+
         def pad(key: str, value: int) -> tuple[torch.Tensor, torch.Tensor]:
             return pad_sequences([row[key] for row in rows], value, self.padding_side, self.multiple)
 
@@ -98,6 +142,7 @@ class PackedCollator:
         self.max_tokens, self.ignore_index = max_tokens, ignore_index
 
     def __call__(self, rows: list[dict]) -> dict:
+        check_rows(rows)
         lengths = torch.tensor([len(row["input_ids"]) for row in rows], dtype=torch.long)
         if int(lengths.sum()) > self.max_tokens:
             raise ValueError(f"{len(rows)} sequences of {int(lengths.sum())} tokens exceed max_tokens="

@@ -19,15 +19,19 @@ A harmful triple becomes DeRTa's mixture (their generate_training_data.py):
       none when n < 3. harmful_index counts the harmful triples of the whole input in order, as DeRTa's list did;
     - with vanilla_safety, a vanilla safety sample: instruction -> safe response.
 
-Evaluation reads the same files through read_records (JSONL, or a JSON list as DeRTa ships some), record_prompt
-(DeRTa's question-only records) and pair_sample (a labeled instruction / response pair, laid out as a helpful
-triple's sample).
+Every reader takes a file's lines from jsonl_lines and each line's JSON value from decode_record: training
+(build.py), evaluation and generation (read_records, a JSONL file or a JSON list as DeRTa ships some) accept and
+refuse the same files with the same errors. Evaluation lays records out through record_prompt (DeRTa's question-only
+records) and pair_sample (a labeled instruction / response pair, laid out as a helpful triple's sample).
 """
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +71,12 @@ RECORD_KEYS = {"derta": ("prefix", "text", "safe", "label"), "helpful": ("instru
 PROMPT_FIELDS = ("question", "instruction", "prompt")  # the user message of a prompt record; DeRTa's: "question"
 MESSAGE_KEYS = ("role", "content")
 CHAT_ROLES = ("system", "user", "assistant")
+# A UTF-16 surrogate in a decoded string: json.loads joins an escaped pair into one character, so only a lone
+# half (a "\ud800" escape without its partner) is left, which no tokenizer or UTF-8 file can hold.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_TOO_DEEP = ("nested deeper than Python's recursion limit lets JSON decode: a record is an object of strings (a chat "
+             "record: an object holding a list of objects)")
+_BOMS = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
 
 
 class DataError(UserError, ValueError):
@@ -168,10 +178,12 @@ def explicit_label(obj: dict, source: str, line: int) -> int | None:
     if "label" not in obj:
         return None
     value = obj["label"]
+    if not isinstance(value, str):
+        raise DataError(source, line, "label", f"expected a string, one of {sorted(CLS_LABELS)}, got "
+                        f"{type(value).__name__} {value!r:.80}")
     if value not in CLS_LABELS:
-        hint = did_you_mean(value, CLS_LABELS) if isinstance(value, str) else ""
-        raise DataError(source, line, "label", f"unknown value {value!r}{hint} (expected one of "
-                        f"{sorted(CLS_LABELS)})")
+        raise DataError(source, line, "label", f"unknown value {value!r}{did_you_mean(value, CLS_LABELS)} "
+                        f"(expected one of {sorted(CLS_LABELS)})")
     return CLS_LABELS[value]
 
 
@@ -198,13 +210,41 @@ def detect_format(obj, source: str, line: int) -> str:
 
 
 def decode_record(raw: str, source: str, line: int):
-    """One JSONL line -> its JSON value; invalid JSON or a duplicate key is a DataError."""
+    """One JSONL line -> its JSON value. Invalid JSON, a duplicate key, nesting deeper than Python's recursion
+    limit and a lone surrogate escape in a string are DataErrors naming source, line and (where there is one) field."""
     try:
-        return json.loads(raw, object_pairs_hook=_reject_duplicates)
+        value = json.loads(raw, object_pairs_hook=_reject_duplicates)
     except _DuplicateKey as e:
         raise DataError(source, line, e.args[0], "duplicate key (JSON keeps only the last value)") from None
+    except RecursionError:
+        raise DataError(source, line, None, _TOO_DEEP) from None
     except ValueError as e:
         raise DataError(source, line, None, f"invalid JSON ({e}): {raw.strip()!r:.120}") from None
+    if "\\u" in raw:  # a lone surrogate can only come from an escape: UTF-8 text cannot encode one
+        reject_lone_surrogates(value, source, line)
+    return value
+
+
+def reject_lone_surrogates(value, source: str, line: int) -> None:
+    """Raises DataError naming the first string or key of a decoded JSON value that holds a lone UTF-16 surrogate.
+    The nesting is walked with a stack, not recursion: any depth json.loads took is fine here."""
+    stack = [("", value)]
+    while stack:
+        field, item = stack.pop()
+        if isinstance(item, dict):
+            children = [(f"{field}.{key}" if field else key, child) for key, child in item.items()]
+            texts = [(name, key, "key") for (name, _), key in zip(children, item)]
+        elif isinstance(item, list):
+            children, texts = [(f"{field}[{i}]", child) for i, child in enumerate(item)], []
+        else:
+            children, texts = [], [(field, item, "string")] if isinstance(item, str) else []
+        for name, text, what in texts:
+            found = _LONE_SURROGATE.search(text)
+            if found:
+                raise DataError(source, line, name or None, f"lone UTF-16 surrogate {found.group()!r} at index "
+                                f"{found.start()} of the {what} (an escape \\ud800-\\udfff without its pair is no "
+                                "character): write the character itself, or both halves of its surrogate pair")
+        stack += reversed(children)
 
 
 def parse_record(raw: str, source: str, line: int, harmful_index: int, renderer: ChatRenderer,
@@ -303,6 +343,10 @@ def _chat_sample(obj: dict, source: str, line: int, renderer: ChatRenderer, labe
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise DataError(source, line, "messages", "no assistant turn to train on")
+    if last < len(messages) - 1:
+        raise DataError(source, line, f"messages[{last + 1}]", f"a {messages[last + 1]['role']} turn after the last "
+                        f"assistant turn (messages[{last}]): the target is the last assistant turn and nothing after "
+                        f"it is trained on; end the conversation with the assistant turn to train on")
     rto = obj.get("rto", False)
     if not isinstance(rto, bool):
         raise DataError(source, line, "rto", f"expected true or false, got {rto!r:.80}")
@@ -315,35 +359,62 @@ def _chat_sample(obj: dict, source: str, line: int, renderer: ChatRenderer, labe
     return Sample(prompt, target, rto, default if label is None else label, KIND_RTO if rto else KIND_MLE)
 
 
-def read_records(path: str) -> list[tuple[int, object]]:
-    """(line, value) of every record of a JSONL file, or of a JSON list (DeRTa ships its JSONL files under .json;
-    line: the record's 1-based index there); at least one record."""
+def scan_file(path: str) -> str:
+    """The SHA-256 of a data file's bytes, after checking that it is a UTF-8 file with at least one non-blank line;
+    raises DataError naming the file and line otherwise. The hash keys the datasets cache to the content."""
     if os.path.isdir(path):
-        raise DataError(path, 0, None, "is a directory: pass the JSONL files in it")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise DataError(path, 0, None, "no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(path, _text_line(path, e.start), None, "not UTF-8 text; save the file as UTF-8") from None
-    if text.lstrip().startswith("["):
-        try:
-            records = list(enumerate(json.loads(text), 1))
-        except ValueError as e:
-            raise DataError(path, getattr(e, "lineno", 0), None, f"invalid JSON list ({e})") from None
-    else:
-        records = [(line, decode_record(raw, path, line)) for line, raw in enumerate(text.splitlines(), 1)
-                   if raw.strip()]
+        raise DataError(path, 0, None, f"is a directory: pass its JSONL files ({os.path.join(path, '*.jsonl')})")
+    if not os.path.isfile(path):
+        raise DataError(path, 0, None, "no such data file")
+    digest, records = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            digest.update(raw)
+            if number == 1 and raw[:2] in _BOMS:
+                raise DataError(path, 1, None, f"the file is {_BOMS[raw[:2]]}-encoded; save it as UTF-8 (e.g. "
+                                f"iconv -f UTF-16 -t UTF-8)")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, number, None, f"not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
+            records += bool(text.strip())
     if not records:
         raise DataError(path, 0, None, "no records: the file is empty or holds only blank lines")
-    return records
+    return digest.hexdigest()
 
 
-def _text_line(path: str, offset: int) -> int:
-    """The 1-based line holding byte offset of a file."""
-    with open(path, "rb") as f:
-        return f.read(offset).count(b"\n") + 1
+def jsonl_lines(path: str) -> Iterator[tuple[int, str]]:
+    r"""(1-based line, text) of every non-blank line of a scan_file-checked UTF-8 file (a BOM skipped). Lines end at
+    \n, \r\n or \r only, as Python's text files split them, never at U+2028, U+2029 or U+0085, which JSON
+    allows raw inside a string (str.splitlines would cut a record there)."""
+    with open(path, encoding="utf-8-sig") as f:
+        for line, raw in enumerate(f, 1):
+            if raw.strip():
+                yield line, raw
+
+
+def read_records(path: str) -> list[tuple[int, object]]:
+    """(line, value) of every record of a JSONL file, or of a JSON list (DeRTa ships its JSONL files under .json;
+    line: the record's 1-based index there); at least one record. The file checks and errors are training's."""
+    scan_file(path)
+    lines = jsonl_lines(path)
+    first = next(lines)
+    if not first[1].lstrip().startswith("["):
+        return [(line, decode_record(raw, path, line)) for line, raw in (first, *lines)]
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    try:
+        records = json.loads(text)
+    except RecursionError:
+        raise DataError(path, 0, None, _TOO_DEEP) from None
+    except ValueError as e:
+        raise DataError(path, getattr(e, "lineno", 0), None, f"invalid JSON list ({e})") from None
+    if not records:
+        raise DataError(path, 0, None, "no records: the JSON list is empty")
+    for index, record in enumerate(records, 1):
+        reject_lone_surrogates(record, path, index)
+    return list(enumerate(records, 1))
 
 
 def record_prompt(record, source: str, line: int) -> str:
