@@ -27,6 +27,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .constants import IGNORE_INDEX, POOLS
+from .data.checks import check_batch
 from .data.collate import positions_from_mask
 from .ops import last_token_index, safety_loss
 from .ops.cls_head import MAX_CLASSES, MIN_CLASSES
@@ -549,6 +550,12 @@ class SCFTForCausalLM:
             return SCFTOutput(**out, cls_logits=self.score(hidden.reshape(-1, hidden.shape[-1])[cls_index]).float())
         options = self.scft_config or PLAIN_LM
         self._check_loss_inputs(transition_labels, cls_labels, num_items_in_batch, num_cls_in_batch, options)
+        if not self.__dict__.get("_first_batch_checked") and not torch.compiler.is_compiling():
+            # The first batch from any collator (ours, TRL's, a user's): one host sync, once per model.
+            check_batch({"input_ids": reference, "attention_mask": attention_mask, "position_ids": position_ids,
+                         "labels": labels, "transition_labels": transition_labels, "cls_labels": cls_labels,
+                         "cls_index": cls_index, "cu_seqlens": cu_seqlens}, options.ignore_index)
+            self.__dict__["_first_batch_checked"] = True
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("return_dict", None)
         hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -7,7 +7,7 @@
 What it changes in Trainer, all in ``SCFTTrainerMixin`` so that other Trainer subclasses (TRL's SFTTrainer) take
 it too: ``class SCFTSFTTrainer(SCFTTrainerMixin, trl.SFTTrainer)``.
 - Normalizers: ``get_batch_samples`` counts LM + RTO targets and labeled sequences over the step's micro-batches
-  (``training/accounting.py``, the model's own counting), summed over ranks when
+  (``hf/accounting.py``, the model's own counting), summed over ranks when
   ``average_tokens_across_devices`` (Trainer's ``loss *= world_size`` then undoes the gradient average); the
   model gets them as ``num_items_in_batch`` / ``num_cls_in_batch``. Trainer's own count sees LM labels only.
 - Columns: the dataset's raw columns (``cls_pos``, ``cls_label``, ...) reach the collator under the default

@@ -44,9 +44,14 @@ def write(tmp_path, lines, name="data.jsonl"):
     return path
 
 
+# Every RTO position and no vanilla refusal, so that the layouts below are exact and each triple's samples are
+# named; the recipe's own defaults (a fifth of the RTO positions, vanilla refusals on) are tested on their own.
+EXACT = dict(rto_keep=1.0, vanilla_safety=False)
+
+
 def build(tmp_path, lines, tok, **config):
     config.setdefault("cache_dir", str(tmp_path / "cache"))
-    return build_dataset([write(tmp_path, lines)], tok, DataConfig(**config))
+    return build_dataset([write(tmp_path, lines)], tok, DataConfig(**{**EXACT, **config}))
 
 
 def rows(ds):

@@ -251,8 +251,8 @@ def test_any_one_target_is_enough(tok, key, position):
 @pytest.mark.parametrize("name", COLLATORS)
 def test_no_target_warning_agrees_with_the_models_count(tok, name):
     """On random sparse labels, check_batch warns exactly when the trainer's count of the model's targets
-    (training.accounting.loss_targets, through the model's own shift) is 0."""
-    from scft_fast.training.accounting import loss_targets
+    (hf.accounting.loss_targets, through the model's own shift) is 0."""
+    from scft_fast.hf.accounting import loss_targets
 
     rng = torch.Generator().manual_seed(0)
     warned = []

@@ -123,7 +123,8 @@ def test_safety_rows_follow_trl_tokenization(tmp_path):
     the completion TRL would train, the head on each row's EOS."""
     plain = SFTTrainer(model=tiny_llama(), args=sft_config(tmp_path, 4), processing_class=TOKENIZER,
                        train_dataset=trl_dataset("prompt_completion", safety_columns=False)).train_dataset
-    rows = prepared_rows("prompt_completion", tmp_path)
+    every_position = DataConfig(rto_keep=1.0)  # the recipe's default keeps a fifth of them (below)
+    rows = prepared_rows("prompt_completion", tmp_path, data_config=every_position)
     specs = trl_dataset("prompt_completion")
     assert len(rows) == len(plain) == len(specs)
     for row, trl_row, spec in zip(rows, plain, specs):
@@ -140,7 +141,7 @@ def test_safety_rows_follow_trl_tokenization(tmp_path):
         assert row["input_ids"][row["cls_pos"]] == TOKENIZER.eos_token_id
         assert row["cls_label"] == (UNSAFE if spec["rto"] else SAFE)
     # messages rows: the RTO target sits on the last assistant turn, where the prompt/completion form puts it
-    messages = prepared_rows("messages", tmp_path)
+    messages = prepared_rows("messages", tmp_path, data_config=every_position)
     assert [r["transition_labels"] for r in messages] == [r["transition_labels"] for r in rows]
     # DeRTa's rto_keep: a seeded ceil(rto_keep * m) of the m completion positions
     kept = prepared_rows("prompt_completion", tmp_path, data_config=DataConfig(rto_keep=0.25, seed=3))
@@ -149,6 +150,11 @@ def test_safety_rows_follow_trl_tokenization(tmp_path):
         full_targets = [t for t, x in enumerate(full["transition_labels"]) if x != IGNORE_INDEX]
         assert set(targets) <= set(full_targets) and len(targets) == math.ceil(0.25 * len(full_targets))
     # TRL's max_length truncation (keep_start) cuts the EOS off long rows: no pooled token, no head label
+    recipe = prepared_rows("prompt_completion", tmp_path)
+    for row, full in zip(recipe, rows):
+        targets = [t for t, x in enumerate(row["transition_labels"]) if x != IGNORE_INDEX]
+        full_targets = [t for t, x in enumerate(full["transition_labels"]) if x != IGNORE_INDEX]
+        assert len(targets) == math.ceil(DataConfig().rto_keep * len(full_targets))
     cut = prepared_rows("prompt_completion", tmp_path, config=dict(max_length=20))
     assert any(TOKENIZER.eos_token_id not in r["input_ids"] for r in cut)
     for row in cut:

@@ -93,6 +93,13 @@ def check_rows(rows: list[dict]) -> None:
     packing would shift every later sequence's targets), or a ``cls_pos`` outside its sequence (the head would pool
     padding or another sequence). Any position inside is accepted: the data layer pools the EOS or the token before
     it, a user's own rows may pool elsewhere. Python ints only, cheap on every batch."""
+    missing = [key for key in INPUT_COLUMNS if rows and key not in rows[0]]
+    if missing:
+        raise ValueError(
+            f"the batch's rows have no {missing} column(s) (they hold {sorted(rows[0])}): expected rows of "
+            f"scft_fast.data.build_dataset / safety_dataset. transformers.Trainer drops the columns its model's forward "
+            f"does not take (remove_unused_columns=True): train with scft_fast.SCFTTrainer, which keeps the "
+            f"collator's input_columns (or put SCFTTrainerMixin in front of your Trainer subclass)")
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         for key in ("labels", "transition_labels"):

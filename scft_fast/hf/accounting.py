@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 from ..constants import IGNORE_INDEX
-from ..model import positions_from_cu_seqlens, shift_labels
+from ..data.checks import TOKEN_TARGETS
+from ..data.collate import positions_from_cu_seqlens, shift_labels
 
 STEP_STATS = ("loss", "lm_sum", "n_lm", "tr_sum", "n_tr", "cls_sum", "n_cls", "cls_correct")
-TOKEN_TARGETS = ("labels", "transition_labels")
 
 
 def loss_targets(batch: dict, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
