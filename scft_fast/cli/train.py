@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None):
         values.update({k: recipe[k] for k in RECIPE_FIELDS if values[k] is None})
         parts.append(SCFTTrainingArguments(**values))
     except ConfigError as e:
-        parser.error(str(e).removeprefix("argument "))
+        parser.error(str(e))
     except ValueError as e:  # TrainingArguments' own checks
         parser.error(f"{e}")
     return (*parts, namespace)

@@ -198,11 +198,42 @@ class SCFTTrainingArguments(TrainingArguments):
         "ZeRO-3 need)"))
 
     def __post_init__(self):
+        finite = math.isfinite
+        for name, expected, ok in (
+                ("max_steps", "an integer >= -1", lambda v: v >= -1),
+                ("num_train_epochs", "a finite number > 0", lambda v: finite(v) and v > 0),
+                ("per_device_train_batch_size", "a positive integer", lambda v: v > 0),
+                ("per_device_eval_batch_size", "a positive integer", lambda v: v > 0),
+                ("gradient_accumulation_steps", "a positive integer", lambda v: v > 0),
+                ("learning_rate", "a finite number > 0", lambda v: finite(v) and v > 0),
+                ("weight_decay", "a finite number >= 0", lambda v: finite(v) and v >= 0),
+                ("warmup_steps", "a number >= 0 (steps, or a fraction of them below 1)", lambda v: finite(v) and v >= 0),
+                ("adam_epsilon", "a finite number > 0", lambda v: finite(v) and v > 0),
+                ("adam_beta1", "a number in [0, 1)", lambda v: 0 <= v < 1),
+                ("adam_beta2", "a number in [0, 1)", lambda v: 0 <= v < 1),
+                ("max_grad_norm", "a finite number >= 0", lambda v: finite(v) and v >= 0),
+                ("save_steps", "a number >= 0", lambda v: finite(v) and v >= 0),
+                ("logging_steps", "a number > 0", lambda v: finite(v) and v > 0)):
+            _check(name, getattr(self, name), expected, ok, type(self))
+        if self.save_total_limit is not None:
+            _check("save_total_limit", self.save_total_limit, "a non-negative integer", lambda v: v >= 0, type(self))
         if self.max_steps == 0:
-            self.max_steps = -1
+            self.max_steps = -1  # 0: the epochs decide
+        if self.save_steps == 0:
+            self.save_strategy = "no"  # --save-every 0: no checkpoint
+        if self.save_total_limit == 0:
+            self.save_total_limit = None  # --keep-checkpoints 0: all
         super().__post_init__()
 
 
-def _check(name: str, value, expected: str, ok) -> None:
-    if not ok(value):
-        raise ConfigError(f"argument --{name.replace('_', '-')}: expected {expected}, got {value}")
+def flag_of(kind, name: str) -> str:
+    """The command-line flag of field ``name`` of dataclass ``kind``: its first alias, else ``--name-with-dashes``."""
+    field_ = kind.__dataclass_fields__.get(name)
+    aliases = (field_.metadata.get("aliases") if field_ is not None else None) or []
+    return aliases[0] if aliases else "--" + name.replace("_", "-")
+
+
+def _check(name: str, value, expected: str, ok, kind=None) -> None:
+    if value is None or not ok(value):
+        flag = flag_of(kind, name) if kind is not None else "--" + name.replace("_", "-")
+        raise ConfigError(f"argument {flag}: expected {expected}, got {value}")

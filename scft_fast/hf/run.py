@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 
 from ..data import build_dataset, default_data_files, load_default_tokenizer, refusal_token_id
 from ..errors import ConfigError, RunError, UserError
+from . import arguments
 from .arguments import PRESETS, DataArguments, ModelArguments, SCFTTrainingArguments
 from .callbacks import (
     SUMMARY,
@@ -111,15 +112,9 @@ def _comparable(key: str, value):
 
 def flag_of(key: str) -> str:
     """The command-line flag of a dotted train_config.json key."""
-    from .arguments import SCFTTrainingArguments as training
-
     section, _, name = key.partition(".")
-    kinds = {"model": ModelArguments, "data": DataArguments, "training": training}
-    for f in getattr(kinds.get(section), "__dataclass_fields__", {}).values():
-        if f.name == name:
-            aliases = f.metadata.get("aliases") or []
-            return aliases[0] if aliases else "--" + name.replace("_", "-")
-    return key
+    kind = {"model": ModelArguments, "data": DataArguments, "training": SCFTTrainingArguments}.get(section)
+    return arguments.flag_of(kind, name) if kind is not None else key
 
 
 def resume_changes(output_dir: str, config: dict, override: bool) -> list[str]:
