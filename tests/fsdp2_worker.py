@@ -1,6 +1,8 @@
 """FSDP2 for test_fsdp2.py: ``torch.distributed.fsdp.fully_shard`` on the decoder layers and the root of an
 ``apply_scft_fast`` model, trained by a plain loop; the loop is shared with the one-process reference. Run under
-torchrun as a worker: OUT_DIR DATA_FILE, one launch for every variant (a launch costs more than the steps).
+torchrun as a worker: OUT_DIR DATA_FILE, one launch for every variant (a launch costs more than the steps), then
+what Trainer sets up on these CPU ranks for TrainingArguments(fsdp=True) and for TrainingArguments without
+use_cpu, with what scft_fast.distributed_checks says of each.
 
 Data order: step k takes rows [k * ROWS, (k + 1) * ROWS); of them rank r takes its contiguous ROWS / world."""
 import json
@@ -62,6 +64,42 @@ def full_state(model) -> dict[str, torch.Tensor]:
             for name, p in model.named_parameters()}
 
 
+def trainer_setups(out_dir: str, tok, rows) -> dict:
+    """What Trainer trains on these ranks for TrainingArguments(fsdp=True, use_cpu=True) (one step) and for
+    TrainingArguments without use_cpu, and what check_distributed says (a warning, an error) of each."""
+    import logging
+
+    from accelerate.state import AcceleratorState
+
+    from scft_fast.distributed_checks import check_distributed
+    from scft_fast.errors import ConfigError
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    logging.getLogger("scft_fast.distributed_checks").addHandler(records)
+    trainer, _ = w.trainer(tok, rows, w.arguments(f"{out_dir}/trainer_fsdp", max_steps=1, fsdp=True))
+    check_distributed(trainer.args, trainer.accelerator)
+    trainer.train()
+    fsdp = {"fsdp": trainer.args.fsdp, "version": trainer.args.fsdp_plugin_args["fsdp_version"],
+            "distributed_type": str(trainer.accelerator.distributed_type), "is_fsdp_enabled": trainer.is_fsdp_enabled,
+            "wrapped": type(trainer.model_wrapped).__name__, "warnings": records.messages}
+    AcceleratorState._reset_state(reset_partial_state=False)
+    trainer, _ = w.trainer(tok, rows, w.arguments(f"{out_dir}/trainer_one", use_cpu=False))
+    try:
+        check_distributed(trainer.args, trainer.accelerator)
+        error = None
+    except ConfigError as e:
+        error = str(e)
+    return {"fsdp": fsdp, "without_use_cpu": {"world_size": trainer.args.world_size, "error": error}}
+
+
 def main(out_dir: str, data_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -79,6 +117,10 @@ def main(out_dir: str, data_file: str) -> None:
             torch.save(state, f"{out_dir}/{name}.pt")
             with open(f"{out_dir}/{name}.json", "w") as f:
                 json.dump({"logs": logs, "held": held, "tied": tied}, f)
+    setups = trainer_setups(out_dir, tok, rows)
+    if rank == 0:
+        with open(f"{out_dir}/trainer_setups.json", "w") as f:
+            json.dump(setups, f)
     dist.barrier()
     dist.destroy_process_group()
 

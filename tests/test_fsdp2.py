@@ -9,10 +9,12 @@ summation order: per-step loss, terms and head accuracy within 1e-5 relative, ev
 steps at lr 1e-3 within 1e-5 absolute.
 
 Not run: FSDP through ``transformers.Trainer`` (``TrainingArguments(fsdp=True)``, FSDP2 by default in transformers
-5.23). accelerate 1.15's ``AcceleratorState`` attaches the FSDP plugin only for GPU-like distributed types
-(MULTI_GPU, MULTI_XPU, MULTI_NPU, ...); on CPU ranks (MULTI_CPU) it drops it, ``Trainer.is_fsdp_enabled`` is
-False and Trainer wraps the model in DistributedDataParallel instead (test_distributed_checks.py checks the
-warning scft_fast gives for it). NCCL and GPUs were not run here.
+5.23), because it does not exist on CPU: accelerate 1.15's ``AcceleratorState`` attaches the FSDP plugin only for
+GPU-like distributed types (MULTI_GPU, MULTI_XPU, MULTI_NPU, ...); on CPU ranks (MULTI_CPU) it drops it,
+``Trainer.is_fsdp_enabled`` is False and Trainer wraps the model in DistributedDataParallel. The same launch
+checks that (one Trainer step) and the warning ``scft_fast.distributed_checks`` gives for it, and that
+TrainingArguments without ``use_cpu`` on these ranks are one process per rank, which it refuses. NCCL and GPUs
+were not run here.
 """
 import json
 import os
@@ -75,3 +77,25 @@ def test_fully_shard_matches_one_process(fsdp2_runs, tok, data_file, variant):
     assert result["tied"] == (variant == "tied") and ("lm_head.weight" in state) == (variant == "untied")
     for name, tensor in state.items():
         torch.testing.assert_close(tensor, ref_state[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_trainer_fsdp_on_cpu_ranks_trains_ddp_and_is_warned(fsdp2_runs):
+    """TrainingArguments(fsdp=True) (FSDP2 by default) on CPU ranks: no FSDP plugin, DistributedDataParallel, and
+    check_distributed's warning naming the setting and what to use instead."""
+    fsdp = json.loads((fsdp2_runs / "trainer_setups.json").read_text())["fsdp"]
+    assert fsdp["fsdp"] is True and fsdp["version"] == 2
+    assert fsdp["distributed_type"] == "DistributedType.MULTI_CPU" and fsdp["is_fsdp_enabled"] is False
+    assert fsdp["wrapped"] == "DistributedDataParallel"
+    assert len(fsdp["warnings"]) == 1
+    assert "TrainingArguments(fsdp=...) is not applied" in fsdp["warnings"][0]
+    assert "MULTI_CPU ranks Trainer trains DistributedDataParallel" in fsdp["warnings"][0]
+    assert "fully_shard" in fsdp["warnings"][0]
+
+
+def test_ranks_without_use_cpu_are_refused(fsdp2_runs):
+    """TrainingArguments without use_cpu under torchrun on CPU: accelerate sets up one process per rank;
+    check_distributed refuses it, naming use_cpu."""
+    setup = json.loads((fsdp2_runs / "trainer_setups.json").read_text())["without_use_cpu"]
+    assert setup["world_size"] == 1
+    assert setup["error"].startswith("launched as 2 ranks (WORLD_SIZE=2) but TrainingArguments set up 1 process")
+    assert "Pass TrainingArguments(use_cpu=True)" in setup["error"]
