@@ -32,6 +32,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from .constants import IGNORE_INDEX
 from .evaluation.held_out import held_out_metrics
 from .hf.accounting import STEP_STATS, output_stats, stat_means, step_targets
+from .hf.distributed_checks import check_distributed
 from .hf.export import export_model
 from .hf.patches import master_weights_shared
 from .metrics import p_unsafe
@@ -43,6 +44,7 @@ class SCFTTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        check_distributed(self.args, self.accelerator)
         # Before the optimizer exists: a head PEFT froze (apply_scft_fast before get_peft_model, or TRL's
         # peft_config=) joins the adapter's modules_to_save and trains.
         train_head_with_adapter(self.model)

@@ -2,7 +2,7 @@
 ``apply_scft_fast`` model, trained by a plain loop; the loop is shared with the one-process reference. Run under
 torchrun as a worker: OUT_DIR DATA_FILE, one launch for every variant (a launch costs more than the steps), then
 what Trainer sets up on these CPU ranks for TrainingArguments(fsdp=True) and for TrainingArguments without
-use_cpu, with what scft_fast.distributed_checks says of each.
+use_cpu, with what scft_fast.hf.distributed_checks says of each.
 
 Data order: step k takes rows [k * ROWS, (k + 1) * ROWS); of them rank r takes its contiguous ROWS / world."""
 import json
@@ -71,8 +71,8 @@ def trainer_setups(out_dir: str, tok, rows) -> dict:
 
     from accelerate.state import AcceleratorState
 
-    from scft_fast.distributed_checks import check_distributed
     from scft_fast.errors import ConfigError
+    from scft_fast.hf.distributed_checks import check_distributed
 
     class Records(logging.Handler):
         def __init__(self):
@@ -83,7 +83,7 @@ def trainer_setups(out_dir: str, tok, rows) -> dict:
             self.messages.append(record.getMessage())
 
     records = Records()
-    logging.getLogger("scft_fast.distributed_checks").addHandler(records)
+    logging.getLogger("scft_fast.hf.distributed_checks").addHandler(records)
     trainer, _ = w.trainer(tok, rows, w.arguments(f"{out_dir}/trainer_fsdp", max_steps=1, fsdp=True))
     check_distributed(trainer.args, trainer.accelerator)
     trainer.train()

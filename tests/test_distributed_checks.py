@@ -1,12 +1,12 @@
-"""scft_fast.distributed_checks in one process, with real TrainingArguments and Trainer. The same checks on two
+"""scft_fast.hf.distributed_checks in one process, with real TrainingArguments and Trainer. The same checks on two
 real gloo ranks (torchrun) are in test_fsdp2.py, which launches them once for FSDP2 and these."""
 import logging
 
 import pytest
 
 import trainer_worker as w  # tests/ is on sys.path under pytest
-from scft_fast.distributed_checks import check_distributed
 from scft_fast.errors import ConfigError
+from scft_fast.hf.distributed_checks import check_distributed
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def rows(tok, embedded_train_head):
 def test_one_process_passes_without_a_word(tok, rows, tmp_path, caplog, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     trainer, _ = w.trainer(tok, rows, w.arguments(str(tmp_path)))
-    with caplog.at_level(logging.WARNING, logger="scft_fast.distributed_checks"):
+    with caplog.at_level(logging.WARNING, logger="scft_fast.hf.distributed_checks"):
         check_distributed(trainer.args, trainer.accelerator)
     assert not caplog.records
 

@@ -12,7 +12,7 @@ Not run: FSDP through ``transformers.Trainer`` (``TrainingArguments(fsdp=True)``
 5.23), because it does not exist on CPU: accelerate 1.15's ``AcceleratorState`` attaches the FSDP plugin only for
 GPU-like distributed types (MULTI_GPU, MULTI_XPU, MULTI_NPU, ...); on CPU ranks (MULTI_CPU) it drops it,
 ``Trainer.is_fsdp_enabled`` is False and Trainer wraps the model in DistributedDataParallel. The same launch
-checks that (one Trainer step) and the warning ``scft_fast.distributed_checks`` gives for it, and that
+checks that (one Trainer step) and the warning ``scft_fast.hf.distributed_checks`` gives for it, and that
 TrainingArguments without ``use_cpu`` on these ranks are one process per rank, which it refuses. NCCL and GPUs
 were not run here.
 """

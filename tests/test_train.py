@@ -148,8 +148,8 @@ def test_epochs_without_max_steps(tmp_path, small_data):
 
 def _resolve(tmp_path, ds: dict | str, config: TrainConfig, world_size: int = 2):
     from scft_fast.data import load_default_tokenizer
-    from scft_fast.training.deepspeed_config import resolve_deepspeed_config
     from scft_fast.hf.presets import preset_config
+    from scft_fast.training.deepspeed_config import resolve_deepspeed_config
 
     path = ds if isinstance(ds, str) else str(tmp_path / "ds.json")
     if not isinstance(ds, str):

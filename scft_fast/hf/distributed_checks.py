@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
