@@ -1,8 +1,14 @@
 """`scft-fast train` loses nothing and hides nothing: one run per output directory, verified checkpoints, exact
-resume after kill -9, divergence stops the run, strict-JSON metrics. Each input is written here; the runs are the
-tiny preset on 48 embedded records, 4 sequences per micro-batch."""
+resume after kill -9, divergence stops the run, strict-JSON metrics; a full disk or a read-only directory at any
+moment is one line naming the path and leaves the directory resumable; nothing a run directory holds runs code.
+
+Runs: the tiny preset on 48 embedded records, 4 sequences per micro-batch. A full disk is simulated by making the
+writes into one path fail as the kernel does (OSError ENOSPC from open()), a read-only directory by chmod."""
+import builtins
+import errno
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -13,14 +19,11 @@ import pytest
 
 pytest.importorskip("transformers")
 from scft_fast.cli import main  # noqa: E402
-from scft_fast.training.checkpoint import resume_checkpoint  # noqa: E402
-from scft_fast.training.config import OptimSpec  # noqa: E402
-from scft_fast.training.engine import lr_lambda  # noqa: E402
-from scft_fast.training.metrics import non_finite_terms  # noqa: E402
+from scft_fast.hf.callbacks import newest_intact_checkpoint, non_finite_terms, write_checksums  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-COMPARED = ("loss", "lm_loss", "transition_loss", "cls_loss", "grad_norm", "lr")
+COMPARED = ("loss", "lm_loss", "transition_loss", "cls_loss", "grad_norm", "learning_rate")
 
 
 def run_args(data, out, *extra, steps=STEPS, save_every=2):
@@ -30,19 +33,19 @@ def run_args(data, out, *extra, steps=STEPS, save_every=2):
 
 
 def strict_rows(run):
-    """metrics.jsonl parsed as strict JSON: NaN / Infinity are not JSON."""
+    """metrics.jsonl's training records parsed as strict JSON: NaN / Infinity are not JSON."""
     def refuse(constant):
         raise ValueError(f"non-JSON constant {constant}")
 
     with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line, parse_constant=refuse) for line in f]
+        return [r for r in (json.loads(line, parse_constant=refuse) for line in f) if "loss" in r]
 
 
 def same_losses(rows, reference):
     assert [r["step"] for r in rows] == [r["step"] for r in reference]
     for got, want in zip(rows, reference):
         for key in COMPARED:
-            assert got[key] == want[key], (got["step"], key)
+            assert got.get(key) == want.get(key), (got["step"], key)
 
 
 @pytest.fixture(scope="module")
@@ -58,97 +61,109 @@ def copy_run(reference, tmp_path, name="run"):
     return str(tmp_path / name)
 
 
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1] if err else ""
+
+
+def failing_writes(monkeypatch, fragment: str, code: int = errno.ENOSPC):
+    """Every open() for writing of a path containing ``fragment`` fails with OSError ``code``, as the kernel's."""
+    real_open = builtins.open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if fragment in str(file) and any(c in mode for c in "wax+"):
+            raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    return lambda fragment: failing_writes(monkeypatch, fragment)
+
+
 def test_reused_output_dir_resume_settings_and_finished_run(reference, small_data, tmp_path, capsys):
     run = copy_run(reference, tmp_path)
     with open(os.path.join(run, "metrics.jsonl")) as f:
         metrics = f.read()
     # A second run without --resume is refused before any work and changes nothing.
     assert main(run_args(small_data, run)) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds a run" in last_error(capsys)
     with open(os.path.join(run, "metrics.jsonl")) as f:
         assert f.read() == metrics
-    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["checkpoint-2", "checkpoint-4", "latest"]
-    # Settings that change what the run means are refused on resume...
+    # Settings that change what the run means are refused on resume, naming the flag...
     assert main(run_args(small_data, run, "--resume", "--micro-batch-size", "8")) == 2
-    err = capsys.readouterr().err
+    err = last_error(capsys)
     assert "--micro-batch-size 8 (the run's: 4)" in err and "--resume-override" in err
-    # ...a finished run has nothing to do and keeps its summary, and --max-steps below the checkpoint is an error.
-    with open(os.path.join(run, "summary.json")) as f:
-        summary = f.read()
+    # ...as are optimizer settings Trainer restores from the checkpoint (a new value would silently not apply).
+    assert main(run_args(small_data, run, "--resume", "--lr", "1e-3")) == 2
+    assert "--lr 0.001 (the run's: 0.003) would not apply: Trainer restores the optimizer" in last_error(capsys)
+    # A finished run has nothing to do and keeps its summary; --max-steps below the checkpoint is an error.
     assert main(run_args(small_data, run, "--resume")) == 0
-    assert "is finished (4 of 4 steps): nothing to do" in capsys.readouterr().err
-    with open(os.path.join(run, "summary.json")) as f:
-        assert f.read() == summary and json.loads(summary)["tokens_per_s"] > 0
+    assert "is finished (4 of 4 steps" in capsys.readouterr().err
     assert main(run_args(small_data, run, "--resume", steps=3)) == 2
-    assert "--max-steps 3 is below the step of the checkpoint resumed (4)" in capsys.readouterr().err
-    # An accepted change is applied and recorded, and the resumed checkpoint is named.
-    assert main(run_args(small_data, run, "--resume", "--lr", "1e-3", steps=6)) == 0
+    assert "--max-steps 3 is below the step of the checkpoint resumed (4)" in last_error(capsys)
+    # More steps: the resumed checkpoint is named, the change listed, the first steps' records kept as they were.
+    assert main(run_args(small_data, run, "--resume", steps=6)) == 0
     err = capsys.readouterr().err
-    assert f"resuming from {os.path.join(run, 'checkpoints', 'checkpoint-4')} (step 4)" in err
-    assert "changed on resume: --lr 0.001 (was 0.003)" in err
+    assert f"resuming from {os.path.join(run, 'checkpoint-4')} (step 4)" in err
+    assert "changed on resume: --max-steps 6 (was 4)" in err
     rows = strict_rows(run)
     same_losses(rows[:STEPS], strict_rows(reference))
-    optim = OptimSpec(lr=1e-3)
-    assert [r["lr"] for r in rows[STEPS:]] == [1e-3 * lr_lambda(optim, 6)(s) for s in (5, 6)]
-    with open(os.path.join(run, "train_config.json")) as f:
-        assert json.load(f)["optim"]["lr"] == 1e-3
-    # --resume-override takes the new geometry (here on a run already at its last step).
-    assert main(run_args(small_data, run, "--resume", "--resume-override", "--micro-batch-size", "8", steps=6)) == 0
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["training"]["max_steps"] == 6
+    # --resume-override takes a new geometry.
+    assert main(run_args(small_data, run, "--resume", "--resume-override", "--micro-batch-size", "8", steps=7)) == 0
     assert "changed on resume: --micro-batch-size 8 (was 4)" in capsys.readouterr().err
 
 
 def test_damaged_checkpoint_falls_back_to_the_older_one(reference, small_data, tmp_path, capsys):
     damaged = copy_run(reference, tmp_path, "damaged")
-    engine_pt = os.path.join(damaged, "checkpoints", "checkpoint-4", "engine.pt")
-    size = os.path.getsize(engine_pt)
-    with open(engine_pt, "r+b") as f:  # 4 KiB overwritten in place: same size, same name
+    weights = os.path.join(damaged, "checkpoint-4", "model.safetensors")
+    size = os.path.getsize(weights)
+    with open(weights, "r+b") as f:  # 4 KiB overwritten in place: same size, same name
         f.seek(size // 2)
         f.write(b"\x7f" * 4096)
-    assert os.path.getsize(engine_pt) == size
+    shutil.rmtree(os.path.join(damaged, "model"))
+    with open(os.path.join(damaged, "metrics.jsonl")) as f:
+        partial = len(f.readlines()) + 1
     with open(os.path.join(damaged, "metrics.jsonl"), "a") as f:
         f.write('{"step": 5, "loss": 1.2')  # the run was killed while writing a line
     assert main(run_args(small_data, damaged, "--resume")) == 0
     err = capsys.readouterr().err
-    assert f"checkpoint {os.path.join(damaged, 'checkpoints', 'checkpoint-4')} is damaged: engine.pt does not " \
-           f"match its checksum" in err
-    assert f"falling back to the newest intact checkpoint, {os.path.join(damaged, 'checkpoints', 'checkpoint-2')}" \
-           in err
-    assert "metrics.jsonl:5: dropped a partial last line" in err
-    # The same losses as a run resumed from checkpoint-2 on purpose, and as the uninterrupted run.
-    older = copy_run(reference, tmp_path, "older")
-    shutil.rmtree(os.path.join(older, "checkpoints", "checkpoint-4"))
-    os.remove(os.path.join(older, "checkpoints", "latest"))
-    assert main(run_args(small_data, older, "--resume")) == 0
-    same_losses(strict_rows(damaged), strict_rows(older))
+    assert f"checkpoint {os.path.join(damaged, 'checkpoint-4')} is damaged: model.safetensors does not match its " \
+           f"checksum" in err
+    assert f"falling back to the newest intact checkpoint, {os.path.join(damaged, 'checkpoint-2')}" in err
+    assert f"metrics.jsonl:{partial}: dropped a partial last line" in err
+    assert os.path.isdir(os.path.join(damaged, "checkpoint-4.damaged"))  # set aside, not deleted
     same_losses(strict_rows(damaged), strict_rows(reference))
 
 
 def test_every_checkpoint_damaged_is_an_error(reference, tmp_path):
     run = copy_run(reference, tmp_path)
     for step in (2, 4):
-        os.remove(os.path.join(run, "checkpoints", f"checkpoint-{step}", "trainer_state.json"))
+        os.remove(os.path.join(run, f"checkpoint-{step}", "trainer_state.json"))
     heard = []
     with pytest.raises(Exception, match="every checkpoint in .* is damaged"):
-        resume_checkpoint(run, heard.append)
+        newest_intact_checkpoint(run, heard.append)
     assert len(heard) == 2 and all("trainer_state.json is missing" in m for m in heard)
 
 
 def test_divergence_stops_the_run_with_strict_json_metrics(small_data, tmp_path, capsys):
-    # --lr inf is refused as a flag; a finite but absurd lr diverges at step 2.
     with pytest.raises(SystemExit) as info:
         main(run_args(small_data, tmp_path / "inf", "--lr", "inf"))
-    assert info.value.code == 2 and "argument --lr: expected a finite number > 0, got inf" in capsys.readouterr().err
+    assert info.value.code == 2 and "argument --lr: expected a finite number > 0, got inf" in last_error(capsys)
     assert not os.path.exists(tmp_path / "inf" / "metrics.jsonl")
     run = str(tmp_path / "diverged")
-    assert main(run_args(small_data, run, "--lr", "1e30", steps=4, save_every=1)) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    # The terms of that step's batch are named (its micro-batches may hold no RTO sample).
-    assert err.startswith("scft-fast train: error: the run diverged at step 2: LM loss = nan, ") and \
+    assert main(run_args(small_data, run, "--lr", "1e30", "--warmup-steps", "0", steps=4, save_every=1)) == 1
+    err = last_error(capsys)
+    assert err.startswith("scft-fast train: error: the run diverged at step 2: LM loss = nan") and \
         "head loss = nan" in err
-    assert f"the last good checkpoint is {os.path.join(run, 'checkpoints', 'checkpoint-1')}" in err
+    assert f"the last good checkpoint is {os.path.join(run, 'checkpoint-1')}" in err
     rows = strict_rows(run)
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["lm_loss"] is None and rows[0]["lm_loss"] > 0
-    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["checkpoint-1", "latest"]
+    assert sorted(d for d in os.listdir(run) if d.startswith("checkpoint")) == ["checkpoint-1"]
     assert not os.path.exists(os.path.join(run, "model"))
 
 
@@ -160,25 +175,69 @@ def test_non_finite_terms_name_the_term():
     assert non_finite_terms({"loss": float("nan"), "lm_loss": None, "grad_norm": 1.0}) == ["total loss = nan"]
 
 
-def test_full_disk_during_a_checkpoint(small_data, tmp_path, capsys, monkeypatch):
-    """A full disk, simulated: torch.save fails as its zip writer does on a short write."""
-    import torch
-
-    real_save, calls = torch.save, []
-
-    def save(obj, f, *args, **kwargs):
-        calls.append(f)
-        if "checkpoint-2" in str(f):
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4048")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save)
+@pytest.mark.parametrize("where, code, named", [
+    ("train_config.json", 2, "train_config.json.tmp"),  # at the start: a set-up error, nothing written
+    ("metrics.jsonl", 1, "metrics.jsonl"),  # the first training record
+    ("checkpoint-2", 1, "checkpoint-2"),  # a checkpoint
+    ("model.tmp", 1, "model.tmp"),  # the final export
+])
+def test_a_full_disk_at_any_moment_is_one_line_and_the_run_resumes(small_data, tmp_path, capsys, full_disk,
+                                                                     monkeypatch, where, code, named):
     run = str(tmp_path / "full")
-    assert main(run_args(small_data, run, steps=3, save_every=1)) == 1
-    err = capsys.readouterr().err
-    assert "writing checkpoint" in err and "checkpoint-2 failed: no space left on the device" in err
-    assert f"the last good checkpoint is {os.path.join(run, 'checkpoints', 'checkpoint-1')}" in err
-    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["checkpoint-1", "latest"]
+    full_disk(where)
+    assert main(run_args(small_data, run)) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("scft-fast train: error: ") and named in err[-1] and "No space left on device" in err[-1]
+    assert not os.path.exists(os.path.join(run, "model"))  # never a half-written final model
+    if os.path.exists(os.path.join(run, "train_config.json")):
+        assert os.path.getsize(os.path.join(run, "train_config.json")) > 0  # never a 0-byte config
+    monkeypatch.undo()  # room again: the directory takes --resume (or a fresh start when nothing was kept)
+    assert main(run_args(small_data, run, *(["--resume"] if code == 1 else []))) == 0
+    assert [r["step"] for r in strict_rows(run)] == list(range(1, STEPS + 1))
+    assert os.path.isfile(os.path.join(run, "model", "model.safetensors"))
+
+
+def test_a_read_only_output_directory_is_one_line(small_data, tmp_path, capsys, monkeypatch):
+    """Every write under the directory fails as on a read-only filesystem (EROFS; chmod would not stop root)."""
+    run = tmp_path / "readonly"
+    run.mkdir()
+    failing_writes(monkeypatch, str(run), errno.EROFS)
+    assert main(run_args(small_data, run)) == 2
+    err = last_error(capsys)
+    assert err.startswith("scft-fast train: error: cannot use output directory ") and str(run) in err
+    assert "Read-only file system" in err and os.listdir(run) == []
+
+
+def test_nothing_a_run_directory_holds_runs_code(reference, small_data, tmp_path, capsys):
+    """A pickle that would run code, written over a checkpoint's RNG state with its checksum rewritten to match
+    (the checksums sit beside the files: they guard against damage, not against an attacker), is refused by the
+    loader (torch.load with weights_only=True); a DeepSpeed 'latest' pointer leading outside its checkpoint is
+    refused before anything is read."""
+    run = copy_run(reference, tmp_path)
+    shutil.rmtree(os.path.join(run, "model"))
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    checkpoint = os.path.join(run, "checkpoint-4")
+    with open(os.path.join(checkpoint, "rng_state.pth"), "wb") as f:
+        pickle.dump(Payload(), f)
+    write_checksums(checkpoint)
+    assert main(run_args(small_data, run, "--resume", steps=6)) == 2
+    err = last_error(capsys)
+    assert f"a file of checkpoint {checkpoint} holds more than tensors and plain values, which the loader refuses " \
+           f"to unpickle" in err
+    assert not marker.exists()
+    with open(os.path.join(run, "checkpoint-2", "latest"), "w") as f:
+        f.write(str(tmp_path))  # an absolute path
+    write_checksums(os.path.join(run, "checkpoint-2"))
+    heard = []
+    shutil.rmtree(checkpoint)
+    with pytest.raises(Exception, match="every checkpoint .* is damaged"):
+        newest_intact_checkpoint(run, heard.append)
+    assert "its DeepSpeed pointer 'latest' names" in heard[0] and "not a directory inside the checkpoint" in heard[0]
 
 
 def test_kill_9_while_checkpointing_then_resume_is_exact_and_a_concurrent_run_is_refused(reference, small_data,
@@ -188,16 +247,16 @@ def test_kill_9_while_checkpointing_then_resume_is_exact_and_a_concurrent_run_is
     proc = subprocess.Popen([sys.executable, "-m", "scft_fast.cli", *run_args(small_data, run, save_every=1)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        checkpoints = os.path.join(run, "checkpoints")
+        first = os.path.join(run, "checkpoint-1")
         deadline = time.monotonic() + 300
-        while not os.path.isdir(checkpoints) and proc.poll() is None and time.monotonic() < deadline:
+        while not os.path.isdir(first) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         # While it runs, a second run into its directory is refused, resume or not.
         assert main(run_args(small_data, run, "--resume")) == 2
-        assert f"is in use by another run (pid {proc.pid}" in capsys.readouterr().err
+        assert f"is in use by another run (pid {proc.pid}" in last_error(capsys)
         # A checkpoint follows every step: a random moment in or between the saves of steps 1 to 3.
-        delay = random.uniform(0.0, 0.1)
+        delay = random.uniform(0.0, 0.3)
         time.sleep(delay)
         proc.kill()
         proc.wait()

@@ -54,9 +54,9 @@ class ModelArguments:
         "over the embedded tokenizer), 'tiny-tied' (its embeddings tied)"))
     pool: Literal[POOLS] = field(default=HEAD.pool, metadata=_help(
         "the classifier's token: eos (SCFT) or the one before it (free at inference)"))
-    head_bias: bool | None = field(default=None, metadata=_help(
+    head_bias: bool | None = field(default=None, metadata={**_help(
         "give a new SCFT head a bias (default: none, so that it exports to AutoModelForSequenceClassification; "
-        "a checkpoint's head keeps its own; --no-head-bias: refuse a head with one)"))
+        "a checkpoint's head keeps its own; --no-head-bias: refuse a head with one)"), "nargs": "?", "const": True})
     lm_coef: float = field(default=HEAD.lm_coef, metadata=_help("weight of the LM term"))
     transition_coef: float = field(default=HEAD.transition_coef, metadata=_help("weight of DeRTa's RTO term"))
     cls_coef: float = field(default=HEAD.cls_coef, metadata=_help("weight of SCFT's classification term"))

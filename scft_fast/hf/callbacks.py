@@ -11,9 +11,9 @@
 - ``VerifiedCheckpoints``: every checkpoint gets ``checksums.json`` (SHA-256 of each file, hashed by the ranks in
   shares, written last: a checkpoint without it is incomplete). ``newest_intact_checkpoint`` verifies them before
   a resume and falls back to the newest intact one, saying which it passed over and why; a DeepSpeed ``latest``
-  pointer that leads outside its checkpoint is damage too. At construction of the Trainer, damaged checkpoints are
-  renamed ``checkpoint-N.damaged`` (nothing is deleted), so that Trainer's own ``resume_from_checkpoint=True``
-  never takes one.
+  pointer that leads outside its checkpoint is damage too. Damaged checkpoints are renamed
+  ``checkpoint-N.damaged`` (nothing is deleted) when the Trainer is built, so that Trainer's own
+  ``resume_from_checkpoint=True`` never takes one.
 - ``DivergenceStop``: a NaN or infinite loss, term or gradient norm stops the run at that step with
   ``DivergenceError``, naming the step, the terms and the last good checkpoint; a log is forced before every save,
   so no checkpoint is written after a divergence. It turns off ``logging_nan_inf_filter``, with which Trainer
@@ -187,40 +187,51 @@ def checkpoints(output_dir: str) -> list[int]:
                   if m and os.path.isdir(os.path.join(output_dir, m.group(0))))
 
 
-def newest_intact_checkpoint(output_dir: str, report=say) -> str | None:
-    """The newest checkpoint whose files match their checksums, None when there is none at all; ``report(message)``
-    hears of every damaged one passed over. Raises UserError when all are damaged."""
+def set_aside_damaged(output_dir: str, report=say) -> list[str]:
+    """Renames every checkpoint of ``output_dir`` whose files do not match its checksums to ``checkpoint-N.damaged``
+    (nothing is deleted), so that no resume takes one, and tells ``report(message)`` which and why. Returns the
+    paths set aside. The checkpoints of a run without these callbacks (no checksums.json in any checkpoint, no
+    metrics.jsonl or train_config.json beside them) are left as they are: there is nothing to verify against."""
+    steps = checkpoints(output_dir)
+    ours = any(os.path.exists(os.path.join(output_dir, name)) for name in (METRICS, "train_config.json"))
+    if not ours and not any(os.path.exists(os.path.join(output_dir, f"checkpoint-{s}", CHECKSUMS)) for s in steps):
+        return []
     damaged = []
-    for step in reversed(checkpoints(output_dir)):
+    for step in reversed(steps):
         path = os.path.join(output_dir, f"checkpoint-{step}")
         problem = checkpoint_problem(path)
-        if problem is None:
-            if damaged:
-                report(f"falling back to the newest intact checkpoint, {path}")
-            return path
-        damaged.append(path)
-        report(f"checkpoint {path} is damaged: {problem}; it is not loaded")
+        if problem is not None:
+            os.replace(path, path + ".damaged")
+            damaged.append(path)
+            report(f"checkpoint {path} is damaged: {problem}; it is not loaded (set aside as {path}.damaged)")
+    return damaged
+
+
+def newest_intact_checkpoint(output_dir: str, report=say) -> str | None:
+    """The newest checkpoint whose files match their checksums (``set_aside_damaged`` first), None when there is no
+    intact one and none was damaged after it was complete (a crash while the first was written). Raises UserError
+    when every complete one is damaged."""
+    damaged = set_aside_damaged(output_dir, report)
+    steps = checkpoints(output_dir)
+    if not steps:
+        # Checkpoints that a crash left incomplete cost their steps; complete ones that no longer match their
+        # checksums are data the user may want back: refuse to start over on top of them.
+        if any(os.path.exists(os.path.join(path + ".damaged", CHECKSUMS)) for path in damaged):
+            raise UserError(f"every checkpoint in {output_dir} is damaged ({', '.join(damaged)}): restore one, or "
+                            f"start the run again in another output directory")
+        return None
+    path = os.path.join(output_dir, f"checkpoint-{steps[-1]}")
     if damaged:
-        raise UserError(f"every checkpoint in {output_dir} is damaged ({', '.join(damaged)}): restore one, or start "
-                        f"the run again in another output directory")
-    return None
+        report(f"falling back to the newest intact checkpoint, {path}")
+    return path
 
 
 class VerifiedCheckpoints(TrainerCallback):
     """Checksums on every save; damaged checkpoints set aside before a resume could take one (module doc)."""
 
     def on_init_end(self, args, state, control, **kwargs):
-        steps = checkpoints(args.output_dir)
-        if not steps or not any(os.path.exists(os.path.join(args.output_dir, f"checkpoint-{s}", CHECKSUMS))
-                                for s in steps):
-            return  # no checkpoint of a verified run: nothing to verify against
         if state.is_world_process_zero:
-            for step in steps:
-                path = os.path.join(args.output_dir, f"checkpoint-{step}")
-                problem = checkpoint_problem(path)
-                if problem is not None:
-                    os.replace(path, path + ".damaged")
-                    say(f"checkpoint {path} is damaged: {problem}; set aside as {path}.damaged")
+            set_aside_damaged(args.output_dir)
         _barrier()
 
     def on_save(self, args, state, control, **kwargs):

@@ -17,11 +17,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from ..data import build_dataset, default_data_files, load_default_tokenizer, refusal_token_id
 from ..errors import ConfigError, RunError, UserError
@@ -29,7 +30,6 @@ from . import arguments
 from .arguments import PRESETS, DataArguments, ModelArguments, SCFTTrainingArguments
 from .callbacks import (
     SUMMARY,
-    checkpoints,
     claim_output_dir,
     newest_intact_checkpoint,
     run_callbacks,
@@ -45,6 +45,10 @@ RUN_DEFINING = ("model.model", "model.pool", "model.lora_rank", "model.head_bias
                 "data.truncation", "data.packing", "data.rto_keep", "data.vanilla_safety", "data.prefix_label",
                 "data.refusal_string", "training.per_device_train_batch_size",
                 "training.gradient_accumulation_steps", "training.seed")
+# Settings Trainer restores from the checkpoint with the optimizer and its schedule: a new value would not apply.
+RESTORED_ON_RESUME = ("training.learning_rate", "training.weight_decay", "training.warmup_steps",
+                      "training.adam_beta1", "training.adam_beta2", "training.adam_epsilon",
+                      "training.lr_scheduler_type")
 # The training arguments train_config.json records (the rest are Trainer's to keep in its checkpoints).
 RECORDED_TRAINING = ("output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "learning_rate", "weight_decay", "warmup_steps", "adam_beta1",
@@ -137,7 +141,15 @@ def resume_changes(output_dir: str, config: dict, override: bool) -> list[str]:
         details = "; ".join(f"{flag_of(k)} {new[k]!r} (the run's: {saved[k]!r})" for k in defining)
         raise UserError(f"--resume: {details} would change what the run in {output_dir} means: pass the run's "
                         f"settings, or add --resume-override to continue under the new ones")
-    return [f"{flag_of(k)} {new[k]!r} (was {saved[k]!r})" for k in changed]
+    restored = [k for k in changed if k in RESTORED_ON_RESUME]
+    if restored and not override:
+        details = "; ".join(f"{flag_of(k)} {new[k]!r} (the run's: {saved[k]!r})" for k in restored)
+        raise UserError(f"--resume: {details} would not apply: Trainer restores the optimizer and its schedule from "
+                        f"the checkpoint. Pass the run's settings, or add --resume-override to continue with the "
+                        f"checkpoint's")
+    return [f"{flag_of(k)} {new[k]!r} (was {saved[k]!r})"
+            + (": not applied, the checkpoint's optimizer and schedule continue" if k in restored else "")
+            for k in changed]
 
 
 # -- 2. build ---------------------------------------------------------------------------------------------------------
@@ -226,24 +238,22 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
         lock = claim_output_dir(args.output_dir, resume) if main else None
     except OSError as e:
         raise ConfigError(f"cannot use output directory {args.output_dir}: {_why(e)}") from None
-    started = False
+    started, checkpoint = False, None
     try:
+        _ = args.world_size  # under a launcher, TrainingArguments starts the process group here
         config = run_config(model_args, data_args, args)
-        changes = resume_changes(args.output_dir, config, resume_override) if resume and main else []
-        checkpoint = newest_intact_checkpoint(args.output_dir) if resume else None
-        summary_path = os.path.join(args.output_dir, SUMMARY)
-        if (checkpoint is not None and os.path.isdir(os.path.join(args.output_dir, MODEL_DIR))
-                and os.path.exists(summary_path) and args.max_steps > 0 and max(checkpoints(args.output_dir)) >= args.max_steps):
-            if main:
-                say(f"the run in {args.output_dir} is finished ({args.max_steps} steps, model in "
-                    f"{os.path.join(args.output_dir, MODEL_DIR)}): nothing to do; pass a larger --max-steps to train further")
-            with open(summary_path) as f:
-                return json.load(f) if main else None
+        # The main process decides (it alone sets damaged checkpoints aside); the others take its decision. An
+        # error there ends the main process, and the launcher the others.
+        plan = _resume_plan(args, config, resume, resume_override) if main else None
+        plan = _shared(plan)
+        checkpoint = plan["checkpoint"]
+        if plan["finished"]:
+            summary = os.path.join(args.output_dir, SUMMARY)
+            if not main or not os.path.exists(summary):
+                return None
+            with open(summary) as f:
+                return json.load(f)
         if main:
-            if checkpoint is not None:
-                say(f"resuming from {checkpoint}" + "".join(f"\n  changed on resume: {c}" for c in changes))
-            elif resume:
-                say(f"no checkpoint in {args.output_dir}: starting from step 0")
             write_json(os.path.join(args.output_dir, TRAIN_CONFIG), config)
 
         if args.deepspeed:
@@ -252,7 +262,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
             # zero.Init (the partitioned build) takes the world size from DeepSpeed's own communication layer,
             # which accelerate starts on GPUs but not on CPU ranks, where it would count one rank.
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        set_seed(args.seed)  # the model's (and a new head's) initial weights: Trainer seeds only once it is built
         tokenizer, refusal = build_tokenizer(model_args, data_args)
+        if plan.get("export_only"):
+            # Trainer resumed at its last step trains one step more: the checkpoint's model is exported as it is.
+            from ..model import SCFTForCausalLM
+
+            started = True
+            export(SCFTForCausalLM.from_pretrained(checkpoint), os.path.join(args.output_dir, MODEL_DIR), tokenizer)
+            summary = os.path.join(args.output_dir, SUMMARY)
+            if main and os.path.exists(summary):
+                with open(summary) as f:
+                    return json.load(f)
+            return None
         data_config = data_args.data_config(model_args.pool, args.seed)
         train_set, held_out, stats = build_datasets(data_args, tokenizer, data_config)
         model = build_model(model_args, tokenizer, refusal)
@@ -270,6 +292,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
         trainer.train(resume_from_checkpoint=checkpoint)
         export(trainer, os.path.join(args.output_dir, MODEL_DIR))
         return summary_callback.summary if summary_callback is not None and main else None
+    except pickle.UnpicklingError as e:
+        # torch.load(weights_only=True) met an object it will not rebuild: a file that could run code
+        raise UserError(f"a file of checkpoint {checkpoint} holds more than tensors and plain values, which the loader "
+                        f"refuses to unpickle (it could run code): {str(e).splitlines()[0][:200]}; restore the "
+                        f"checkpoint or remove it to resume from an older one") from None
     except (OSError, RuntimeError) as e:
         if not is_write_failure(e):
             raise
@@ -295,15 +322,57 @@ def _why(e: BaseException) -> str:
     return f"a file could not be written ({str(e).splitlines()[0][:120]}): no space left on the device"
 
 
-def export(trainer, path: str) -> None:
-    """``trainer.save_model`` into ``path + ".tmp"``, renamed ``path`` once complete (every rank calls it)."""
+def _resume_plan(args: SCFTTrainingArguments, config: dict, resume: bool, override: bool) -> dict:
+    """On the main process: the checkpoint to resume from (None: start), whether the run is already finished; says
+    which checkpoint and what changed."""
+    if not resume:
+        return {"checkpoint": None, "finished": False}
+    changes = resume_changes(args.output_dir, config, override)
+    checkpoint = newest_intact_checkpoint(args.output_dir)
+    if checkpoint is None:
+        say(f"no checkpoint in {args.output_dir}: starting from step 0")
+        return {"checkpoint": None, "finished": False}
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        step = int(json.load(f)["global_step"])
+    if 0 < args.max_steps < step:
+        raise UserError(f"--max-steps {args.max_steps} is below the step of the checkpoint resumed ({step}): pass "
+                        f"--max-steps {step} or more")
+    model_dir = os.path.join(args.output_dir, MODEL_DIR)
+    if step == args.max_steps and os.path.isdir(model_dir):
+        say(f"the run in {args.output_dir} is finished ({step} of {args.max_steps} steps, model in {model_dir}): "
+            f"nothing to do; pass a larger --max-steps to train further")
+        return {"checkpoint": checkpoint, "finished": True}
+    if step == args.max_steps:  # trained, but the export did not complete
+        say(f"the run in {args.output_dir} trained all {step} steps; writing its model from {checkpoint}")
+        return {"checkpoint": checkpoint, "finished": False, "export_only": True}
+    say(f"resuming from {checkpoint} (step {step})" + "".join(f"\n  changed on resume: {c}" for c in changes))
+    return {"checkpoint": checkpoint, "finished": False}
+
+
+def _shared(value):
+    """The main process's ``value`` on every rank (one broadcast when a process group is up)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def export(source, path: str, tokenizer=None) -> None:
+    """The final model written into ``path + ".tmp"`` and renamed ``path`` once complete (every rank calls it):
+    ``source`` is the Trainer (its ``save_model``) or a model (``hf.export.export_model``, with ``tokenizer``)."""
     import shutil
 
+    from .export import export_model
+
     tmp = path + ".tmp"
-    main = trainer.args.should_save
+    main = _rank() == 0
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(tmp)
+    if hasattr(source, "save_model"):
+        source.save_model(tmp)
+    else:
+        export_model(source, tmp, tokenizer)
     if main:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
