@@ -116,12 +116,13 @@ def test_epochs_without_max_steps(tmp_path, small_data):
 def test_one_data_recipe_for_every_entry_point(tmp_path, small_data, tok):
     """safety_dataset(), SCFTSFTTrainer and scft-fast train build the same samples from the same file, with the
     recipe's defaults (DataConfig's): a fifth of the RTO positions, vanilla refusals on."""
+    from trl import SFTConfig
+
     from scft_fast import SCFTConfig, SCFTSFTTrainer, apply_scft_fast, safety_dataset
     from scft_fast.cli.train import parse_args
     from scft_fast.data import DataConfig, build_dataset
     from scft_fast.hf.presets import build_preset
     from scft_fast.hf.run import build_datasets
-    from trl import SFTConfig
 
     library = safety_dataset(tok, [small_data])
     model_args, data_args, training, _ = parse_args(["--data", small_data, "--eval-samples", "0"])
