@@ -7,7 +7,9 @@ checkpoints (tied embeddings included), gradient checkpointing, PEFT, TRL's hook
 libraries' own code. Only ``forward`` changes. With labels, the decoder's final hidden states go straight into
 ``safety_loss`` (LM + RTO + the ``score`` head), and the N x V logits are never built. Without labels it is the
 model's own forward. Every architecture is served through transformers' accessors: ``get_decoder()``,
-``get_output_embeddings()`` and ``config.final_logit_softcapping``.
+``get_output_embeddings()`` and the config attributes of its logit scale and soft cap. An architecture whose
+loss the fused op cannot reproduce is refused when it is patched (``check_architecture``), and
+``apply_scft_fast`` checks on a probe batch that the model's own logits and loss are what the op computes.
 
 ZeRO-3: the fused loss runs inside ``scft_loss``, a submodule with no parameters of its own. The LM head's and
 the classifier's weights are registered as its external parameters, so DeepSpeed gathers them for its forward
@@ -16,7 +18,9 @@ and again for its backward. A partitioned weight is never read anywhere else.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -40,12 +44,29 @@ ADAPTER_LOADER_HINT = ("load SCFT adapters with scft_fast.SCFTForCausalLM.from_p
                        "(AutoPeftModelForCausalLM and AutoModelForCausalLM build the base without one)")
 SCFT_CONFIG_KEY = "scft"  # the SCFT settings live under this key of the causal LM's config.json
 
-# Config attributes that change the logits in ways the fused loss does not reproduce, with the value that
-# leaves the logits alone. A model that sets one to any other value is refused when it is wrapped.
+# Logit scales, by the config attribute that holds the value: logits = lm_head(hidden) * value ** power. The
+# fused loss applies one by scaling the hidden states it reads (and the head's weight back: _scaled_operands).
+LOGIT_SCALES = {
+    "logit_scale": 1,  # Cohere
+    "logits_scaling": -1,  # Granite: logits / value; MiniCPM3: hidden / value
+    "lm_head_multiplier": 1,  # Falcon-H1
+    "logits_mup_width_multiplier": -1,  # Inkling: hidden / value
+}
+# Architectures that read one of those attributes the other way round.
+LOGIT_SCALE_POWERS = {"hyperclovax": {"logits_scaling": 1}}  # HyperCLOVAX: logits * logits_scaling
+# Soft caps, cap * tanh(logits / cap), by the config attribute that holds the cap: Gemma 2-4, VaultGemma, Beam,
+# NanoChat, Inkling 2 | RecurrentGemma | xLSTM.
+SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+# The patch-time probe (_check_logits_match): a few tokens, the output layer's logits scaled to about this size
+# (beyond any soft cap in use), and the agreement asked of the model's own logits and loss, relative: float32
+# differs only in summation order; 16-bit weights round the logits to 8-11 bits.
+PROBE_TOKENS = 8
+PROBE_LOGIT = 1024.0
+PROBE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+# Config attributes of logit transforms the fused loss does not reproduce (read by remote-code models, none of
+# transformers' own), with the value that leaves the logits alone. A model that sets one to any other value is
+# refused when it is patched.
 LOGIT_TRANSFORMS = {
-    "logit_scale": 1.0,  # Cohere: logits * logit_scale
-    "logits_scaling": 1.0,  # Granite: logits / logits_scaling
-    "lm_head_multiplier": 1.0,  # Falcon-H1
     "output_multiplier_scale": 1.0,
     "mup_width_multiplier": 1.0,  # Phi-3-small: logits / mup_width_multiplier
     "logit_multiplier": 1.0,
@@ -114,14 +135,90 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
 
 
 def check_logit_transforms(config) -> None:
-    """Refuses configs whose logits are more than ``lm_head(hidden)`` (+ Gemma's soft-capping)."""
+    """Refuses configs whose logits are more than ``lm_head(hidden)``, scaled and soft-capped as LOGIT_SCALES and
+    SOFTCAPS name."""
     for name, neutral in LOGIT_TRANSFORMS.items():
         value = getattr(config, name, None)
         if value is not None and float(value) != neutral:
             raise ValueError(
                 f"{type(config).__name__} sets {name} = {value}, a logit transform the fused loss does not apply "
-                f"(it computes lm_head(hidden), soft-capped by final_logit_softcapping); expected {name} absent "
-                f"or {neutral}. Training this model with scft_fast would give a wrong loss.")
+                f"(it computes lm_head(hidden), scaled by {', '.join(LOGIT_SCALES)} and soft-capped by "
+                f"{', '.join(SOFTCAPS)}); expected {name} absent or {neutral}. Training this model with scft_fast "
+                f"would give a wrong loss.")
+
+
+def own_code_names(model_class: type) -> frozenset[str]:
+    """The names (attributes, globals) that the causal LM's own ``__init__`` and ``forward`` read: their code, not
+    their docstrings, through each ``super()`` call down to transformers' PreTrainedModel. Inkling 2 reads its soft
+    cap in ``__init__``, Gemma 2 in ``forward``."""
+    if issubclass(model_class, SCFTForCausalLM):
+        model_class = model_class.__mro__[model_class.__mro__.index(SCFTForCausalLM) + 1]
+    names = set()
+    for method in ("__init__", "forward"):
+        for owner in model_class.__mro__:
+            if owner in PreTrainedModel.__mro__:
+                break
+            if method in vars(owner):
+                code_names = inspect.unwrap(vars(owner)[method]).__code__.co_names
+                names.update(code_names)
+                if "super" not in code_names:
+                    break
+    return frozenset(names)
+
+
+def logit_scale(model: PreTrainedModel) -> float:
+    """The factor of the logits over ``lm_head(hidden)``: the LOGIT_SCALES attributes that the model's code reads,
+    from its text config (MPT's config has a logit_scale that transformers' MPT never reads)."""
+    config = model.config.get_text_config()
+    read = own_code_names(type(model))
+    powers = {**LOGIT_SCALES, **LOGIT_SCALE_POWERS.get(config.model_type, {})}
+    scale = 1.0
+    for name, power in powers.items():
+        value = getattr(config, name, None) if name in read else None
+        if value is not None:
+            scale *= float(value) ** power
+    return scale
+
+
+def logit_softcap(model: PreTrainedModel) -> float | None:
+    """The soft cap of the SOFTCAPS attribute that the model's code reads, or None (Gemma 3's vision-language model
+    leaves its text config's final_logit_softcapping unread)."""
+    config = model.config.get_text_config()
+    read = own_code_names(type(model))
+    return next((float(getattr(config, name)) for name in SOFTCAPS
+                 if name in read and getattr(config, name, None)), None)
+
+
+def check_architecture(model: PreTrainedModel) -> None:
+    """Refuses, when it is patched, a causal LM whose training loss is not the fused op's: the mean cross-entropy
+    of its (scaled, soft-capped) logits against the next token, through transformers' causal-LM loss.
+
+    The decoders of encoder-decoder models (BART, mBART, MVP, Pegasus, BigBird-Pegasus, Marian, Blenderbot,
+    PLBart, TrOCR, Whisper) and CPM-Ant, XLM, XLNet, ProphetNet, MusicGen compute a loss of their own in their
+    forward: row t against labels[t], n-gram or codebook losses. Trainer, TRL and scft_fast count a batch's
+    targets the causal-LM way (labels[..., 1:]), so these are refused rather than served with another rule.
+    This reads the model's code (``own_code_names``); ``apply_scft_fast`` also compares the losses on a probe
+    batch (``_check_logits_match``)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    name = type(model).__name__
+    if "loss_function" not in own_code_names(type(model)):
+        raise ValueError(
+            f"{name} computes its loss in its own forward, not with transformers' causal-LM loss "
+            f"(self.loss_function, which predicts labels[t + 1] at row t); scft_fast's fused loss is that loss "
+            f"only, so training {name} with it would give a wrong loss")
+    if model.loss_function is not ForCausalLMLoss:
+        raise ValueError(
+            f"{name}.loss_function is {getattr(model.loss_function, '__name__', model.loss_function)}, not "
+            f"transformers' ForCausalLMLoss (loss_type {getattr(model, 'loss_type', None)!r}); scft_fast's fused "
+            f"loss is ForCausalLMLoss only")
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "output_router_logits", False):
+        raise ValueError(
+            f"{type(text_config).__name__} sets output_router_logits = True: {name} then adds its router's "
+            f"load-balancing loss, which scft_fast's fused loss does not compute; set "
+            f"config.output_router_logits = False to train it with scft_fast")
+    check_logit_transforms(text_config)
 
 
 def shift_labels(labels: torch.Tensor,  # (B, T) HF convention: labels[t] is token t
@@ -140,6 +237,17 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor,  # (S + 1,)
     starts = torch.zeros(length, dtype=torch.long, device=cu_seqlens.device)
     starts[cu_seqlens[1:-1].long()] = torch.diff(cu_seqlens.long())[:-1]
     return (torch.arange(length, device=cu_seqlens.device) - starts.cumsum(0)).unsqueeze(0)
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module`` in eval mode (no dropout) inside the block, back in its own mode after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _zero3_gathered(params: list[nn.Parameter], modifier_rank: int | None = 0):
@@ -395,22 +503,31 @@ class SCFTForCausalLM:
         return model
 
     def _setup_scft(self, config: SCFTConfig | None, init_head: bool) -> None:
-        check_logit_transforms(self.config.get_text_config())
+        check_architecture(self)
         head = self.get_output_embeddings()
         weight = getattr(head, "weight", None)
         shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))  # ZeRO-3: the full shape
         if not isinstance(weight, torch.Tensor) or len(shape) != 2:
             raise ValueError(f"{type(self).__name__}.get_output_embeddings() must return a module with a (V, H) "
                              f"weight, got {head!r}")
+        hidden_size = getattr(self.config.get_text_config(), "hidden_size", shape[1])
+        if shape[1] != hidden_size:
+            raise ValueError(
+                f"{type(self).__name__}'s output layer reads {shape[1]} features, not the decoder's hidden size "
+                f"{hidden_size}: a projection between the two (an embedding size other than the hidden size) that "
+                f"scft_fast's fused loss, which reads the decoder's hidden states, does not apply")
+        # Read once: the forward stays free of code inspection (torch.compile traces it).
+        self.lm_logit_scale, self.softcap = logit_scale(self), logit_softcap(self)
+        decoder_inputs = inspect.signature(self.lm_decoder().forward).parameters
+        self._inputs_beyond_decoder = frozenset(inspect.signature(super().forward).parameters) - set(decoder_inputs)
         self.scft_config = config
         self.scft_loss = FusedSafetyLoss()
         if config is None:
             return
         if getattr(self, "score", None) is None:
-            hidden_size = self.config.get_text_config().hidden_size
             device = None if weight.device.type == "meta" else weight.device
             # skip_init: no kaiming draw that init_head would overwrite (and the RNG stream stays the model's).
-            self.score = torch.nn.utils.skip_init(nn.Linear, hidden_size, config.num_labels, bias=config.head_bias,
+            self.score = torch.nn.utils.skip_init(nn.Linear, shape[1], config.num_labels, bias=config.head_bias,
                                                   dtype=weight.dtype, device=device or "meta")
             if init_head:
                 self.init_head()
@@ -434,35 +551,88 @@ class SCFTForCausalLM:
 
     @torch.no_grad()
     def _check_logits_match(self) -> None:
-        weight = self.get_output_embeddings().weight
+        """Refuses a model whose own logits or loss on a probe batch are not what the fused loss computes: the
+        output layer on ``lm_decoder()``'s hidden states, scaled and soft-capped as the config says, and the mean
+        cross-entropy against the next token. The output layer's logits are scaled to reach +-PROBE_LOGIT
+        (a power of two, exact), so that a soft cap or scale the config does not announce shows even in a
+        random-initialized model, whose logits are small."""
+        head = self.get_output_embeddings()
+        weight = head.weight
         if weight.device.type == "meta" or weight.numel() == 0 or hasattr(weight, "ds_id"):
             return  # not materialized here (meta device, ZeRO-3 partition): nothing to probe
+        name = type(self).__name__
         vocab = self.config.get_text_config().vocab_size
-        probe = torch.arange(4, device=weight.device).remainder(vocab).unsqueeze(0)
-        was_training = self.training
-        self.eval()
-        try:
-            out = self.base_forward(input_ids=probe, output_hidden_states=True, use_cache=False)
-        finally:
-            self.train(was_training)
-        expected = self._logits(out.hidden_states[-1]).float()
-        if not torch.allclose(out.logits.float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item()):
-            diff = (out.logits.float() - expected).abs().max().item()
-            raise ValueError(
-                f"{type(self).__name__}'s logits are not get_output_embeddings()(final hidden state) (soft-capped "
-                f"by final_logit_softcapping): max difference {diff:.3g}. It applies a logit transform scft_fast "
-                f"does not know; training it with the fused loss would give a wrong loss.")
+        probe = (torch.arange(PROBE_TOKENS, device=weight.device) * 7 + 3).remainder(vocab).unsqueeze(0)
+        seen = {}
+
+        def scale_logits(module, args, output):
+            seen["input"] = args[0]
+            seen["factor"] = 2.0 ** round(math.log2(PROBE_LOGIT / max(output.abs().max().item(), 1e-6)))
+            return output * seen["factor"]
+
+        with evaluating(self):
+            hook = head.register_forward_hook(scale_logits)
+            try:
+                out = self.base_forward(input_ids=probe, labels=probe, use_cache=False)
+            except Exception as error:
+                raise ValueError(f"{name} cannot be checked: its own forward with labels on a text-only probe batch "
+                                 f"fails ({type(error).__name__}: {error})") from error
+            finally:
+                hook.remove()
+            hidden = self.final_hidden_states(input_ids=probe)
+        if "input" not in seen:
+            raise ValueError(f"{name}'s forward does not call get_output_embeddings() ({type(head).__name__}): "
+                             f"its logits come from elsewhere, which scft_fast's fused loss cannot reproduce")
+        if seen["input"].shape != hidden.shape:
+            raise ValueError(f"{name}'s output layer reads {tuple(seen['input'].shape)} states, not the decoder's "
+                             f"{tuple(hidden.shape)} hidden states; scft_fast's fused loss reads the latter")
+        logits = out.logits.float()
+        expected = self._logits(hidden, seen["factor"])
+        rtol = PROBE_RTOL[weight.dtype]
+        if not torch.allclose(logits, expected, rtol=0, atol=rtol * expected.abs().max().item()):
+            diff = (logits - expected).abs().max().item()
+            if not torch.allclose(seen["input"].float(), hidden.float(), rtol=1e-3, atol=1e-3 * hidden.abs().max()):
+                why = "it transforms the decoder's hidden states before its output layer"
+            else:
+                why = (f"it applies a logit transform that no config attribute scft_fast knows names (logit scales: "
+                       f"{', '.join(LOGIT_SCALES)}; soft caps: {', '.join(SOFTCAPS)})")
+            raise ValueError(f"{name}'s logits are not get_output_embeddings()(final hidden state), scaled by "
+                             f"{self.lm_logit_scale:g} and soft-capped by {self.softcap}: {why} (max difference "
+                             f"{diff:.3g} on logits up to {expected.abs().max().item():.3g}). Training it with the "
+                             f"fused loss would give a wrong loss.")
+        fused = F.cross_entropy(logits[0, :-1], probe[0, 1:])
+        if not torch.allclose(out.loss.float(), fused, rtol=rtol):
+            unshifted = F.cross_entropy(logits[0], probe[0])
+            why = ("it compares row t with labels[t], not labels[t + 1]" if torch.allclose(
+                out.loss.float(), unshifted, rtol=rtol) else "it adds or leaves out terms")
+            raise ValueError(f"{name}'s own loss on a probe batch is {out.loss.item():.6g}, not the mean "
+                             f"cross-entropy of its logits against the next tokens ({fused.item():.6g}): {why}. "
+                             f"Training it with the fused loss would give a wrong loss.")
 
     # -- accessors --------------------------------------------------------------------------------------------------
-    @property
-    def softcap(self) -> float | None:
-        return getattr(self.config.get_text_config(), "final_logit_softcapping", None)
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.get_output_embeddings()(hidden)
+    def _logits(self, hidden: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+        """The model's logits as the fused loss sees them; ``factor`` scales the output layer's (the probe's)."""
+        logits = self.get_output_embeddings()(hidden).float() * (factor * self.lm_logit_scale)
         if self.softcap:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
+
+    def lm_decoder(self) -> nn.Module:
+        """The module whose ``last_hidden_state`` the output layer reads. ``get_decoder()`` gives the causal LM
+        itself for Llama 4 and Mllama (their base_model_prefix names an attribute they do not have) and the output
+        layer for ModernBERT-decoder; then it is the one PreTrainedModel child that does not hold the output layer."""
+        head = self.get_output_embeddings()
+        decoder = self.get_decoder()
+        if not any(module is head for module in decoder.modules()):
+            return decoder
+        owner = self if decoder is head else decoder
+        children = [child for child in owner.children() if isinstance(child, PreTrainedModel)
+                    and not any(module is head for module in child.modules())]
+        if len(children) != 1:
+            raise ValueError(f"{type(self).__name__}.get_decoder() gives {type(decoder).__name__}, which holds the "
+                             f"output layer, and {type(owner).__name__} has {len(children)} other transformers "
+                             f"submodules ({[type(c).__name__ for c in children]}), not one decoder")
+        return children[0]
 
     def base_forward(self, *args, **kwargs):
         """The architecture's own forward: its logits and, given labels, its own loss over them."""
@@ -480,6 +650,20 @@ class SCFTForCausalLM:
             deepspeed.zero.register_external_parameter(self.scft_loss, param)
         self._zero3_registered = True
 
+    def final_hidden_states(self, **inputs) -> torch.Tensor:  # (B, T, H) what the output layer reads
+        """``lm_decoder()``'s last hidden states. An input that the model's own forward takes and the decoder does
+        not (a vision-language model's pixel_values, a MoE's output_router_logits) is refused: the decoder would
+        leave it out without a word."""
+        decoder = self.lm_decoder()
+        dropped = sorted(name for name, value in inputs.items()
+                         if value is not None and value is not False and name in self._inputs_beyond_decoder)
+        if dropped:
+            raise ValueError(f"{type(self).__name__}'s fused loss reads the hidden states of {type(decoder).__name__}, "
+                             f"which does not take {dropped}: the model's own forward would use them (images, "
+                             f"audio, a router loss), the fused loss would leave them out; scft_fast trains this "
+                             f"model on batches without them")
+        return decoder(**inputs, use_cache=False).last_hidden_state
+
     # -- forward ----------------------------------------------------------------------------------------------------
     def pooled_index(self, batch: int, length: int, attention_mask=None, position_ids=None, cu_seqlens=None,
                      cls_index=None) -> torch.Tensor:  # (S,) flat rows into the B*T hidden states
@@ -491,6 +675,19 @@ class SCFTForCausalLM:
         else:
             index = last_token_index(attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens)
         return index - 1 if (self.scft_config or PLAIN_LM).pool == "pre_eos" else index
+
+    def _scaled_operands(self, hidden: torch.Tensor,  # (N, H)
+                         lm_bias: torch.Tensor | None,  # (V,)
+                         head: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """The fused op's operands with the logit scale s folded in: lm_head(hidden) * s = W (s hidden) + s b, an
+        N x H product rather than a V x H one. The head reads the same rows, so its weight comes divided by s and
+        its logits stay cls_weight hidden + cls_bias."""
+        scale = self.lm_logit_scale
+        if scale == 1.0:
+            return hidden, lm_bias, head
+        if head:
+            head = {**head, "cls_weight": head["cls_weight"] / scale}
+        return hidden * scale, None if lm_bias is None else lm_bias * scale, head
 
     def _packed_inputs(self, length: int, attention_mask, position_ids, cu_seqlens, max_seqlen, kwargs: dict):
         """A packed row is one block-diagonal causal attention: HF derives it from position_ids (SDPA, eager) or
@@ -558,8 +755,8 @@ class SCFTForCausalLM:
             self.__dict__["_first_batch_checked"] = True
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("return_dict", None)
-        hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    inputs_embeds=inputs_embeds, use_cache=False, **kwargs).last_hidden_state
+        hidden = self.final_hidden_states(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
         ignore = options.ignore_index
         if labels is None:
             labels = torch.full((batch, length), ignore, dtype=torch.long, device=hidden.device)
@@ -571,9 +768,10 @@ class SCFTForCausalLM:
             head = dict(cls_weight=self.score.weight, cls_bias=self.score.bias, cls_labels=cls_labels,
                         cls_index=self.pooled_index(batch, length, attention_mask, position_ids, cu_seqlens,
                                                     cls_index))
+        hidden, lm_bias, head = self._scaled_operands(hidden.reshape(batch * length, -1),
+                                                      getattr(lm_head, "bias", None), head)
         out = self.scft_loss(
-            hidden.reshape(batch * length, -1), lm_head.weight, getattr(lm_head, "bias", None),
-            shift_labels(labels, position_ids, ignore).reshape(-1),
+            hidden, lm_head.weight, lm_bias, shift_labels(labels, position_ids, ignore).reshape(-1),
             None if transition_labels is None else shift_labels(transition_labels, position_ids, ignore).reshape(-1),
             head, num_items_in_batch, num_cls_in_batch, self.softcap, options)
         return SCFTOutput(**out)
@@ -620,8 +818,8 @@ class SCFTForCausalLM:
                                                                        cu_seqlens, None, kwargs)
         if attention_mask is not None and position_ids is None:  # left padding: positions count real tokens
             position_ids = positions_from_mask(attention_mask)
-        hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    use_cache=False, **kwargs).last_hidden_state
+        hidden = self.final_hidden_states(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, **kwargs)
         index = self.pooled_index(batch, length, attention_mask, None if attention_mask is not None
                                   else position_ids, cu_seqlens, cls_index)
         return self.score(hidden.reshape(batch * length, -1)[index]).float().softmax(-1)

@@ -5,8 +5,10 @@
   inputs, and the comparison of the two (tolerances are stated in test_safety_loss.py);
 - DeRTa's reference files, read in place from ../shared/data/derta (never copied into the repository);
 - an exported model's weights, from one file or from its shards; whether a ZeRO-3 optimizer shares the model's
-  partitions as its master weights.
+  partitions as its master weights;
+- a tiny, random-initialized model of any causal LM that transformers registers, by its model type.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -129,3 +131,98 @@ def shares_master_weights(optimizer) -> bool | None:
     if flat16 is None or flat32 is None:
         return None
     return all(a.data_ptr() == b.data_ptr() for a, b in zip(flat16, flat32))
+
+
+TINY_VOCAB = 96
+SIZES = dict(  # set wherever a config (or sub-config) has the attribute
+    vocab_size=TINY_VOCAB, hidden_size=32, d_model=32, n_embd=32, embed_dim=32, embedding_size=32, emb_dim=32,
+    hidden_size_global=32, intermediate_size=64, ffn_dim=64, d_ff=64, n_inner=64, decoder_ffn_dim=64,
+    encoder_ffn_dim=64, ffn_hidden_size=64, feed_forward_size=64,
+    num_hidden_layers=2, n_layer=2, n_layers=2, num_layers=2, decoder_layers=2, encoder_layers=2,
+    num_attention_heads=4, n_head=4, n_heads=4, num_heads=4, decoder_attention_heads=4, encoder_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, max_position_embeddings=64, rotary_dim=4,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+    n_group=1, topk_group=1, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    expert_ffn_hidden_size=32,
+    kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+    index_topk=4, index_head_dim=8, index_n_heads=2,
+    linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+    vocab_size_per_layer_input=TINY_VOCAB, hidden_size_per_layer_input=8,
+    pronunciation_embed_dim=32, pronunciation_vocab_size=32, shape_embed_dim=32, shape_vocab_size=32,
+    mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=16, state_size=8, chunk_size=16,
+    image_size=32, patch_size=8,
+)
+# Logit scales and soft caps, wherever a config has them: away from neutral, so that a loss that leaves one out
+# differs: scales of 1/4 or 4, soft caps of 0.5 (the logits of these tiny models reach about 1: the cap bends them).
+LOGIT_SETTINGS = dict(logit_scale=0.25, logits_scaling=4.0, lm_head_multiplier=0.25, logits_mup_width_multiplier=4.0,
+                      final_logit_softcapping=0.5, logits_soft_cap=0.5, output_logit_soft_cap=0.5)
+MLA = dict(num_key_value_heads=4)  # multi-head latent attention: as many key-value heads as query heads
+OVERRIDES = {  # model_type (".sub_config" for a sub-config) -> fields beside SIZES
+    **{t: MLA for t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
+                        "glm_moe_dsa", "longcat_flash", "minicpm3", "youtu")},
+    "kimi_linear": dict(MLA, linear_head_dim=8, linear_num_heads=4, num_local_experts=4),
+    "dbrx": dict(attn_config=dict(rope_theta=10000.0, kv_n_heads=2, clip_qkv=8.0)),
+    # Dots3: one dense and one expert layer; adapters from the vision and audio towers into the text width
+    **{t: dict(num_key_value_heads=4, pyramid_num_routed=[-1, 4])
+       for t in ("dots3_note_text", "dots3_note.text_config")},
+    "dots3_note.vision_config": dict(num_key_value_heads=4, pyramid_num_routed=[-1, 4], adapter_in_dim=32,
+                                     adapter_out_dim=32),
+    "dots3_note.audio_config": dict(adapter_input_size=32, adapter_out_dim=32),
+    "falcon_h1": dict(mamba_d_ssm=64),
+    "mamba2": dict(num_heads=8),  # num_heads * head_dim = 2 * hidden_size
+    "gemma3n_text": dict(num_kv_shared_layers=0),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "zamba": dict(num_hidden_layers=4, attn_layer_period=1, attn_layer_offset=0),  # two hybrid layers to tie
+    "zamba2": dict(layers_block_type=["linear_attention", "hybrid"]),
+    "zaya": dict(num_experts_per_tok=1),
+    "reformer": dict(is_decoder=True, attn_layers=["local", "lsh"], axial_pos_shape=[4, 4],
+                     axial_pos_embds_dim=[16, 16], local_attn_chunk_length=4, lsh_attn_chunk_length=4,
+                     attention_head_size=8, num_buckets=2),
+    "cohere_compass_text": dict(rope_parameters={"full_attention": dict(rope_type="default", rope_theta=10000.0,
+                                                                        mrope_section=[2, 1, 1])}),
+    "blt": dict(encoder_hash_byte_group_vocab=64),
+    # hybrids: one attention layer of the two
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+}
+
+
+def tiny_config(config_class: type, key: str, defaults: dict | None = None, depth: int = 0):
+    """``config_class`` with SIZES, LOGIT_SETTINGS and OVERRIDES[key] where it has the fields, sub-configs too."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    fields = {**(defaults or {}), **{k: v for k, v in SIZES.items() if k in names}}
+    for name, spec in config_class.sub_configs_defaults.items():
+        if spec.optional or depth > 1:
+            continue
+        sub_class = spec.config_class
+        if not issubclass(sub_class, transformers.PreTrainedConfig) or sub_class is transformers.AutoConfig:
+            sub_class = CONFIG_MAPPING[spec.model_type]
+        fields[name] = tiny_config(sub_class, f"{key}.{name}", spec.init_kwargs, depth + 1)
+    fields.update({k: v for k, v in LOGIT_SETTINGS.items() if k in names})
+    return config_class(**{**fields, **OVERRIDES.get(key, {})})
+
+
+def tiny_causal_lm(model_type: str, **fields):
+    """The causal LM that transformers registers for ``model_type``, tiny and random (seed 0), in eval mode;
+    ``fields`` are set on its (text) config before the model is built."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = tiny_config(CONFIG_MAPPING[model_type], model_type)
+    for name, value in fields.items():
+        setattr(config.get_text_config(), name, value)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if not isinstance(config, model_class.config_class):  # a composite config whose causal LM takes a sub-config
+        config = next((getattr(config, name) for name in type(config).sub_configs_defaults
+                       if isinstance(getattr(config, name), model_class.config_class)), config)
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    if hasattr(model, "set_default_language"):  # X-MOD: one adapter per language, chosen before a forward
+        model.set_default_language("en_XX")
+    return model
