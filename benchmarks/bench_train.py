@@ -50,7 +50,7 @@ from harness import (
     write_results,
 )
 from scft_fast import IGNORE_INDEX
-from scft_fast.model import SCFTOutput
+from scft_fast.hf.config import SCFTOutput
 from scft_fast.training import LossHook
 from scft_fast.hf.accounting import loss_targets
 

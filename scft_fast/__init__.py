@@ -13,16 +13,16 @@ __all__ = ["IGNORE_INDEX", "SafetyLossOutput", "last_token_index", "safety_loss"
 
 # Imported on first use: `import scft_fast` stays free of transformers and DeepSpeed.
 _LAZY = {
-    "SCFTConfig": "scft_fast.model",
-    "SCFTForCausalLM": "scft_fast.model",
-    "apply_scft_fast": "scft_fast.model",
+    "SCFTConfig": "scft_fast.hf.config",
+    "SCFTForCausalLM": "scft_fast.hf.patch",
+    "apply_scft_fast": "scft_fast.hf.patch",
     "generate_safe": "scft_fast.generation",
     "SafeGeneration": "scft_fast.generation",
-    "SCFTTrainer": "scft_fast.trainer",
-    "SCFTTrainerMixin": "scft_fast.trainer",
+    "SCFTTrainer": "scft_fast.hf.trainer",
+    "SCFTTrainerMixin": "scft_fast.hf.trainer",
     "SCFTDataCollator": "scft_fast.data",
     "safety_dataset": "scft_fast.data",
-    "SCFTSFTTrainer": "scft_fast.trl",  # needs the trl extra
+    "SCFTSFTTrainer": "scft_fast.hf.trl",  # needs the trl extra
 }
 
 

@@ -164,7 +164,7 @@ def resolve_threshold(model, threshold: float | None) -> tuple[float, str]:
 def store_threshold(model_dir: str, threshold: float) -> str:
     """Writes threshold into model_dir/config.json's SCFT settings (atomically), where resolve_threshold finds it
     once the model is loaded again; -> the file's path."""
-    from .model import SCFT_CONFIG_KEY, SCFTConfig
+    from .hf.config import SCFT_CONFIG_KEY, SCFTConfig
 
     path = os.path.join(model_dir, "config.json")
     with open(path) as f:
@@ -204,7 +204,7 @@ def generate_safe(model, tokenizer, prompts: list, *, threshold: float | None = 
     in the model's SCFT config, else THRESHOLD; each result names the one used). ``model`` is an
     SCFTForCausalLM (PEFT-wrapped or not); generate_kwargs pass through to generate() (max_new_tokens, do_sample,
     temperature, streamer for a single prompt, ...)."""
-    from .model import scft_base
+    from .hf.peft import scft_base
 
     model = scft_base(model, "generate_safe")
     threshold, threshold_source = resolve_threshold(model, threshold)
@@ -234,7 +234,7 @@ def generate_safe(model, tokenizer, prompts: list, *, threshold: float | None = 
         criteria.append(gate)
     if streamer is not None:
         streamer.put(input_ids[0].cpu())
-    hook = model.get_decoder().register_forward_hook(readings)
+    hook = model.lm_decoder().register_forward_hook(readings)
     try:
         out = model.generate(input_ids=input_ids, attention_mask=prompt_mask, eos_token_id=eos_list,
                              pad_token_id=pad_id, stopping_criteria=criteria, return_dict_in_generate=True,
@@ -285,7 +285,7 @@ def _feed_last_token(model, sequences: torch.Tensor,  # (B, P + n)
     cache so that the readings hook sees its hidden state. The LM head is not applied."""
     n = sequences.shape[1] - prompt_mask.shape[1]
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], n)], dim=1)
-    model.get_decoder()(input_ids=sequences[:, -1:], attention_mask=mask,
+    model.lm_decoder()(input_ids=sequences[:, -1:], attention_mask=mask,
                         position_ids=positions_from_mask(mask)[:, -1:], past_key_values=cache, use_cache=True)
 
 
@@ -294,8 +294,7 @@ def p_unsafe_ref(model, prompt_ids: list[int], response_ids: list[int], eos_id: 
     """One full forward over prompt + response (+ EOS when the response ended with it), pooled as in training
     (pre_eos reads the token before EOS; a response without EOS is read at its last token)."""
     ids = prompt_ids + response_ids + ([eos_id] if finished else [])
-    hidden = model.get_decoder()(input_ids=torch.tensor([ids], device=model.device),
-                                 use_cache=False).last_hidden_state
+    hidden = model.final_hidden_states(input_ids=torch.tensor([ids], device=model.device))
     at = len(ids) - 1 - (1 if finished and model.scft_config.pool == "pre_eos" else 0)
     return float(p_unsafe(model.score(hidden[:, at])))
 
@@ -305,7 +304,7 @@ def load_model(path: str, device: str | None = None, dtype: str = "auto", init_h
     init_head: a checkpoint without a head (a model before SCFT) gets a freshly initialized one."""
     from transformers import AutoTokenizer
 
-    from .model import SCFTForCausalLM
+    from .hf.patch import SCFTForCausalLM
 
     check_model_dir(path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,

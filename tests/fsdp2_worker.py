@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import trainer_worker as w
 from scft_fast import SCFTDataCollator
-from scft_fast.training.accounting import output_stats, stat_means, step_targets
+from scft_fast.hf.accounting import output_stats, stat_means, step_targets
 
 ROWS, STEPS, LR = 8, 3, 1e-3
 VARIANTS = {"untied": {}, "tied": {"tied": True}}

@@ -209,7 +209,7 @@ def test_zero3_master_weights_shared_is_scoped():
     """Outside the context the optimizer's method is DeepSpeed's own again."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
 
-    from scft_fast.hf.patches import master_weights_shared
+    from scft_fast.hf.private_patches import master_weights_shared
 
     original = Stage3._create_fp32_partitions
     with master_weights_shared():

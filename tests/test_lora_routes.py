@@ -23,7 +23,7 @@ from scft_fast import (  # noqa: E402
     generate_safe,
 )
 from scft_fast.data import refusal_token_id  # noqa: E402
-from scft_fast.model import ADAPTER_SCFT_CONFIG  # noqa: E402
+from scft_fast.hf.peft import ADAPTER_SCFT_CONFIG  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMED = ["q_proj", "v_proj"]
@@ -160,10 +160,10 @@ def test_auto_peft_loaders_cannot_rebuild_the_head_and_say_what_can(tok, base_di
     model.save_pretrained(adapter)
     loader = r"load SCFT adapters with scft_fast.SCFTForCausalLM.from_pretrained\(adapter_dir\)"
     if task_type is None:  # PEFT imports the patched class's module, which names the loader
-        with pytest.raises(ValueError, match=r"import_allowlist=\['scft_fast.model'\]"):
+        with pytest.raises(ValueError, match=r"import_allowlist=\['scft_fast.hf.patch'\]"):
             peft.AutoPeftModelForCausalLM.from_pretrained(adapter)
         with pytest.raises(AttributeError, match=loader):
-            peft.AutoPeftModelForCausalLM.from_pretrained(adapter, import_allowlist=["scft_fast.model"])
+            peft.AutoPeftModelForCausalLM.from_pretrained(adapter, import_allowlist=["scft_fast.hf.patch"])
     else:  # AutoModelForCausalLM builds the base without a head: every use of the head is refused
         loaded = peft.AutoPeftModelForCausalLM.from_pretrained(adapter)
         with pytest.raises(ValueError, match="its loader dropped the trained head: " + loader):

@@ -1,7 +1,6 @@
 """The head's metrics (scft_fast/metrics.py), the one definition training, evaluation and generation import: AUROC and
 the calibrated threshold against brute-force twins, the verdict's figures on hand-made scores, p_unsafe for a head
 with more than two classes, and the held-out head evaluation on padded batches with unlabeled rows."""
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from scft_fast.metrics import (
     threshold_at_fpr,
     threshold_at_fpr_ref,
 )
-from scft_fast.training.metrics import evaluate
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -117,34 +115,39 @@ def test_head_scores_keeps_labeled_rows_in_order():
     assert head_scores(lambda batch: None, [], IGNORE_INDEX)[0].shape == (0,)
 
 
-def test_training_held_out_evaluation_is_the_shared_one():
-    """training.metrics.evaluate reports head_metrics of head_scores at the default threshold (a two-class head's
-    argmax), and None, not NaN, where a figure is undefined."""
-    logits, labels = _batches()
+def test_held_out_figures_are_the_shared_ones(tok, embedded_train_head):
+    """evaluation.held_out (SCFTTrainer.evaluate's figures and the run summary's): the loss terms of the set taken
+    as one batch, head_metrics of the labeled rows' p_unsafe (a two-class head's argmax), refusal_prob_rto
+    exp(-transition loss), and None, not NaN, where a figure is undefined. Float32 sums in another order: 1e-5."""
+    import math
 
-    class Engine:  # returns the head logits of each batch in turn
-        def __init__(self):
-            self.outputs = iter(logits)
+    from scft_fast import SCFTConfig, apply_scft_fast, safety_dataset
+    from scft_fast.data import SCFTDataCollator
+    from scft_fast.evaluation.held_out import held_out
+    from scft_fast.hf.presets import random_causal_lm
+    from scft_fast.metrics import p_unsafe
 
-        def train(self, mode):
-            pass
-
-        def eval_forward(self, **batch):
-            return SimpleNamespace(cls_logits=next(self.outputs), logits=None)
-
-    def batches(cls_labels):
-        return [{"input_ids": torch.zeros(len(y), 3, dtype=torch.long), "cls_index": torch.arange(len(y)) * 3 + 2,
-                 "cls_labels": y, "transition_labels": torch.full((len(y), 3), IGNORE_INDEX)} for y in cls_labels]
-
-    got = evaluate(Engine(), batches(labels), IGNORE_INDEX)
-    outputs = iter(logits)
-    scores, y = head_scores(lambda batch: next(outputs), batches(labels), IGNORE_INDEX)
-    head = head_metrics(scores, y)
-    argmax = torch.cat([z[yy != IGNORE_INDEX].argmax(-1) for z, yy in zip(logits, labels)]).numpy()
-    assert got["head_accuracy"] == head["accuracy"] == (argmax == y).mean()
-    assert (got["head_auroc"], got["head_fpr"], got["head_tpr"], got["head_samples"]) == \
-        (head["auroc"], head["fpr"], head["tpr"], 5)
-    assert got["refusal_prob_rto"] is None and got["rto_positions"] == 0
-    safe_only = [torch.where(y == IGNORE_INDEX, IGNORE_INDEX, SAFE) for y in labels]
-    figures = evaluate(Engine(), batches(safe_only), IGNORE_INDEX)
+    rows = safety_dataset(tok, [embedded_train_head(12, balanced=True)], rto_keep=1.0)
+    torch.manual_seed(0)
+    model = apply_scft_fast(random_causal_lm("llama", tok, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2), SCFTConfig())
+    got = held_out(model, rows, SCFTDataCollator(tok), batch_size=5)
+    with torch.no_grad():
+        batch = SCFTDataCollator(tok)(list(rows))
+        out = model.eval()(**batch)
+    for key in ("loss", "lm_loss", "transition_loss", "cls_loss"):
+        assert got[key] == pytest.approx(float(getattr(out, key)), rel=1e-5), key
+    labeled = batch["cls_labels"] != IGNORE_INDEX
+    head = head_metrics(p_unsafe(out.cls_logits[labeled]).double().numpy(), batch["cls_labels"][labeled].numpy())
+    argmax = out.cls_logits[labeled].argmax(-1) == batch["cls_labels"][labeled]
+    assert got["head_accuracy"] == pytest.approx(head["accuracy"]) == pytest.approx(float(argmax.float().mean()))
+    assert (got["head_auroc"], got["head_fpr"], got["head_tpr"]) == pytest.approx(
+        (head["auroc"], head["fpr"], head["tpr"]), abs=1e-9)
+    assert got["head_samples"] == int(labeled.sum())
+    assert got["refusal_prob_rto"] == pytest.approx(math.exp(-float(out.transition_loss)), rel=1e-5)
+    safe_only = rows.map(lambda r: {"cls_label": SAFE if r["cls_label"] != IGNORE_INDEX else IGNORE_INDEX})
+    figures = held_out(model, safe_only, SCFTDataCollator(tok))
     assert figures["head_auroc"] is None and figures["head_tpr"] is None and figures["head_fpr"] is not None
+    no_rto = rows.map(lambda r: {"transition_labels": [IGNORE_INDEX] * len(r["labels"])})
+    figures = held_out(model, no_rto, SCFTDataCollator(tok))
+    assert figures["refusal_prob_rto"] is None and figures["rto_positions"] == 0

@@ -23,7 +23,7 @@ from scft_fast.data import IGNORE_INDEX, REFUSAL_STRING, SAFE, UNSAFE, default_d
 from scft_fast.data.config import DataConfig
 from scft_fast.data.encode import refusal_token_id
 from scft_fast.hf.presets import random_causal_lm  # noqa: E402
-from scft_fast.model import SCFTOutput
+from scft_fast.hf.config import SCFTOutput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

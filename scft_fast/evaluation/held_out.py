@@ -52,7 +52,7 @@ def held_out(model, dataset, collator, batch_size: int = 16) -> dict:
     ``scft_fast.data.build_dataset``, padded by ``collator``). Every rank runs every batch, as ZeRO-3's gathers
     require; the figures are the same on every rank."""
     from ..hf.accounting import output_stats
-    from ..model import unwrap
+    from ..hf.peft import unwrap
 
     base = unwrap(model)
     config = getattr(base, "scft_config", None)

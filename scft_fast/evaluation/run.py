@@ -25,7 +25,7 @@ def _batches(items: list, size: int, desc: str, progress: bool):
 def score_pairs(model, tokenizer, pairs: list[tuple[str, str, int]], config: EvalConfig) -> np.ndarray:  # (N,)
     """p_unsafe of each (instruction, response), laid out exactly as a training sample (the data layer renders,
     tokenizes and pads it) and pooled at the training position."""
-    from ..model import scft_base
+    from ..hf.peft import scft_base
 
     model = scft_base(model, "score_pairs")
     data_config = DataConfig(pool=model.scft_config.pool, max_length=config.max_length)
@@ -41,9 +41,8 @@ def score_pairs(model, tokenizer, pairs: list[tuple[str, str, int]], config: Eva
                                                                         config.progress))
 
     def forward(batch: dict) -> torch.Tensor:  # -> (b, C) head logits at the pooled rows
-        hidden = model.get_decoder()(input_ids=batch["input_ids"].to(model.device),
-                                     attention_mask=batch["attention_mask"].to(model.device),
-                                     use_cache=False).last_hidden_state  # (b, T, H), right-padded
+        hidden = model.final_hidden_states(input_ids=batch["input_ids"].to(model.device),
+                                           attention_mask=batch["attention_mask"].to(model.device))  # (b, T, H)
         return model.score(hidden.reshape(-1, hidden.shape[-1])[batch["cls_index"].to(model.device)])
 
     scores, _ = head_scores(forward, batches, data_config.ignore_index)
@@ -129,7 +128,7 @@ def evaluate(model, tokenizer, data: EvalData, config: EvalConfig, has_head: boo
 def load_for_eval(path: str, device: str | None, dtype: str):
     """-> model, tokenizer, has_head; a checkpoint without an SCFT head gets a placeholder head and has_head False
     (a config key alone does not make a head: its weights must hold score.weight)."""
-    from ..model import has_head
+    from ..hf.loading import has_head
 
     trained = has_head(path)
     return (*load_model(path, device, dtype, init_head=not trained), trained)

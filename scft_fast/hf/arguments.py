@@ -21,8 +21,8 @@ from ..constants import POOLS
 from ..data.config import DataConfig
 from ..data.constants import CLS_LABELS, MIN_LENGTH, TRUNCATIONS
 from ..errors import ConfigError
-from ..model import SCFTConfig
 from ..ops.backends import BACKENDS
+from .config import SCFTConfig
 
 PRESETS = ("tiny", "tiny-tied")
 DATA = DataConfig()  # the data recipe's defaults, which the flags take

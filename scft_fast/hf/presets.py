@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from ..model import SCFT_CONFIG_KEY, SCFTConfig, scft_class
+from .config import SCFT_CONFIG_KEY, SCFTConfig
+from .patch import scft_class
 
 # Sized so that the default run (200 steps of 16 embedded samples) takes well under 3 minutes on 2 CPU cores.
 PRESETS = {

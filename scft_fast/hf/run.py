@@ -191,7 +191,8 @@ def build_model(model_args: ModelArguments, tokenizer, refusal: int):
     at a time, a checkpoint by ``SCFTForCausalLM.from_pretrained``, each rank reading its slice."""
     from transformers import AutoConfig
 
-    from ..model import SCFT_CONFIG_KEY, SCFTConfig, SCFTForCausalLM, apply_scft_fast
+    from .config import SCFT_CONFIG_KEY, SCFTConfig
+    from .patch import SCFTForCausalLM, apply_scft_fast
     from .presets import build_preset
 
     saved = None
@@ -230,7 +231,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
     on the others. Raises UserError on a bad set-up or a refused output directory (before any heavy work),
     RunError when the run diverges or cannot write its files."""
     from ..data import SCFTDataCollator
-    from ..trainer import SCFTTrainer
+    from .trainer import SCFTTrainer
 
     check_setup(model_args, data_args, args)
     main = _rank() == 0
@@ -266,7 +267,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
         tokenizer, refusal = build_tokenizer(model_args, data_args)
         if plan.get("export_only"):
             # Trainer resumed at its last step trains one step more: the checkpoint's model is exported as it is.
-            from ..model import SCFTForCausalLM
+            from .patch import SCFTForCausalLM
 
             started = True
             export(SCFTForCausalLM.from_pretrained(checkpoint), os.path.join(args.output_dir, MODEL_DIR), tokenizer)

@@ -6,7 +6,7 @@ instead:
 
 1. builds the model from its config inside transformers' own construction contexts (``get_init_context``: the
    dtype, no weight initialization, ``deepspeed.zero.Init``), with zero.Init's construction broadcast left out
-   (``_PartitionOnlyInit``): that broadcast only makes random initial values agree across ranks, every value is
+   (``private_patches.partition_only_init``): that broadcast only makes random initial values agree across ranks, every value is
    read from the checkpoint next, and receiving it would page in a full-size buffer per parameter on every rank
    but 0;
 2. copies into each parameter's partition (``param.ds_tensor``: flat elements [r * n, (r + 1) * n) of the
@@ -35,8 +35,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model import HEAD_PREFIX, SCFT_CONFIG_KEY, SCFTConfig, SCFTForCausalLM, scft_class
 from .callbacks import say
+from .config import HEAD_PREFIX, SCFT_CONFIG_KEY, SCFTConfig
+from .patch import SCFTForCausalLM, scft_class
+from .private_patches import partition_only_init
 
 BLOCK_BYTES = 8 * 2 ** 20  # the largest piece of a checkpoint tensor in memory at once (plus one row)
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
@@ -132,19 +134,6 @@ def _key_map(model: nn.Module, keys: list[str]) -> dict[str, str]:
     return mapping
 
 
-def _partition_only_init(ds_config: dict):
-    import deepspeed
-
-    class _PartitionOnlyInit(deepspeed.zero.Init):
-        """zero.Init whose parameters are partitioned without rank 0's broadcast (see the module docstring)."""
-
-        def _zero_init_param(self, param):
-            self._convert_to_deepspeed_param(param)
-            param.partition()
-
-    return _PartitionOnlyInit(config_dict_or_path=ds_config)
-
-
 def _construct(target: type, config, files: list[str]):
     """The model, partitioned, with no value set: transformers' from_pretrained construction under our zero.Init."""
     import deepspeed
@@ -153,7 +142,7 @@ def _construct(target: type, config, files: list[str]):
     from transformers.monkey_patching import patch_output_recorders
 
     config, dtype = _get_dtype("auto", files, config, None, None, True)
-    contexts = [_partition_only_init(deepspeed_config()) if isinstance(c, deepspeed.zero.Init) else c
+    contexts = [partition_only_init(deepspeed_config()) if isinstance(c, deepspeed.zero.Init) else c
                 for c in target.get_init_context(dtype, False, False, None)]
     with ContextManagers(contexts):
         model = target(config)

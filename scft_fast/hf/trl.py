@@ -40,13 +40,15 @@ from transformers import Trainer
 from trl import SFTTrainer
 from trl.data_utils import common_prefix_length, get_dataset_column_names
 
-from .constants import IGNORE_INDEX
-from .data import SCFTDataCollator
-from .data.collate import INPUT_COLUMNS
-from .data.config import DataConfig
-from .data.constants import CLS_LABELS, SAFE, UNSAFE
-from .data.encode import refusal_token_id, rto_positions
-from .model import SCFTForCausalLM, fused_lm_head_allowed, unwrap
+from ..constants import IGNORE_INDEX
+from ..data import SCFTDataCollator
+from ..data.collate import INPUT_COLUMNS
+from ..data.config import DataConfig
+from ..data.constants import CLS_LABELS, SAFE, UNSAFE
+from ..data.encode import refusal_token_id, rto_positions
+from .patch import SCFTForCausalLM
+from .peft import unwrap
+from .private_patches import fused_lm_head_allowed
 from .trainer import SCFTTrainerMixin
 
 logger = logging.getLogger(__name__)

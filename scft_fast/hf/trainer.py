@@ -29,14 +29,14 @@ import torch
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from .constants import IGNORE_INDEX
-from .evaluation.held_out import held_out_metrics
-from .hf.accounting import STEP_STATS, output_stats, stat_means, step_targets
-from .hf.distributed_checks import check_distributed
-from .hf.export import export_model
-from .hf.patches import master_weights_shared
-from .metrics import p_unsafe
-from .model import train_head_with_adapter, unwrap, write_adapter_scft_config
+from ..constants import IGNORE_INDEX
+from ..evaluation.held_out import held_out_metrics
+from ..metrics import p_unsafe
+from .accounting import STEP_STATS, output_stats, stat_means, step_targets
+from .distributed_checks import check_distributed
+from .export import export_model
+from .peft import train_head_with_adapter, unwrap, write_adapter_scft_config
+from .private_patches import deepspeed_loads_weights_only, master_weights_shared
 
 
 class SCFTTrainerMixin:
@@ -59,9 +59,9 @@ class SCFTTrainerMixin:
 
     def train(self, *args, **kwargs):
         # Accelerate builds the DeepSpeed engine inside train(): under ZeRO-3 with float32 weights, without a
-        # second float32 copy of them (hf/patches.py).
+        # second float32 copy of them (hf/private_patches.py).
         self._last_log_time = time.perf_counter()
-        with master_weights_shared():
+        with master_weights_shared(), deepspeed_loads_weights_only():  # a DeepSpeed resume unpickles nothing
             return super().train(*args, **kwargs)
 
     # -- the SCFT model under the wrappers ------------------------------------------------------------------------

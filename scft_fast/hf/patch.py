@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -30,224 +29,32 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .constants import IGNORE_INDEX, POOLS
-from .data.checks import check_batch
-from .data.collate import positions_from_mask
-from .ops import last_token_index, safety_loss
-from .ops.cls_head import MAX_CLASSES, MIN_CLASSES
-
-HEAD_NAME = "score"  # the SCFT head's module name
-HEAD_PREFIX = HEAD_NAME + "."
-# What every error about an adapter loaded without its head tells the user to do instead.
-ADAPTER_LOADER_HINT = ("load SCFT adapters with scft_fast.SCFTForCausalLM.from_pretrained(adapter_dir), which "
-                       "builds the base with a head and loads the adapter's trained head into it "
-                       "(AutoPeftModelForCausalLM and AutoModelForCausalLM build the base without one)")
-SCFT_CONFIG_KEY = "scft"  # the SCFT settings live under this key of the causal LM's config.json
-
-# Logit scales, by the config attribute that holds the value: logits = lm_head(hidden) * value ** power. The
-# fused loss applies one by scaling the hidden states it reads (and the head's weight back: _scaled_operands).
-LOGIT_SCALES = {
-    "logit_scale": 1,  # Cohere
-    "logits_scaling": -1,  # Granite: logits / value; MiniCPM3: hidden / value
-    "lm_head_multiplier": 1,  # Falcon-H1
-    "logits_mup_width_multiplier": -1,  # Inkling: hidden / value
-}
-# Architectures that read one of those attributes the other way round.
-LOGIT_SCALE_POWERS = {"hyperclovax": {"logits_scaling": 1}}  # HyperCLOVAX: logits * logits_scaling
-# Soft caps, cap * tanh(logits / cap), by the config attribute that holds the cap: Gemma 2-4, VaultGemma, Beam,
-# NanoChat, Inkling 2 | RecurrentGemma | xLSTM.
-SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
-# The patch-time probe (_check_logits_match): a few tokens, the output layer's logits scaled to about this size
-# (beyond any soft cap in use), and the agreement asked of the model's own logits and loss, relative: float32
-# differs only in summation order; 16-bit weights round the logits to 8-11 bits.
-PROBE_TOKENS = 8
-PROBE_LOGIT = 1024.0
-PROBE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-# Config attributes of logit transforms the fused loss does not reproduce (read by remote-code models, none of
-# transformers' own), with the value that leaves the logits alone. A model that sets one to any other value is
-# refused when it is patched.
-LOGIT_TRANSFORMS = {
-    "output_multiplier_scale": 1.0,
-    "mup_width_multiplier": 1.0,  # Phi-3-small: logits / mup_width_multiplier
-    "logit_multiplier": 1.0,
-    "scale_width": 1.0,  # MiniCPM: logits / (hidden_size / dim_model_base)
-}
-
-
-@dataclass
-class SCFTConfig:
-    num_labels: int = 2  # classes of the safety head (0 = safe, 1 = unsafe)
-    # The RTO transition target ("Sorry"), recorded in config.json: the data makes the transition labels, the
-    # model's loss never reads it; SCFTSFTTrainer refuses a data config whose refusal string gives another token.
-    refusal_token_id: int | None = None
-    pool: str = "eos"  # "eos": the last token | "pre_eos": the one before (free inference-time check)
-    lm_coef: float = 1.0
-    transition_coef: float = 1.0
-    cls_coef: float = 1.0
-    backend: str = "auto"  # safety_loss backend, one of scft_fast.ops.backends.BACKENDS
-    chunk_size: int | None = None  # safety_loss rows per chunk; None: chosen from the shapes
-    ignore_index: int = IGNORE_INDEX
-    # False by default: Hugging Face's sequence-classification heads have no bias, so a bias-free head exports
-    # to AutoModelForSequenceClassification exactly (export_sequence_classifier).
-    head_bias: bool = False
-    threshold: float | None = None  # calibrated p_unsafe threshold for gating; None: the caller's default
-
-    def __post_init__(self):
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        if not MIN_CLASSES <= self.num_labels <= MAX_CLASSES:
-            raise ValueError(f"num_labels must be in [{MIN_CLASSES}, {MAX_CLASSES}] (the fused head's range), got "
-                             f"{self.num_labels}")
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SCFTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown SCFT config keys {sorted(unknown)}; expected a subset of {sorted(known)}")
-        return cls(**d)
-
-
-# The loss settings of a model patched without an SCFTConfig (a plain fused LM loss).
-PLAIN_LM = SCFTConfig()
-
-
-@dataclass
-class SCFTOutput(CausalLMOutputWithPast):
-    """The causal LM's output with the fused loss's terms. ``loss`` is float32 and differentiable; the rest is
-    detached, for logging. ``logits`` is None whenever a loss was computed."""
-
-    lm_loss: torch.Tensor | None = None  # () mean over LM targets
-    transition_loss: torch.Tensor | None = None  # () mean over RTO targets
-    cls_loss: torch.Tensor | None = None  # () mean over labeled sequences
-    cls_logits: torch.Tensor | None = None  # (S, C) float32, one row per pooled sequence
-    n_lm: torch.Tensor | None = None
-    n_tr: torch.Tensor | None = None
-    n_cls: torch.Tensor | None = None
-
-
-def unwrap(model: nn.Module) -> PreTrainedModel:
-    """The transformers model under an optional PEFT wrapper."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def check_logit_transforms(config) -> None:
-    """Refuses configs whose logits are more than ``lm_head(hidden)``, scaled and soft-capped as LOGIT_SCALES and
-    SOFTCAPS name."""
-    for name, neutral in LOGIT_TRANSFORMS.items():
-        value = getattr(config, name, None)
-        if value is not None and float(value) != neutral:
-            raise ValueError(
-                f"{type(config).__name__} sets {name} = {value}, a logit transform the fused loss does not apply "
-                f"(it computes lm_head(hidden), scaled by {', '.join(LOGIT_SCALES)} and soft-capped by "
-                f"{', '.join(SOFTCAPS)}); expected {name} absent or {neutral}. Training this model with scft_fast "
-                f"would give a wrong loss.")
-
-
-def own_code_names(model_class: type) -> frozenset[str]:
-    """The names (attributes, globals) that the causal LM's own ``__init__`` and ``forward`` read: their code, not
-    their docstrings, through each ``super()`` call down to transformers' PreTrainedModel. Inkling 2 reads its soft
-    cap in ``__init__``, Gemma 2 in ``forward``."""
-    if issubclass(model_class, SCFTForCausalLM):
-        model_class = model_class.__mro__[model_class.__mro__.index(SCFTForCausalLM) + 1]
-    names = set()
-    for method in ("__init__", "forward"):
-        for owner in model_class.__mro__:
-            if owner in PreTrainedModel.__mro__:
-                break
-            if method in vars(owner):
-                code_names = inspect.unwrap(vars(owner)[method]).__code__.co_names
-                names.update(code_names)
-                if "super" not in code_names:
-                    break
-    return frozenset(names)
-
-
-def logit_scale(model: PreTrainedModel) -> float:
-    """The factor of the logits over ``lm_head(hidden)``: the LOGIT_SCALES attributes that the model's code reads,
-    from its text config (MPT's config has a logit_scale that transformers' MPT never reads)."""
-    config = model.config.get_text_config()
-    read = own_code_names(type(model))
-    powers = {**LOGIT_SCALES, **LOGIT_SCALE_POWERS.get(config.model_type, {})}
-    scale = 1.0
-    for name, power in powers.items():
-        value = getattr(config, name, None) if name in read else None
-        if value is not None:
-            scale *= float(value) ** power
-    return scale
-
-
-def logit_softcap(model: PreTrainedModel) -> float | None:
-    """The soft cap of the SOFTCAPS attribute that the model's code reads, or None (Gemma 3's vision-language model
-    leaves its text config's final_logit_softcapping unread)."""
-    config = model.config.get_text_config()
-    read = own_code_names(type(model))
-    return next((float(getattr(config, name)) for name in SOFTCAPS
-                 if name in read and getattr(config, name, None)), None)
-
-
-def check_architecture(model: PreTrainedModel) -> None:
-    """Refuses, when it is patched, a causal LM whose training loss is not the fused op's: the mean cross-entropy
-    of its (scaled, soft-capped) logits against the next token, through transformers' causal-LM loss.
-
-    The decoders of encoder-decoder models (BART, mBART, MVP, Pegasus, BigBird-Pegasus, Marian, Blenderbot,
-    PLBart, TrOCR, Whisper) and CPM-Ant, XLM, XLNet, ProphetNet, MusicGen compute a loss of their own in their
-    forward: row t against labels[t], n-gram or codebook losses. Trainer, TRL and scft_fast count a batch's
-    targets the causal-LM way (labels[..., 1:]), so these are refused rather than served with another rule.
-    This reads the model's code (``own_code_names``); ``apply_scft_fast`` also compares the losses on a probe
-    batch (``_check_logits_match``)."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    name = type(model).__name__
-    if "loss_function" not in own_code_names(type(model)):
-        raise ValueError(
-            f"{name} computes its loss in its own forward, not with transformers' causal-LM loss "
-            f"(self.loss_function, which predicts labels[t + 1] at row t); scft_fast's fused loss is that loss "
-            f"only, so training {name} with it would give a wrong loss")
-    if model.loss_function is not ForCausalLMLoss:
-        raise ValueError(
-            f"{name}.loss_function is {getattr(model.loss_function, '__name__', model.loss_function)}, not "
-            f"transformers' ForCausalLMLoss (loss_type {getattr(model, 'loss_type', None)!r}); scft_fast's fused "
-            f"loss is ForCausalLMLoss only")
-    text_config = model.config.get_text_config()
-    if getattr(text_config, "output_router_logits", False):
-        raise ValueError(
-            f"{type(text_config).__name__} sets output_router_logits = True: {name} then adds its router's "
-            f"load-balancing loss, which scft_fast's fused loss does not compute; set "
-            f"config.output_router_logits = False to train it with scft_fast")
-    check_logit_transforms(text_config)
-
-
-def shift_labels(labels: torch.Tensor,  # (B, T) HF convention: labels[t] is token t
-                 position_ids: torch.Tensor | None,  # (B, T) or (T,) packed rows, restarting at 0
-                 ignore_index: int) -> torch.Tensor:  # (B, T): row t's target, token t + 1
-    shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    if position_ids is not None:
-        # The last row of each packed sequence must not predict the next sequence's first token.
-        pos = position_ids.expand_as(labels)
-        shifted = shifted.masked_fill(F.pad(pos[:, 1:] == 0, (0, 1), value=False), ignore_index)
-    return shifted
-
-
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor,  # (S + 1,)
-                              length: int) -> torch.Tensor:  # (1, length)
-    starts = torch.zeros(length, dtype=torch.long, device=cu_seqlens.device)
-    starts[cu_seqlens[1:-1].long()] = torch.diff(cu_seqlens.long())[:-1]
-    return (torch.arange(length, device=cu_seqlens.device) - starts.cumsum(0)).unsqueeze(0)
-
-
-@contextlib.contextmanager
-def evaluating(module: nn.Module):
-    """``module`` in eval mode (no dropout) inside the block, back in its own mode after it."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
+from ..data.checks import check_batch
+from ..data.collate import positions_from_cu_seqlens, positions_from_mask, shift_labels
+from ..ops import last_token_index, safety_loss
+from .architectures import (
+    LOGIT_SCALES,
+    PROBE_LOGIT,
+    PROBE_RTOL,
+    PROBE_TOKENS,
+    SOFTCAPS,
+    check_architecture,
+    evaluating,
+    logit_scale,
+    logit_softcap,
+)
+from .config import HEAD_NAME, HEAD_PREFIX, PLAIN_LM, SCFT_CONFIG_KEY, SCFTConfig, SCFTOutput
+from .loading import has_head
+from .peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_LOADER_HINT,
+    _load_adapter,
+    _lora_wrapped,
+    _refuse_dropped_head,
+    train_head_with_adapter,
+    unwrap,
+)
+from .private_patches import is_trl_fused_lm_head
 
 
 def _zero3_gathered(params: list[nn.Parameter], modifier_rank: int | None = 0):
@@ -337,85 +144,6 @@ def apply_scft_fast(model: nn.Module, config: SCFTConfig | None = None, *, check
     if base is not model and config is not None:
         train_head_with_adapter(model)
     return model
-
-
-def train_head_with_adapter(peft_model: nn.Module) -> None:
-    """Makes the SCFT head of a PEFT model train fully and ride in its adapter checkpoints: ``score`` joins every
-    active adapter's ``modules_to_save``. A head that PEFT gave LoRA layers of its own ("all-linear" matches it)
-    gets its plain layer back first: the fused op reads the head's weight, never a low-rank delta, so LoRA there
-    would log a head loss for weights that never move. Idempotent; a no-op on a model without a head."""
-    base = unwrap(peft_model)
-    if base is peft_model or getattr(base, "scft_config", None) is None:
-        return
-    from peft.utils.other import set_additional_trainable_modules
-
-    if _lora_wrapped(base.score):
-        base.score = base.score.get_base_layer()
-        names = getattr(peft_model.base_model, "targeted_module_names", None)
-        if names is not None:
-            names[:] = [n for n in names if n.rpartition(".")[2] != HEAD_NAME]
-    for adapter in peft_model.active_adapters:
-        peft_config = peft_model.peft_config[adapter]
-        targets = peft_config.target_modules
-        if isinstance(targets, (set, list)) and HEAD_NAME in targets:
-            peft_config.target_modules = type(targets)(t for t in targets if t != HEAD_NAME)
-        modules = list(getattr(peft_config, "modules_to_save", None) or [])
-        if HEAD_NAME not in modules:
-            peft_config.modules_to_save = modules + [HEAD_NAME]
-        set_additional_trainable_modules(peft_model, peft_config, base.config, adapter)
-
-
-def is_trl_fused_lm_head(forward) -> bool:
-    """Whether ``forward`` is the one trl's ``add_fused_lm_head`` puts on a model (trl 1.16,
-    trl/trainer/utils.py): SFTTrainer's own loss, which never calls the model's forward."""
-    code = getattr(getattr(forward, "__func__", forward), "__code__", None)  # functools.wraps hides its names
-    return (code is not None and code.co_name == "_fused_forward"
-            and code.co_filename.replace(os.sep, "/").endswith("trl/trainer/utils.py"))
-
-
-@contextlib.contextmanager
-def fused_lm_head_allowed(model: nn.Module):
-    """Inside it, trl may patch its fused LM head onto ``model`` (SCFTSFTTrainer, whose loss is the model's own
-    forward, lets SFTTrainer's constructor do so)."""
-    model.__dict__["_fused_lm_head_allowed"] = True
-    try:
-        yield
-    finally:
-        model.__dict__.pop("_fused_lm_head_allowed", None)
-
-
-def _lora_wrapped(module: nn.Module) -> bool:
-    """Whether PEFT injected adapter layers (LoRA and its kin) into ``module``: they keep the original layer as
-    ``base_layer``; PEFT's modules_to_save copy (``original_module`` + ``modules_to_save``) does not."""
-    return getattr(module, "base_layer", None) is not None
-
-
-def _refuse_dropped_head(peft_model: nn.Module, base: nn.Module) -> None:
-    """An adapter trained with an SCFT head lists it among ``modules_to_save``; a loader that built the base
-    without a head (``AutoPeftModelForCausalLM``, ``PeftModel.from_pretrained`` on an unpatched base) dropped the
-    trained head without a word. Adding a new, untrained head on top would hide that."""
-    if getattr(base, "scft_config", None) is not None:
-        return
-    for name, peft_config in getattr(peft_model, "peft_config", {}).items():
-        if HEAD_NAME in (getattr(peft_config, "modules_to_save", None) or ()):
-            raise ValueError(f"adapter {name!r} was trained with an SCFT head ({HEAD_NAME!r} is among its "
-                             f"modules_to_save), but the base model it was loaded onto has none, so its loader "
-                             f"dropped the trained head: {ADAPTER_LOADER_HINT}")
-
-
-def scft_base(model: nn.Module, what: str) -> PreTrainedModel:
-    """The SCFT model with a head under ``model`` (PEFT-wrapped or not), or a ValueError saying why there is none
-    and how to load one; ``what`` names the caller."""
-    base = unwrap(model)
-    if base is not model:
-        _refuse_dropped_head(model, base)
-    if getattr(base, "scft_config", None) is None:
-        why = ("was patched without an SCFTConfig" if isinstance(base, SCFTForCausalLM)
-               else "is a plain transformers model (AutoModelForCausalLM drops the score.* weights)")
-        raise ValueError(f"{what} needs a model with an SCFT head, but {type(base).__name__} {why}: load a saved SCFT "
-                         f"model with scft_fast.SCFTForCausalLM.from_pretrained(path) (an adapter directory "
-                         f"included), or add a head with apply_scft_fast(model, SCFTConfig())")
-    return base
 
 
 class SCFTForCausalLM:
@@ -746,7 +474,7 @@ class SCFTForCausalLM:
             hidden = out.hidden_states[-1]
             return SCFTOutput(**out, cls_logits=self.score(hidden.reshape(-1, hidden.shape[-1])[cls_index]).float())
         options = self.scft_config or PLAIN_LM
-        self._check_loss_inputs(transition_labels, cls_labels, num_items_in_batch, num_cls_in_batch, options)
+        self._check_loss_inputs(transition_labels, cls_labels, num_items_in_batch, num_cls_in_batch, options, kwargs)
         if not self.__dict__.get("_first_batch_checked") and not torch.compiler.is_compiling():
             # The first batch from any collator (ours, TRL's, a user's): one host sync, once per model.
             check_batch({"input_ids": reference, "attention_mask": attention_mask, "position_ids": position_ids,
@@ -777,10 +505,14 @@ class SCFTForCausalLM:
         return SCFTOutput(**out)
 
     def _check_loss_inputs(self, transition_labels, cls_labels, num_items_in_batch, num_cls_in_batch,
-                           options: SCFTConfig) -> None:
+                           options: SCFTConfig, kwargs: dict) -> None:
         """The combinations that would train something other than what is logged, refused before any work (attribute
         reads only: no host sync)."""
         safety_targets = transition_labels is not None or cls_labels is not None
+        if kwargs.get("shift_labels") is not None:
+            raise ValueError("shift_labels (labels already shifted, from a padding-free collator or sequence "
+                             "parallelism) are not read by scft_fast's fused loss, which shifts labels itself: pass "
+                             "the unshifted labels (HF convention) instead")
         if self.scft_config is None and safety_targets:
             raise ValueError("transition_labels / cls_labels need an SCFT head: apply_scft_fast(model, SCFTConfig())")
         if safety_targets and num_items_in_batch is not None and num_cls_in_batch is None:
@@ -823,198 +555,6 @@ class SCFTForCausalLM:
         index = self.pooled_index(batch, length, attention_mask, None if attention_mask is not None
                                   else position_ids, cu_seqlens, cls_index)
         return self.score(hidden.reshape(batch * length, -1)[index]).float().softmax(-1)
-
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_SCFT_CONFIG = "scft_config.json"  # the SCFT settings beside an adapter (PEFT's files have no place for them)
-
-
-def write_adapter_scft_config(model: nn.Module, path: str) -> None:
-    """Writes the SCFT settings of a PEFT model's head beside its adapter files in ``path``, where
-    ``SCFTForCausalLM.from_pretrained(path)`` reads them back (pool, threshold, coefficients)."""
-    scft = getattr(unwrap(model), "scft_config", None)
-    if scft is not None:
-        with open(os.path.join(path, ADAPTER_SCFT_CONFIG), "w") as f:
-            json.dump(asdict(scft), f, indent=2, sort_keys=True)
-
-
-def _load_adapter(path: str, *args, config: SCFTConfig | None = None, base_model: str | None = None,
-                  is_trainable: bool = False, **kwargs) -> nn.Module:
-    """``SCFTForCausalLM.from_pretrained`` of a PEFT adapter directory (see there)."""
-    from peft import PeftConfig, PeftModel
-
-    peft_config = PeftConfig.from_pretrained(path)
-    base_path = base_model or peft_config.base_model_name_or_path
-    if not base_path or not os.path.isfile(os.path.join(base_path, "config.json")):
-        raise ValueError(f"{os.path.join(path, ADAPTER_CONFIG)}: its base model {base_path!r} is not a local model "
-                         f"directory; pass base_model=PATH (the directory the adapter was trained on)")
-    head = _read_head(path, prefix=ADAPTER_HEAD_PREFIX)
-    if head is None:
-        raise ValueError(f"{path}: the adapter holds no SCFT head ({ADAPTER_HEAD_PREFIX}weight): it was trained "
-                         f"without one; load it with peft.PeftModel.from_pretrained(base, {path!r})")
-    if config is None and os.path.isfile(os.path.join(path, ADAPTER_SCFT_CONFIG)):
-        with open(os.path.join(path, ADAPTER_SCFT_CONFIG)) as f:
-            config = SCFTConfig.from_dict(json.load(f))
-    if config is None:
-        saved = getattr(AutoConfig.from_pretrained(base_path), SCFT_CONFIG_KEY, None)
-        config = SCFTConfig.from_dict(saved) if saved else SCFTConfig()
-    config = replace(config, num_labels=head["weight"].shape[0], head_bias="bias" in head)
-    base = SCFTForCausalLM.from_pretrained(base_path, *args, init_head=True, config=config, **kwargs)
-    model = PeftModel.from_pretrained(base, path, is_trainable=is_trainable)
-    score = unwrap(model).score
-    if any(not torch.equal(getattr(score, k).detach().cpu(), v.to(getattr(score, k).dtype)) for k, v in head.items()):
-        raise ValueError(f"{path}: the adapter's SCFT head did not load into the model (PEFT's modules_to_save "
-                         f"{peft_config.modules_to_save!r} do not name {HEAD_NAME!r})")
-    return model
-
-
-def merged_state_dict(model: nn.Module, submodule: str = "") -> dict[str, torch.Tensor]:
-    """The causal LM's state dict under its own key names, LoRA deltas merged in and PEFT's copy of the head
-    unwrapped, without touching the model. ``submodule`` (a module name of the causal LM, e.g. "model.layers.3"):
-    only that module's entries, under their full names (a ZeRO-3 export gathers one module at a time)."""
-    base = unwrap(model)
-    root = base.get_submodule(submodule)
-    state = root.state_dict(prefix=f"{submodule}." if submodule else "")
-    if base is model:
-        return state
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.other import ModulesToSaveWrapper
-
-    state = {k: v for k, v in state.items() if ".lora_" not in k}
-    for name, module in root.named_modules(prefix=submodule):
-        if isinstance(module, LoraLayer):
-            merged = state.pop(f"{name}.base_layer.weight").clone()
-            for adapter in module.active_adapters:
-                merged += module.get_delta_weight(adapter).to(merged.dtype)
-            state[f"{name}.weight"] = merged
-        elif isinstance(module, ModulesToSaveWrapper):
-            trained = f"{name}.modules_to_save.{module.active_adapters[0]}."
-            for key in [k for k in state if k.startswith(f"{name}.")]:
-                tensor = state.pop(key)
-                if key.startswith(trained):
-                    state[f"{name}." + key[len(trained):]] = tensor
-    return {k.replace(".base_layer.", "."): v for k, v in state.items()}
-
-
-def save_merged(model: nn.Module, path: str, state_dict: dict[str, torch.Tensor] | None = None,
-                **save_kwargs) -> None:
-    """A full checkpoint that ``SCFTForCausalLM.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained``
-    load: the causal LM with LoRA merged, ``score.*`` beside its weights, the SCFT settings under config.json's
-    "scft" key. ``state_dict`` (e.g. gathered from ZeRO-3 shards) overrides the model's own tensors and holds the
-    keys of ``merged_state_dict(model)``. Without PEFT this is ``model.save_pretrained``."""
-    base = unwrap(model)
-    state = state_dict if state_dict is not None else (None if base is model else merged_state_dict(model))
-    if state is not None and getattr(base, "scft_config", None) is not None and HEAD_PREFIX + "weight" not in state:
-        raise ValueError(f"state_dict must hold the head ({HEAD_PREFIX}weight); got keys like {list(state)[:3]}")
-    base.save_pretrained(path, state_dict=state, **save_kwargs)
-
-
-def export_sequence_classifier(model: nn.Module, path: str, tokenizer=None, pad_token_id: int | None = None,
-                               **save_kwargs) -> None:
-    """Writes the SCFT head as a checkpoint that ``AutoModelForSequenceClassification.from_pretrained`` loads and
-    that gives the head's class probabilities.
-
-    transformers' sequence-classification models apply a bias-free ``score`` to the rightmost token that is not
-    ``pad_token_id``. The head's token is the EOS (pool="eos"), so the export needs a pad token other than EOS
-    (``pad_token_id``, else the tokenizer's, else the model's): inputs must end with EOS and be padded with that
-    pad token.
-    For pool="pre_eos" the export pads with EOS itself, so that the rightmost non-pad token is the one before the
-    EOS. A head trained with a bias cannot be written into that bias-free layer: train with
-    ``SCFTConfig(head_bias=False)`` (the default) or the export is refused."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
-
-    base = unwrap(model)
-    scft = getattr(base, "scft_config", None)
-    if scft is None:
-        raise ValueError("the model has no SCFT head to export (apply_scft_fast(model, SCFTConfig()) adds one)")
-    state = merged_state_dict(model)
-    bias = state.pop(HEAD_PREFIX + "bias", None)
-    if bias is not None and bool(bias.detach().float().abs().max() > 0):
-        raise ValueError("the SCFT head has a non-zero bias, which AutoModelForSequenceClassification's bias-free "
-                         "score layer cannot hold; train with SCFTConfig(head_bias=False) to export the head")
-    text_config = base.config.get_text_config()
-    eos = text_config.eos_token_id
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    if scft.pool == "pre_eos":
-        pad = eos
-    else:
-        candidates = [pad_token_id, getattr(tokenizer, "pad_token_id", None), text_config.pad_token_id]
-        pad = next((c for c in candidates if c is not None and c != eos), None)
-        if pad is None:
-            raise ValueError("pool='eos' reads the EOS token, which AutoModelForSequenceClassification skips when "
-                             "it is also the pad token: pass pad_token_id= (a token other than EOS) or a tokenizer "
-                             "whose pad token is not EOS")
-    config = base.config.__class__.from_dict(base.config.to_dict())
-    config.num_labels = scft.num_labels
-    config.id2label = {i: name for i, name in enumerate(["safe", "unsafe"][:scft.num_labels])} \
-        if scft.num_labels == 2 else {i: f"LABEL_{i}" for i in range(scft.num_labels)}
-    config.label2id = {v: k for k, v in config.id2label.items()}
-    config.pad_token_id = pad
-    if hasattr(config, SCFT_CONFIG_KEY):
-        delattr(config, SCFT_CONFIG_KEY)
-    classifier_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
-    classifier = classifier_class(config)
-    prefix = classifier.base_model_prefix
-    # The causal LM's decoder keys (model.*) are the classifier's; the LM head is not part of it.
-    lm_head_keys = {n for n, _ in base.named_parameters() if n.startswith("lm_head.")}
-    weights = {k: v for k, v in state.items() if k.startswith(prefix + ".") or k == HEAD_PREFIX + "weight"}
-    expected = set(classifier.state_dict())
-    if set(weights) != expected:
-        raise ValueError(f"cannot map {type(base).__name__}'s weights onto {classifier_class.__name__}: missing "
-                         f"{sorted(expected - set(weights))[:5]}, extra "
-                         f"{sorted(set(weights) - expected - lm_head_keys)[:5]}")
-    classifier.load_state_dict(weights)
-    classifier.save_pretrained(path, **save_kwargs)
-    if tokenizer is not None:
-        tokenizer = _copy_with_pad(tokenizer, pad)
-        tokenizer.save_pretrained(path)
-
-
-def _copy_with_pad(tokenizer, pad: int):
-    import copy
-
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
-    return tokenizer
-
-
-def has_head(path: str) -> bool:
-    """Whether the checkpoint directory's weights hold ``score.weight`` (a config key alone makes no head)."""
-    return _read_head(path) is not None
-
-
-# How PEFT names the head (a modules_to_save copy) in adapter_model.safetensors.
-ADAPTER_HEAD_PREFIX = "base_model.model." + HEAD_PREFIX
-
-
-def _read_head(path: str, prefix: str = HEAD_PREFIX) -> dict[str, torch.Tensor] | None:
-    """The head's tensors (names under ``prefix``, which is dropped) of a checkpoint directory: single file or
-    sharded safetensors, a .bin, or PEFT's adapter_model.safetensors."""
-    from safetensors import safe_open
-
-    index_file = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index_file):
-        with open(index_file) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted({v for k, v in weight_map.items() if k.startswith(prefix)})
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    elif os.path.exists(os.path.join(path, "adapter_model.safetensors")):
-        files = ["adapter_model.safetensors"]
-    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
-        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-        head = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        return head or None
-    else:
-        raise FileNotFoundError(f"{path} has no model.safetensors, model.safetensors.index.json, "
-                                f"adapter_model.safetensors or pytorch_model.bin")
-    head = {}
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(prefix):
-                    head[key[len(prefix):]] = f.get_tensor(key)
-    return head or None
 
 
 def __getattr__(name: str):
