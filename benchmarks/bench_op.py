@@ -120,6 +120,8 @@ def run_timing(rows: list[Row], x: Inputs, device: torch.device, warmup: int, re
             except Exception as e:
                 row.error = f"{type(e).__name__}: {e}"
                 print(f"ERROR in row {row.key}: {row.error}", file=sys.stderr)
+                if stream is not None:
+                    stream.write("error", key=row.key, rep=rep, error=row.error)
                 continue
             if bar is not None:
                 bar.update(1)

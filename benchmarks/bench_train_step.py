@@ -65,7 +65,7 @@ from train_step_report import MODES, render, run_figures, summarize
 # Model, batch and run length per device; --smoke: tiny, the code paths only.
 SHAPES = {
     "cuda": dict(hidden=2048, intermediate=8192, layers=4, heads=32, kv_heads=8, vocab=128256, max_tokens=8192,
-                 prompt=(32, 256), target=(32, 512), steps=8, warmup=3, repeats=3),
+                 prompt=(32, 256), target=(32, 512), steps=6, warmup=2, repeats=3),
     "smoke": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512, max_tokens=192,
                   prompt=(4, 12), target=(4, 24), steps=2, warmup=1, repeats=1),
 }
@@ -261,8 +261,8 @@ def parse_args(argv=None):
                                              "loss vs Liger-Kernel, paired in one run.")
     add_device_argument(ap, "the model shape and precision")
     ap.add_argument("--smoke", action="store_true", help="tiny model and packs, one repetition: the code paths only")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per run (cuda 8)")
-    ap.add_argument("--warmup", type=int, default=None, help="steps dropped at the start of each run (cuda 3)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per run (cuda 6)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps dropped at the start of each run (cuda 2)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per mode, interleaved (cuda 3)")
     ap.add_argument("--max-tokens", type=int, default=None, help="tokens per packed step (cuda 8192)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
@@ -307,10 +307,10 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in build_model(shape, torch.device("meta"), args.seed).parameters())
     with tempfile.TemporaryDirectory() as scratch:
         optim = getattr(training_arguments(scratch, 1, device, args.seed).optim, "value", "?")
-    model = {k: shape[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")}
+    model_shape = {k: shape[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")}
     stream.write("start", command=command_line(__file__, args.argv), commit=git_commit(), device=device_name(device),
                  device_type=device.type, date_utc=started.strftime("%Y-%m-%d %H:%M:%S UTC"),
-                 versions=library_versions(), python=platform.python_version(), model={**model, "params": params},
+                 versions=library_versions(), python=platform.python_version(), model={**model_shape, "params": params},
                  precision="bf16 autocast over float32 weights" if device.type == "cuda" else "float32",
                  attention="sdpa", tokens_per_step=[int(b["input_ids"].numel()) for b in full_batches],
                  loss_rows_per_step=loss_rows_per_step, steps=shape["steps"], warmup=shape["warmup"],

@@ -130,8 +130,8 @@ def evaluate_targets(stats: list[dict], device_type: str, at_target_shape: bool)
 
 
 def stats_from_stream(lines: list[dict]) -> dict:
-    """bench_op.py's figures from its stream: the rows, the repetitions that completed (warm-up ones left out), the
-    peak memory measured so far; the paired ratios, loss check and targets over those. Returns {"start": the run's
+    """bench_op.py's figures from its stream: the rows (with the error of one that failed), the repetitions that
+    completed (warm-up ones left out), the peak memory measured so far; the paired ratios, loss check and targets over those. Returns {"start": the run's
     description, "stats", "targets", "loss_warnings", "reps_done", "memory_done", "end": its last line or None}."""
     start = next((line for line in lines if line["event"] == "start"), None)
     if start is None:
@@ -143,6 +143,9 @@ def stats_from_stream(lines: list[dict]) -> dict:
     for rep in reps:
         for key, seconds in rep["times"].items():
             rows[key].times.append(seconds)
+    for line in lines:
+        if line["event"] == "error":
+            rows[line["key"]].error = line["error"]
     memory = [line for line in lines if line["event"] == "memory"]
     for line in memory:
         rows[line["key"]].peak_bytes = line.get("peak_bytes")

@@ -63,7 +63,8 @@ def summarize(lines: list[dict]) -> dict:
                                 f"{', '.join(f'{r:.3f}' for r in ratios)})"})
     end = next((line for line in lines if line["event"] == "end"), None)
     return {"start": start, "modes": modes, "paired": paired, "targets": targets, "skipped": skipped,
-            "errors": errors, "runs_done": len(runs), "end": end}
+            "errors": errors, "runs_done": len(runs), "end": end,
+            "resident_before": [r.get("resident_before_bytes") for r in runs]}
 
 
 def _gib(b: float | None) -> str:
@@ -95,6 +96,10 @@ def render(report: dict) -> list[str]:
         elif mode in report["skipped"]:
             lines.append(f"| {mode} | {MODE_TITLES[mode]} | not run: {report['skipped'][mode]} | | | | |")
     lines += [f"- FAILED run: {e}" for e in report["errors"]]
+    left = [r for r in report["resident_before"] if r]
+    if left and max(left) > 2**30:
+        lines.append(f"- memory still allocated when a run began (left by the runs before it): up to {_gib(max(left))} "
+                     "GiB, inside that run's peak")
     full = report["modes"].get("full")
     for mode in ("plain", "hf", "liger"):
         other = report["modes"].get(mode)
