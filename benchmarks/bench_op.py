@@ -41,6 +41,7 @@ from harness import (
     REPO,
     RESULTS,
     ResultStream,
+    StopRequest,
     add_device_argument,
     add_note_argument,
     check_device,
@@ -82,10 +83,13 @@ DEFAULT_NOISE = 0.05
 
 
 def run_timing(rows: list[Row], x: Inputs, device: torch.device, warmup: int, reps: int, progress: bool,
-               stream: ResultStream | None) -> None:
+               stream: ResultStream | None, stop: StopRequest) -> None:
     """Interleaved: each repetition runs every row once, the order rotated by one each time. A repetition's times
-    are kept (and streamed) when it completes, so that every row has the same repetitions for the paired ratios."""
+    are kept (and streamed) when it completes, so that every row has the same repetitions for the paired ratios;
+    a stop request ends the run there."""
     for row in rows:  # the first call also records the loss the row computes
+        if stop.requested:
+            return
         try:
             clear_grads(x)
             first = time_call(lambda r=row: setattr(r, "loss", float(r.step())), device)
@@ -131,6 +135,8 @@ def run_timing(rows: list[Row], x: Inputs, device: torch.device, warmup: int, re
                     row.times.append(times[row.key])
         if stream is not None:
             stream.write("rep", rep=rep, warmup=rep < warmup, times=times)
+        if stop.requested:
+            break
     if bar is not None:
         bar.close()
     clear_grads(x)
@@ -247,18 +253,18 @@ def main(argv=None) -> int:
                      reps=args.reps, warmup=args.warmup, flops_per_call=flops, at_target_shape=args.at_target_shape,
                      skipped=skipped, tag=args.tag)
 
+    # benchmarks/gpu_run.py stops a step at its time limit with SIGINT: the run ends after the repetition in
+    # progress and reports what it measured.
+    stop = StopRequest()
+    run_timing(rows, x, device, args.warmup, args.reps, progress, stream, stop)
+    if not args.no_memory and not stop.requested:
+        measure_memory(rows, x, args, progress)
+        for row in rows:
+            if stream is not None and row.family != "gemm":
+                stream.write("memory", key=row.key, peak_bytes=row.peak_bytes, error=row.error)
     cut = None
-    try:
-        run_timing(rows, x, device, args.warmup, args.reps, progress, stream)
-        if not args.no_memory:
-            measure_memory(rows, x, args, progress)
-            for row in rows:
-                if stream is not None and row.family != "gemm":
-                    stream.write("memory", key=row.key, peak_bytes=row.peak_bytes, error=row.error)
-    except KeyboardInterrupt:
-        # benchmarks/gpu_run.py stops a step at its time limit with SIGINT: report what was measured.
-        done = max((len(r.times) for r in rows), default=0)
-        cut = f"stopped (SIGINT) after {done} of {args.reps} timed repetitions"
+    if stop.requested:
+        cut = f"stopped (SIGINT) after {max((len(r.times) for r in rows), default=0)} of {args.reps} timed repetitions"
         print(f"\n{cut}", file=sys.stderr)
     load_end = load_average()
     sources_end = source_digest()

@@ -113,18 +113,21 @@ def pack(rows: list[dict], max_tokens: int, steps: int) -> list[list[dict]]:
 
 class PackCollator:
     """Batch size 1, one pack per step: SCFTDataCollator(packing=True) over its rows. ``plain``: RTO targets as LM
-    targets, no head labels (the plain modes' batch at equal rows)."""
+    targets, no head labels (the plain modes' batch at equal rows). ``tokens`` lists each batch's tokens in the order
+    the Trainer asked for them, which is the order of its steps."""
 
     def __init__(self, plain: bool):
         from scft_fast import SCFTDataCollator
 
         self.collate, self.plain = SCFTDataCollator(None, packing=True), plain
+        self.tokens: list[int] = []
 
     def __call__(self, packs: list[list[dict]]) -> dict:
         from scft_fast import IGNORE_INDEX
 
         (rows,) = packs
         batch = self.collate(rows)
+        self.tokens.append(int(batch["input_ids"].numel()))
         if not self.plain:
             return batch
         labels = torch.where(batch["labels"] != IGNORE_INDEX, batch["labels"], batch["transition_labels"])
@@ -238,8 +241,9 @@ def train_run(mode: str, packs: list[list[dict]], shape: dict, device: torch.dev
     with tempfile.TemporaryDirectory(prefix=f"train_step_{mode}_") as output_dir:
         training_args = training_arguments(output_dir, steps, device, args.seed)
         trainer_class = SCFTTrainer if mode == "full" else Trainer
-        trainer = trainer_class(model=model, args=training_args, train_dataset=packs,
-                                data_collator=PackCollator(plain=mode != "full"), callbacks=[clock])
+        collator = PackCollator(plain=mode != "full")
+        trainer = trainer_class(model=model, args=training_args, train_dataset=packs, data_collator=collator,
+                                callbacks=[clock])
         try:
             trainer.train()
         finally:
@@ -252,8 +256,9 @@ def train_run(mode: str, packs: list[list[dict]], shape: dict, device: torch.dev
         peak = proc_status_kib("VmHWM") * 1024 if rss_reset else None
     del trainer, model
     gc.collect()
-    return {"step_times_s": clock.times, "peak_memory_bytes": peak, "resident_before_bytes": resident_before,
-            "train_loss": logs.get("train_loss"), "logs": logs}
+    return {"step_times_s": clock.times, "tokens_per_step": collator.tokens[:len(clock.times)],
+            "peak_memory_bytes": peak, "resident_before_bytes": resident_before, "train_loss": logs.get("train_loss"),
+            "logs": logs}
 
 
 def parse_args(argv=None):
@@ -295,13 +300,15 @@ def main(argv=None) -> int:
     stem = result_stem("train_step", device.type, started)
     stream = ResultStream(Path(args.out_dir) / f"{stem}.jsonl")
 
-    packs = pack(synthetic_rows(64 + 4 * (shape["warmup"] + shape["steps"]) * shape["max_tokens"] //
-                                sum(shape["prompt"] + shape["target"]), shape["vocab"], shape["prompt"],
-                                shape["target"], args.seed), shape["max_tokens"], shape["warmup"] + shape["steps"])
+    steps = shape["warmup"] + shape["steps"]
+    mean_row = (sum(shape["prompt"]) + sum(shape["target"])) / 2
+    rows = synthetic_rows(int(2 * steps * shape["max_tokens"] / mean_row) + 64, shape["vocab"], shape["prompt"],
+                          shape["target"], args.seed)  # twice the rows the packs need, on average
+    packs = pack(rows, shape["max_tokens"], steps)
     full_batches = [PackCollator(plain=False)([p]) for p in packs]
     plain_batches = [PackCollator(plain=True)([p]) for p in packs]
-    loss_rows_per_step = [loss_rows(b) for b in full_batches]
-    if loss_rows_per_step != [loss_rows(b) for b in plain_batches]:
+    loss_rows_per_pack = [loss_rows(b) for b in full_batches]
+    if loss_rows_per_pack != [loss_rows(b) for b in plain_batches]:
         raise AssertionError("the plain batches do not have full's loss rows: the comparison would not be at "
                              "equal rows")
     params = sum(p.numel() for p in build_model(shape, torch.device("meta"), args.seed).parameters())
@@ -312,8 +319,8 @@ def main(argv=None) -> int:
                  device_type=device.type, date_utc=started.strftime("%Y-%m-%d %H:%M:%S UTC"),
                  versions=library_versions(), python=platform.python_version(), model={**model_shape, "params": params},
                  precision="bf16 autocast over float32 weights" if device.type == "cuda" else "float32",
-                 attention="sdpa", tokens_per_step=[int(b["input_ids"].numel()) for b in full_batches],
-                 loss_rows_per_step=loss_rows_per_step, steps=shape["steps"], warmup=shape["warmup"],
+                 attention="sdpa", tokens_per_pack=[int(b["input_ids"].numel()) for b in full_batches],
+                 loss_rows_per_pack=loss_rows_per_pack, steps=shape["steps"], warmup=shape["warmup"],
                  repeats=shape["repeats"], modes=args.modes, at_target_shape=args.at_target_shape,
                  optim=optim,
                  memory_method="torch.cuda.max_memory_allocated over the run" if device.type == "cuda" else
@@ -343,8 +350,7 @@ def main(argv=None) -> int:
                     stream.write("run", mode=mode, rep=rep, error=f"{type(e).__name__}: {e}"[:2000])
                     print(f"{mode} repetition {rep} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
                     continue
-                tokens = [int(b["input_ids"].numel()) for b in full_batches]
-                figures = run_figures(run["step_times_s"], tokens, shape["warmup"])
+                figures = run_figures(run["step_times_s"], run["tokens_per_step"], shape["warmup"])
                 stream.write("run", mode=mode, rep=rep, wall_s=time.perf_counter() - began, **figures, **run)
                 print(f"rep {rep} {mode:>5}: median step {figures['median_step_s'] * 1e3:9.1f} ms, "
                       f"{figures['tokens_per_s']:10,.0f} tokens/s", flush=True)

@@ -7,10 +7,9 @@
 In order: the install (the wheels in .whl/ and the project, only where not importable), verified before anything
 is measured (``import scft_fast.kernels`` and one Triton epilogue row against its torch twin: a failure stops the
 run at once with the reason), which also records the versions and the device (versions.json); then ``STEPS``,
-highest priority first; then the summary (summary.md, printed last,
-and summary.json). Every file goes under OUT_DIR: steps.jsonl (one line per step: exit status, seconds, its limit,
-whether it was cut), each step's log, and each benchmark's results, streamed (``*.jsonl``, one line per figure as
-it is measured) beside its final .json and .md.
+highest priority first; then the summary (summary.md, printed last, and summary.json). Every file goes under
+OUT_DIR: steps.jsonl (one line per step: exit status, seconds, its limit, whether it was cut), each step's log, and
+each benchmark's results, streamed (``*.jsonl``, one line per figure as it is measured) beside its .json and .md.
 
 Time. The whole run stays within GPU_RUN_BUDGET_S (default ``BUDGET_S``): the steps' limits add up inside it
 (tests/test_gpu_run_smoke.py checks the table), and a step never outlives its limit or what is left of the budget.
@@ -269,7 +268,7 @@ def run(out: Path, smoke: bool, only: list[str], limits: dict[str, int], extra: 
                 continue
             command = step.smoke if smoke else step.gpu
             if command is None:
-                log.add(step.name, None, 0, step.limit_s, "skipped", "not in smoke mode: op_main runs its code path")
+                log.add(step.name, None, 0, step.limit_s, "skipped", "GPU only: STEPS gives it no smoke command")
                 continue
             limit = min(step.limit_s, remaining)
             command = [py, *(a.replace("{out}", str(out)) for a in command), *extra.get(step.name, [])]

@@ -13,7 +13,8 @@ Environment. ``git_commit``, ``source_digest``, ``cpu_name`` / ``device_name``, 
 ``library_versions``, ``command_line``: what a result file records beside its figures.
 
 Streams. ``ResultStream`` appends one JSON line per measured figure and flushes it at once, so a run stopped by a
-time limit leaves everything it measured; ``read_stream`` reads such a file back, a cut last line dropped.
+time limit leaves everything it measured; ``read_stream`` reads such a file back, a cut last line dropped;
+``StopRequest`` turns SIGINT into a request that a measuring loop honours between figures.
 
 Runs in fresh processes. ``save_random_llama`` writes one random-initialized Llama + the embedded tokenizer that
 every run loads; ``run_worker`` runs ``script --worker MODE MODEL_DIR RESULT_JSON`` and returns its JSON.
@@ -29,6 +30,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -237,6 +239,18 @@ class ResultStream:
 
     def close(self) -> None:
         self._file.close()
+
+
+class StopRequest:
+    """SIGINT (benchmarks/gpu_run.py sends it at a step's time limit; Ctrl-C) as a request to stop at the next
+    point where the figures are whole: a measuring loop checks ``requested`` between repetitions."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
 
 
 def read_stream(path: str | Path) -> list[dict]:

@@ -80,8 +80,8 @@ def render(report: dict) -> list[str]:
     lines = [f"- model: random Llama, H={m['hidden']}, I={m['intermediate']}, L={m['layers']}, heads "
              f"{m['heads']}/{m['kv_heads']}, V={m['vocab']}, {m['params'] / 1e6:,.1f}M parameters; "
              f"{start['precision']}; attention {start['attention']}",
-             f"- batches: one packed row per step, {statistics.median(start['tokens_per_step']):,.0f} tokens, "
-             f"{statistics.median(start['loss_rows_per_step']):,.0f} loss rows (the same in every mode); "
+             f"- batches: one packed row per step, median {statistics.median(start['tokens_per_pack']):,.0f} tokens and "
+             f"{statistics.median(start['loss_rows_per_pack']):,.0f} loss rows (the same in every mode); "
              f"{start['warmup']} warm-up + {start['steps']} timed steps per run, {start['repeats']} repetitions, "
              f"order rotated; optimizer {start['optim']}",
              f"- memory: {start['memory_method']}", "",

@@ -101,7 +101,10 @@ def test_smoke_run_writes_every_result_and_prints_the_table_last(smoke):
     assert {line["mode"]: line["reason"] for line in train if line["event"] == "skipped"} == {
         "liger": "Liger-Kernel runs on CUDA only"}
     start = train[0]
-    assert start["loss_rows_per_step"] and all(n > 0 for n in start["loss_rows_per_step"])
+    assert start["loss_rows_per_pack"] and all(n > 0 for n in start["loss_rows_per_pack"])
+    # Every mode trains on the same packs in the same order, each pack once.
+    assert runs["full"]["tokens_per_step"] == runs["plain"]["tokens_per_step"] == runs["hf"]["tokens_per_step"]
+    assert sorted(runs["full"]["tokens_per_step"]) == sorted(start["tokens_per_pack"])
     assert "transition_loss" in runs["full"]["logs"] and "transition_loss" not in runs["plain"]["logs"]
 
     table = (out / "summary.md").read_text()
@@ -173,14 +176,21 @@ def test_a_failed_install_stops_the_run_at_once_with_the_reason(tmp_path):
     assert done.stdout.endswith(table) and "| verify | FAILED |" in table
 
 
-def test_a_failed_pip_install_is_a_line_with_its_reason(tmp_path):
-    """The GPU install's failure path, with an interpreter whose pip and imports fail."""
+def test_a_failed_pip_install_falls_back_to_a_copied_package(tmp_path, monkeypatch):
+    """The GPU install with an interpreter whose pip and imports fail: the package is copied with kernels/ as
+    scft_fast.kernels (the check after it decides), and the note says why."""
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'no index here' >&2\nexit 1\n")
     fake.chmod(0o755)
-    ok, note = gpu_run.install(str(fake), dict(os.environ), deadline=time.monotonic() + 30)
-    assert not ok
-    assert note.endswith("pip install -e . failed: no index here")
+    monkeypatch.setattr(gpu_run.tempfile, "mkdtemp", lambda prefix: str(tmp_path / prefix))
+    env = {"PATH": os.environ["PATH"]}
+    ok, note = gpu_run.install(str(fake), env, deadline=time.monotonic() + 30)
+    copy = tmp_path / "gpu_run_package_"
+    assert ok and note.endswith(f"pip install -e . failed (no index here): scft_fast copied to {copy} with kernels/ "
+                                "as scft_fast.kernels")
+    assert "no .whl/" in note or "wheels" in note
+    assert env["PYTHONPATH"] == str(copy)
+    assert (copy / "scft_fast" / "kernels" / "cls_head.py").read_text() == (REPO / "kernels" / "cls_head.py").read_text()
 
 
 def test_without_an_output_directory_or_without_cuda_it_stops_at_once(tmp_path):
