@@ -24,7 +24,7 @@ _MAX_BLOCK_H = 256
 # the stack under Triton 3.6 (4 and 12 bytes, sm_90) and took up to 119 registers under 3.9; at 2048 no variant
 # spills and the most any takes is 88 (Triton 3.9, sm_80/90/100: tests/test_kernels_compile.py).
 _MAX_TILE = 2048
-NUM_WARPS = 4
+_NUM_WARPS = 4
 
 
 def cls_head_blocks(num_classes: int) -> tuple[int, int]:
@@ -162,7 +162,7 @@ def cls_head_triton(
             COMPUTE_GRAD=compute_grad,
             BLOCK_C=block_c,
             BLOCK_H=block_h,
-            num_warps=NUM_WARPS,
+            num_warps=_NUM_WARPS,
         )
     return ce, logits, grad_pooled, grad_weight, grad_bias
 
