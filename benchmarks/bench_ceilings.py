@@ -12,6 +12,8 @@ Rows (seeded random inputs, never zeros; bf16 on CUDA, float32 on CPU by default
 The dW rows call the op's own accumulation (``scft_fast.ops.chunked.accumulate_f32``) and name the path it took.
 The epilogue gets fresh random logits (std 2) before each call, copied from a pristine buffer outside the timed
 region. CUDA times come from CUDA events around each call, CPU times from perf_counter; median over --reps.
+Each row goes to ceilings_<device>_<UTC date>.jsonl as it is measured; stopped by SIGINT (benchmarks/gpu_run.py at a
+step's time limit), the script writes the rows it has and says where it stopped.
 
     python benchmarks/bench_ceilings.py --out-dir DIR                  # CUDA: H=4096, V=128256, c = 2048 and 4096
     python benchmarks/bench_ceilings.py --device cpu --quick --out-dir DIR   # smoke test, seconds
@@ -27,6 +29,7 @@ from typing import Callable
 import torch
 
 from harness import (
+    ResultStream,
     add_device_argument,
     check_device,
     command_line,
@@ -62,12 +65,20 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
 
 
 class Rows(list):
-    """The result rows; add() appends one from its times and returns the median."""
+    """The result rows, each streamed as it is measured; add() appends one from its times and returns the median."""
+
+    def __init__(self, stream: ResultStream):
+        super().__init__()
+        self.stream = stream
+
+    def record(self, row: dict) -> None:
+        self.append(row)
+        self.stream.write("row", **row)
 
     def add(self, name: str, times: list[float], work: float, unit: str, **extra) -> float:
         med = statistics.median(times)
         rate = work / med / (1e12 if unit == "TFLOP/s" else 1e9)
-        self.append(dict(row=name, median_s=med, min_s=min(times), max_s=max(times), rate=rate, unit=unit,
+        self.record(dict(row=name, median_s=med, min_s=min(times), max_s=max(times), rate=rate, unit=unit,
                          reps=len(times), **extra))
         return med
 
@@ -105,17 +116,17 @@ def measure_chunk(rows: Rows, args, kw: dict, dtype: torch.dtype, chunk: int, we
     gemm("dW beta=0", lambda: accumulate_f32(None, pristine.T, hidden), path=path)
     t_dw = gemm("dW beta=1", lambda: accumulate_f32(acc, pristine.T, hidden), path=path)
     three = t_logits + t_grad_h + t_dw
-    rows.append(dict(row=f"chunk: 3 GEMMs c={chunk}", median_s=three, rate=3 * flops / three / 1e12,
+    rows.record(dict(row=f"chunk: 3 GEMMs c={chunk}", median_s=three, rate=3 * flops / three / 1e12,
                      unit="TFLOP/s", note="sum of the three medians above", **shape))
 
     targets = torch.randint(0, vocab, (chunk,), **kw)  # every row has a target, as in the op's chunks
     no_transition = torch.full_like(targets, IGNORE_INDEX)
     scale = torch.full((), 1.0 / chunk, dtype=torch.float32, device=device)
     moved = 3 * chunk * vocab * itemsize
-    seconds = rows.add(f"epilogue [{epilogue_backend(backend)}] c={chunk}", timed(
-        lambda: backend.epilogue(logits, targets, no_transition, scale, scale, None, IGNORE_INDEX), device,
-        args.reps, args.warmup, setup=lambda: logits.copy_(pristine)), moved, "GB/s", bytes=moved, **shape)
-    rows[-1]["share_of_copy"] = moved / seconds / 1e9 / copy_rate
+    times = timed(lambda: backend.epilogue(logits, targets, no_transition, scale, scale, None, IGNORE_INDEX), device,
+                  args.reps, args.warmup, setup=lambda: logits.copy_(pristine))
+    rows.add(f"epilogue [{epilogue_backend(backend)}] c={chunk}", times, moved, "GB/s", bytes=moved,
+             share_of_copy=moved / statistics.median(times) / 1e9 / copy_rate, **shape)
 
 
 def epilogue_backend(backend) -> str:
@@ -123,17 +134,18 @@ def epilogue_backend(backend) -> str:
     return backend.epilogue.__name__.removeprefix("safety_epilogue_")
 
 
-def measure(args) -> dict:
+def measure(args, rows: Rows, found: dict) -> None:
+    """Fills rows (and found: the accumulation path and the epilogue's backend) as it measures."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     kw = dict(device=device, generator=torch.Generator(device=device).manual_seed(args.seed))
-    rows = Rows()
-    copy_rate = measure_copy(rows, args, kw, dtype)
-    weight = (torch.randn(args.vocab, args.hidden, **kw) * (2.0 / math.sqrt(args.hidden))).to(dtype)
     backend = resolve_backend(args.backend, device)
     path = accumulation_path(device, dtype)
+    found.update(fp32_accumulation_path=path, epilogue_backend=epilogue_backend(backend))
+    rows.stream.write("start", **found)
+    copy_rate = measure_copy(rows, args, kw, dtype)
+    weight = (torch.randn(args.vocab, args.hidden, **kw) * (2.0 / math.sqrt(args.hidden))).to(dtype)
     for chunk in args.chunks:  # each chunk's buffers are freed when measure_chunk returns
         measure_chunk(rows, args, kw, dtype, chunk, weight, backend, path, copy_rate)
-    return {"rows": list(rows), "fp32_accumulation_path": path, "epilogue_backend": epilogue_backend(backend)}
 
 
 def render(result: dict) -> str:
@@ -144,8 +156,8 @@ def render(result: dict) -> str:
              f"- command: `{m['command']}`",
              f"- dtype {m['dtype']}, H={m['H']}, V={m['V']}, chunks {m['chunks']}; {m['reps']} timed calls per row "
              f"after {m['warmup']} warm-up; {m['timing_method']}",
-             f"- dW rows: the op's float32 accumulation, path `{result['fp32_accumulation_path']}`; epilogue backend "
-             f"{result['epilogue_backend']}", "",
+             f"- dW rows: the op's float32 accumulation, path `{result.get('fp32_accumulation_path')}`; epilogue "
+             f"backend {result.get('epilogue_backend')}", *([f"- CUT: {m['cut']}"] if m["cut"] else []), "",
              "| row | median ms | rate | unit | note |", "|---|---:|---:|---|---|"]
     for r in result["rows"]:
         note = r.get("note", "")
@@ -188,18 +200,28 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     started = utc_now()
-    result = measure(args)
+    stem = result_stem("ceilings", device.type, started)
+    rows, found, cut = Rows(ResultStream(f"{args.out_dir}/{stem}.jsonl")), {}, None
+    try:
+        measure(args, rows, found)
+    except KeyboardInterrupt:
+        # benchmarks/gpu_run.py stops a step at its time limit with SIGINT: write the rows measured so far.
+        cut = f"stopped (SIGINT) after {len(rows)} rows" + (f", the last {rows[-1]['row']}" if rows else "")
+    result = {"rows": list(rows), **found}
     result["meta"] = {
         "date_utc": started.strftime("%Y-%m-%d %H:%M:%S UTC"), "commit": git_commit(),
         "command": command_line(__file__, args.argv), "device": device_name(device),
         "device_type": device.type, "versions": library_versions(), "dtype": args.dtype, "H": args.hidden,
         "V": args.vocab, "chunks": args.chunks, "reps": args.reps, "warmup": args.warmup,
-        "timing_method": "CUDA events around each call" if device.type == "cuda" else "time.perf_counter"}
+        "timing_method": "CUDA events around each call" if device.type == "cuda" else "time.perf_counter",
+        "cut": cut}
     markdown = render(result)
     print(markdown)
-    stem = write_results(args.out_dir, result_stem("ceilings", device.type, started), result, markdown)
-    print(f"wrote {stem}.json and .md")
-    return 0
+    path = write_results(args.out_dir, stem, result, markdown)
+    rows.stream.write("end", cut=cut)
+    rows.stream.close()
+    print(f"wrote {path}.json, .md and .jsonl")
+    return 130 if cut else 0
 
 
 if __name__ == "__main__":

@@ -33,12 +33,15 @@ import json
 import platform
 import re
 import sys
+from pathlib import Path
 
 import torch
 
 from harness import (
     REPO,
     RESULTS,
+    ResultStream,
+    StopRequest,
     add_device_argument,
     add_note_argument,
     check_device,
@@ -79,16 +82,27 @@ QUICK_SHAPE = dict(rows=512, hidden=64, vocab=2048)
 DEFAULT_NOISE = 0.05
 
 
-def run_timing(rows: list[Row], x: Inputs, device: torch.device, warmup: int, reps: int, progress: bool) -> None:
-    """Interleaved: each repetition runs every row once, the order rotated by one each time."""
+def run_timing(rows: list[Row], x: Inputs, device: torch.device, warmup: int, reps: int, progress: bool,
+               stream: ResultStream | None, stop: StopRequest) -> None:
+    """Interleaved: each repetition runs every row once, the order rotated by one each time. A repetition's times
+    are kept (and streamed) when it completes, so that every row has the same repetitions for the paired ratios;
+    a stop request ends the run there."""
     for row in rows:  # the first call also records the loss the row computes
+        if stop.requested:
+            return
         try:
             clear_grads(x)
-            loss = float(row.step())
-            row.loss = None if row.family == "gemm" else loss
+            first = time_call(lambda r=row: setattr(r, "loss", float(r.step())), device)
+            if row.family == "gemm":
+                row.loss = None
         except Exception as e:  # a broken row is reported, the others still run
+            first = None
             row.error = f"{type(e).__name__}: {e}"
             print(f"ERROR in row {row.key}: {row.error}", file=sys.stderr)
+        if stream is not None:
+            stream.write("row", key=row.key, label=row.label, family=row.family, backend=row.backend,
+                         chunk=row.chunk, loss=row.loss, error=row.error, first_call_s=first,
+                         grad_bytes=returned_grad_bytes(x, row.family))
     live = [r for r in rows if r.error is None]
     bar = None
     if progress:
@@ -98,6 +112,7 @@ def run_timing(rows: list[Row], x: Inputs, device: torch.device, warmup: int, re
         except ImportError:
             pass
     for rep, order in enumerate(rotations(live, warmup + reps)):
+        times = {}
         for row in order:
             if row.error is not None:
                 continue
@@ -105,15 +120,23 @@ def run_timing(rows: list[Row], x: Inputs, device: torch.device, warmup: int, re
                 bar.set_postfix_str(f"{row.key}")
             try:
                 clear_grads(x)
-                elapsed = time_call(row.step, device)
+                times[row.key] = time_call(row.step, device)
             except Exception as e:
                 row.error = f"{type(e).__name__}: {e}"
                 print(f"ERROR in row {row.key}: {row.error}", file=sys.stderr)
+                if stream is not None:
+                    stream.write("error", key=row.key, rep=rep, error=row.error)
                 continue
-            if rep >= warmup:
-                row.times.append(elapsed)
             if bar is not None:
                 bar.update(1)
+        if rep >= warmup:
+            for row in live:
+                if row.key in times:
+                    row.times.append(times[row.key])
+        if stream is not None:
+            stream.write("rep", rep=rep, warmup=rep < warmup, times=times)
+        if stop.requested:
+            break
     if bar is not None:
         bar.close()
     clear_grads(x)
@@ -218,17 +241,38 @@ def main(argv=None) -> int:
         rows = [r for r in rows if any(r.key == k or r.key.startswith(k) for k in args.only)]
     flops = 6.0 * x.n_loss * p.hidden * p.vocab
     progress = not args.no_progress
+    shape = {"N": p.rows, "H": p.hidden, "V": p.vocab, "N_loss": x.n_loss, "N_transition": x.n_transition,
+             "S": x.cls_index.numel(), "C": p.classes, "seq_len": p.seq_len}
+    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    stem = result_stem("op", slug, started, args.tag)
+    stream = None
+    if args.out_dir:
+        stream = ResultStream(Path(args.out_dir) / f"{stem}.jsonl")
+        stream.write("start", command=command_line(__file__, args.child_argv), commit=commit_start,
+                     device=device_name(device), device_type=device.type, shape=shape, dtype=args.dtype,
+                     reps=args.reps, warmup=args.warmup, flops_per_call=flops, at_target_shape=args.at_target_shape,
+                     skipped=skipped, tag=args.tag)
 
-    run_timing(rows, x, device, args.warmup, args.reps, progress)
-    if not args.no_memory:
+    # benchmarks/gpu_run.py stops a step at its time limit with SIGINT: the run ends after the repetition in
+    # progress and reports what it measured.
+    stop = StopRequest()
+    run_timing(rows, x, device, args.warmup, args.reps, progress, stream, stop)
+    if not args.no_memory and not stop.requested:
         measure_memory(rows, x, args, progress)
+        for row in rows:
+            if stream is not None and row.family != "gemm":
+                stream.write("memory", key=row.key, peak_bytes=row.peak_bytes, error=row.error)
+    cut = None
+    if stop.requested:
+        cut = f"stopped (SIGINT) after {max((len(r.times) for r in rows), default=0)} of {args.reps} timed repetitions"
+        print(f"\n{cut}", file=sys.stderr)
     load_end = load_average()
     sources_end = source_digest()
 
     stats = [row_stats(r, flops, returned_grad_bytes(x, r.family)) for r in rows]
     add_paired_ratios(stats)
     loss_warnings = check_losses(stats, args.dtype)
-    targets = evaluate_targets(stats, device, args.at_target_shape)
+    targets = evaluate_targets(stats, device.type, args.at_target_shape)
     meta = {
         "date_utc": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": command_line(__file__, args.child_argv),
@@ -240,8 +284,7 @@ def main(argv=None) -> int:
         "device_type": device.type,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "shape": {"N": p.rows, "H": p.hidden, "V": p.vocab, "N_loss": x.n_loss, "N_transition": x.n_transition,
-                  "S": x.cls_index.numel(), "C": p.classes, "seq_len": p.seq_len},
+        "shape": shape,
         "dtype": args.dtype,
         "prompt_frac": p.prompt_frac,
         "transition_frac": p.transition_frac,
@@ -262,21 +305,21 @@ def main(argv=None) -> int:
         "loadavg_end": load_end,
         "note": args.note,
         "at_target_shape": args.at_target_shape,
+        "cut": cut,
     }
     markdown = render_markdown(meta, stats, targets, loss_warnings, args.noise_threshold, sources_end)
     print("\n" + markdown)
 
     if args.out_dir:
-        slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-        stem = write_results(args.out_dir, result_stem("op", slug, started, args.tag),
-                             {"meta": meta, "rows": stats, "targets": targets, "loss_warnings": loss_warnings},
-                             markdown)
-        print(f"wrote {stem}.json and .md")
+        path = write_results(args.out_dir, stem, {"meta": meta, "rows": stats, "targets": targets,
+                                                  "loss_warnings": loss_warnings}, markdown)
+        stream.write("end", cut=cut)
+        stream.close()
+        print(f"wrote {path}.json, .md and .jsonl")
     failed = [st["key"] for st in stats if st["error"] or st.get("loss_mismatch")]
     if failed:
         print(f"FAILED rows: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return 130 if cut else 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ Memory. CPU: ``reset_peak_rss`` (the VmHWM high-water mark, through /proc/self/c
 Environment. ``git_commit``, ``source_digest``, ``cpu_name`` / ``device_name``, ``load_average``,
 ``library_versions``, ``command_line``: what a result file records beside its figures.
 
+Streams. ``ResultStream`` appends one JSON line per measured figure and flushes it at once, so a run stopped by a
+time limit leaves everything it measured; ``read_stream`` reads such a file back, a cut last line dropped;
+``StopRequest`` turns SIGINT into a request that a measuring loop honours between figures.
+
 Runs in fresh processes. ``save_random_llama`` writes one random-initialized Llama + the embedded tokenizer that
 every run loads; ``run_worker`` runs ``script --worker MODE MODEL_DIR RESULT_JSON`` and returns its JSON.
 """
@@ -26,6 +30,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -215,6 +220,48 @@ def write_results(out_dir: str | Path, stem: str, payload: dict, markdown: str, 
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=indent) + "\n")
     (out / f"{stem}.md").write_text(markdown)
     return out / stem
+
+
+# ----------------------------------------------------------------------------- streams
+
+class ResultStream:
+    """OUT.jsonl, one ``{"event": ..., ...}`` line per figure, written and flushed as it is measured: a run stopped by
+    its time limit (SIGINT, then SIGKILL: benchmarks/gpu_run.py) still leaves every figure it measured."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+
+    def write(self, event: str, **fields) -> None:
+        self._file.write(json.dumps({"event": event, **fields}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class StopRequest:
+    """SIGINT (benchmarks/gpu_run.py sends it at a step's time limit; Ctrl-C) as a request to stop at the next
+    point where the figures are whole: a measuring loop checks ``requested`` between repetitions."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+
+def read_stream(path: str | Path) -> list[dict]:
+    """The lines of a ResultStream file; a last line cut mid-write (the process killed) is dropped."""
+    lines = []
+    for text in Path(path).read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            break
+    return lines
 
 
 # ----------------------------------------------------------------------------- argparse pieces

@@ -5,18 +5,26 @@ Targets, by what they measure. CPU: full / LM-only step time <= 1.03; LM-only >=
 and its peak memory <= theirs. GPU: LM-only <= 1.3x the three GEMMs' time; full / LM-only <= 1.01 (paired
 median); LM-only faster than each Liger and CCE row; loss workspace < 4 GiB. They are stated at the target shapes
 (bench_op.py's TARGET_SHAPES); elsewhere they are informational.
+
+``stats_from_stream`` rebuilds the figures from bench_op.py's stream (op_*.jsonl) when its run was cut before it
+wrote its JSON. This module imports neither torch nor the package: benchmarks/gpu_run.py's summary reads results
+with it whatever state the install is in.
 """
 from __future__ import annotations
 
-import torch
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from harness import noise_mark, quartiles, spread
-from op_rows import Row
+
+if TYPE_CHECKING:
+    from op_rows import Row
 
 # The targets' heading per device type: what they compare.
 TARGETS_MEASURED = {"cpu": "full / LM-only step time; LM-only vs F.lce, time and memory",
                     "cuda": "LM-only vs the three GEMMs; full / LM-only (paired); LM-only vs Liger and CCE; "
                             "loss workspace"}
+
 
 def row_stats(row: Row, flops: float, grad_bytes: int) -> dict:
     out = {"key": row.key, "label": row.label, "family": row.family, "backend": row.backend, "chunk": row.chunk,
@@ -69,7 +77,7 @@ def _by_key(stats: list[dict]) -> dict[str, dict]:
     return {s["key"]: s for s in stats if "median_s" in s}
 
 
-def evaluate_targets(stats: list[dict], device: torch.device, at_target_shape: bool) -> list[dict]:
+def evaluate_targets(stats: list[dict], device_type: str, at_target_shape: bool) -> list[dict]:
     """met / missed per target, with the figure; only meaningful at the target shape and dtype."""
     s = _by_key(stats)
     memory = {st["key"]: st for st in stats if st.get("peak_bytes") is not None}
@@ -84,7 +92,7 @@ def evaluate_targets(stats: list[dict], device: torch.device, at_target_shape: b
                        if st["key"].startswith("scft_lm:") and st["key"].endswith(":auto")})
     for b in backends:
         lm, full = s.get(f"scft_lm:{b}:auto"), s.get(f"scft_full:{b}:auto")
-        if device.type == "cpu":
+        if device_type == "cpu":
             if lm and full:
                 add(f"CPU [{b}] full <= 1.03x LM-only", full["median_s"] / lm["median_s"], "<=", 1.03, "{:.3f}x",
                     f"{full['median_s'] * 1e3:.0f} ms vs {lm['median_s'] * 1e3:.0f} ms")
@@ -119,6 +127,36 @@ def evaluate_targets(stats: list[dict], device: torch.device, at_target_shape: b
     for t in out:
         t["at_target_shape"] = at_target_shape
     return out
+
+
+def stats_from_stream(lines: list[dict]) -> dict:
+    """bench_op.py's figures from its stream: the rows (with the error of one that failed), the repetitions that
+    completed (warm-up ones left out), the peak memory measured so far; the paired ratios, loss check and targets over those. Returns {"start": the run's
+    description, "stats", "targets", "loss_warnings", "reps_done", "memory_done", "end": its last line or None}."""
+    start = next((line for line in lines if line["event"] == "start"), None)
+    if start is None:
+        return {"start": None, "stats": [], "targets": [], "loss_warnings": [], "reps_done": 0, "memory_done": 0,
+                "end": None}
+    rows = {line["key"]: SimpleNamespace(**{k: v for k, v in line.items() if k != "event"}, times=[], peak_bytes=None)
+            for line in lines if line["event"] == "row"}
+    reps = [line for line in lines if line["event"] == "rep" and not line["warmup"]]
+    for rep in reps:
+        for key, seconds in rep["times"].items():
+            rows[key].times.append(seconds)
+    for line in lines:
+        if line["event"] == "error":
+            rows[line["key"]].error = line["error"]
+    memory = [line for line in lines if line["event"] == "memory"]
+    for line in memory:
+        rows[line["key"]].peak_bytes = line.get("peak_bytes")
+        rows[line["key"]].error = rows[line["key"]].error or line.get("error")
+    stats = [row_stats(row, start["flops_per_call"], row.grad_bytes) for row in rows.values()]
+    add_paired_ratios(stats)
+    loss_warnings = check_losses(stats, start["dtype"])
+    end = next((line for line in lines if line["event"] == "end"), None)
+    return {"start": start, "stats": stats, "targets": evaluate_targets(stats, start["device_type"],
+                                                                        start["at_target_shape"]),
+            "loss_warnings": loss_warnings, "reps_done": len(reps), "memory_done": len(memory), "end": end}
 
 
 def render_table(stats: list[dict], noise: float) -> list[str]:
@@ -179,6 +217,8 @@ def render_markdown(meta: dict, stats: list[dict], targets: list[dict], loss_war
         header.append(f"- WARNING: the op's sources changed during this run (digest {meta['sources_digest']} -> "
                       f"{sources_end}, commit {meta['commit']} -> {meta['commit_end']}): timings use the code "
                       "imported at the start; memory subprocesses may have run the new code")
+    if meta.get("cut"):
+        header.append(f"- CUT: {meta['cut']}; the figures are over the repetitions that completed")
     if meta["skipped"]:
         header.append(f"- not run: {'; '.join(meta['skipped'])}")
     if meta["note"]:
