@@ -4,6 +4,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,13 @@ pytest.importorskip("transformers")
 from scft_fast.constants import IGNORE_INDEX  # noqa: E402
 from scft_fast.data import DataConfig, PaddedCollator, build_dataset, default_data_files  # noqa: E402
 from scft_fast.data.constants import SAFE, UNSAFE  # noqa: E402
-from scft_fast.data.embedded import SPLITS, generate, generate_separate, train_tokenizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "embedded_data"))
+import generate  # noqa: E402  (benchmarks/embedded_data: experiment code, outside the package)
+import generate_separate  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+from scft_fast.data.embedded import SPLITS  # noqa: E402
 
 
 def test_default_tokenizer(tok):
@@ -132,8 +140,10 @@ def test_held_out_and_content():
 def test_embedded_eval_builds(tmp_path, tok):
     ds, stats = build_dataset(default_data_files("eval"), tok, DataConfig(cache_dir=str(tmp_path), rto_keep=0.05))
     n_helpful, n_harmful = generate.SIZES["eval"]
-    assert stats.samples_per_kind == {"helpful": n_helpful, "rto": n_harmful, "harmful_prefix": n_harmful}
-    assert (stats.cls_safe, stats.cls_unsafe, stats.cls_unlabeled) == (n_helpful, n_harmful, n_harmful)
+    # The recipe's vanilla refusals: each harmful triple also gives (request, refusal), labeled safe.
+    assert stats.samples_per_kind == {"helpful": n_helpful, "rto": n_harmful, "harmful_prefix": n_harmful,
+                                      "refusal": n_harmful}
+    assert (stats.cls_safe, stats.cls_unsafe, stats.cls_unlabeled) == (n_helpful + n_harmful, n_harmful, n_harmful)
     assert stats.invalid == stats.dropped == stats.truncated_prompt == stats.truncated_target == 0
     lengths = np.asarray(ds["length"])
     assert np.percentile(lengths, 90) <= 128 and lengths.max() <= 192
@@ -143,8 +153,9 @@ def test_embedded_eval_builds(tmp_path, tok):
 
 
 def test_committed_tokenizer_matches_training_script(tmp_path):
+    from train_tokenizer import train
+
     from scft_fast.data.embedded import EMBEDDED_DIR, TOKENIZER_DIR
-    from scft_fast.data.embedded.train_tokenizer import train
 
     train(EMBEDDED_DIR / "train.jsonl", tmp_path)
     retrained = json.loads((tmp_path / "tokenizer.json").read_text())

@@ -11,12 +11,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from helpers import DERTA, needs_derta  # noqa: E402
+from scft_fast import SCFTConfig, SCFTForCausalLM  # noqa: E402
 from scft_fast.cli.evaluate import main  # noqa: E402
 from scft_fast.data import SAFE, UNSAFE, default_data_files, load_default_tokenizer  # noqa: E402
 from scft_fast.evaluation import EvalConfig, EvalData, evaluate, is_refusal, load_eval_data, run, score_pairs  # noqa: E402
 from scft_fast.generation import SafeGeneration, encode_prompts, generate_safe, load_model, p_unsafe_ref  # noqa: E402
 from scft_fast.hf.presets import random_causal_lm  # noqa: E402
-from scft_fast import SCFTConfig, SCFTForCausalLM  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

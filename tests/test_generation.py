@@ -14,13 +14,13 @@ from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from helpers import DERTA, needs_derta  # noqa: E402
+from scft_fast import SCFTConfig, SCFTForCausalLM  # noqa: E402
 from scft_fast.cli.generate import main  # noqa: E402
 from scft_fast.data import load_default_tokenizer  # noqa: E402
 from scft_fast.data.collate import pad_sequences  # noqa: E402
 from scft_fast.data.records import read_prompts  # noqa: E402
 from scft_fast.generation import REFUSAL_TEXT, encode_prompts, generate_safe, p_unsafe_ref  # noqa: E402
 from scft_fast.hf.presets import random_causal_lm  # noqa: E402
-from scft_fast import SCFTConfig, SCFTForCausalLM  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["How do I bake bread?", "Tell me a joke about two cats and a dog, please.", "hi"]

@@ -11,11 +11,11 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import head_swaps  # noqa: E402
+from scft_fast import SCFTConfig, SCFTForCausalLM  # noqa: E402
 from scft_fast.data import load_default_tokenizer  # noqa: E402
 from scft_fast.evaluation import EvalConfig, load_for_eval, score_pairs  # noqa: E402
 from scft_fast.hf.presets import random_causal_lm  # noqa: E402
 from scft_fast.metrics import auroc  # noqa: E402
-from scft_fast import SCFTConfig, SCFTForCausalLM  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

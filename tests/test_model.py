@@ -11,10 +11,13 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from scft_fast import IGNORE_INDEX  # noqa: E402
-from scft_fast.hf.presets import random_causal_lm  # noqa: E402
-from scft_fast import SCFTConfig, SCFTForCausalLM
+from scft_fast import (
+    IGNORE_INDEX,  # noqa: E402
+    SCFTConfig,
+    SCFTForCausalLM,
+)
 from scft_fast.hf.export import save_merged  # noqa: E402
+from scft_fast.hf.presets import random_causal_lm  # noqa: E402
 
 VOCAB, REFUSAL = 96, 7
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -24,8 +24,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: 
 
 from helpers import tiny_causal_lm, tiny_config  # noqa: E402
 from scft_fast import IGNORE_INDEX, SCFTConfig, SCFTForCausalLM, apply_scft_fast  # noqa: E402
-from scft_fast.hf.presets import random_causal_lm  # noqa: E402
 from scft_fast.hf.export import export_sequence_classifier  # noqa: E402
+from scft_fast.hf.presets import random_causal_lm  # noqa: E402
 
 VOCAB, EOS, PAD = 96, 2, 0
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 pytest.importorskip("transformers")
+from scft_fast import IGNORE_INDEX  # noqa: E402
 from scft_fast.cli import main  # noqa: E402
 from scft_fast.hf.callbacks import CHECKSUMS  # noqa: E402
 
@@ -151,12 +152,12 @@ def test_plain_trainer_with_the_run_callbacks(tmp_path, small_data, tok):
     from scft_fast.hf.callbacks import newest_intact_checkpoint, run_callbacks
     from scft_fast.hf.presets import build_preset
 
-    rows = safety_dataset(tok, [small_data]).map(lambda r: {"transition_labels": [-100] * len(r["labels"])})
+    rows = safety_dataset(tok, [small_data]).map(lambda r: {"transition_labels": [IGNORE_INDEX] * len(r["labels"])})
     plain = rows.remove_columns(["transition_labels", "cls_pos", "cls_label", "kind", "length"])
 
     def collate(batch):  # plain SFT: input_ids and labels, padded
-        return {k: v for k, v in SCFTDataCollator(tok)([{**r, "transition_labels": [-100] * len(r["labels"]),
-                                                           "cls_pos": 0, "cls_label": -100} for r in batch]).items()
+        return {k: v for k, v in SCFTDataCollator(tok)([{**r, "transition_labels": [IGNORE_INDEX] * len(r["labels"]),
+                                                           "cls_pos": 0, "cls_label": IGNORE_INDEX} for r in batch]).items()
                 if k in ("input_ids", "attention_mask", "labels")}
 
     def trainer(out):

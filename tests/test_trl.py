@@ -22,8 +22,8 @@ from scft_fast import SCFTConfig, SCFTForCausalLM, SCFTSFTTrainer, apply_scft_fa
 from scft_fast.data import IGNORE_INDEX, REFUSAL_STRING, SAFE, UNSAFE, default_data_files, load_default_tokenizer
 from scft_fast.data.config import DataConfig
 from scft_fast.data.encode import refusal_token_id
-from scft_fast.hf.presets import random_causal_lm  # noqa: E402
 from scft_fast.hf.config import SCFTOutput
+from scft_fast.hf.presets import random_causal_lm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

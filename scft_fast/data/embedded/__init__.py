@@ -1,14 +1,16 @@
 """The embedded default dataset and its tokenizer, shipped with the package so that training needs no download.
 
     train.jsonl, eval.jsonl  triples ({"instruction", "response"} and {"instruction", "harmful_response",
-                             "safe_response"}) written by generate.py (a seeded template generator)
-    separate.jsonl           held-out triples written by generate_separate.py, a second generator that shares
+                             "safe_response"}) written by benchmarks/embedded_data/generate.py (a
+                             seeded template generator)
+    separate.jsonl           held-out triples written by generate_separate.py there, a second generator that shares
                              no template, topic list or response style with the first; never trained on
     tokenizer/               a byte-level BPE trained on them by train_tokenizer.py, DeRTa's chat template,
                              eos "<|end_of_text|>" (DeRTa's own end-of-text string), "Sorry" a single token
 
-Regenerate them with: python -m scft_fast.data.embedded.generate && python -m scft_fast.data.embedded.generate_separate
-&& python -m scft_fast.data.embedded.train_tokenizer (the tokenizer is trained on train.jsonl only)
+The generators and the tokenizer's training script are experiment code, outside the package: regenerate the files
+with python benchmarks/embedded_data/generate.py && python benchmarks/embedded_data/generate_separate.py && python
+benchmarks/embedded_data/train_tokenizer.py (the tokenizer is trained on train.jsonl only)
 """
 from __future__ import annotations
 

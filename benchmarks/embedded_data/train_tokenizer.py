@@ -1,4 +1,4 @@
-"""Trains the embedded tokenizer: python -m scft_fast.data.embedded.train_tokenizer
+"""Trains the embedded tokenizer: python benchmarks/embedded_data/train_tokenizer.py
 
 A byte-level BPE (GPT-2 pre-tokenization, so every string encodes) of about VOCAB_SIZE tokens on train.jsonl,
 rendered in DeRTa's template. BOS <|begin_of_text|> is prepended by the post-processor; EOS is DeRTa's
@@ -12,8 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..constants import BEGIN_OF_TEXT, DERTA_CHAT_TEMPLATE, END_OF_TEXT, PAD, REFUSAL_STRING
-from . import EMBEDDED_DIR, TOKENIZER_DIR
+from scft_fast.data.constants import BEGIN_OF_TEXT, DERTA_CHAT_TEMPLATE, END_OF_TEXT, PAD, REFUSAL_STRING
+from scft_fast.data.embedded import EMBEDDED_DIR, TOKENIZER_DIR
 
 VOCAB_SIZE = 3000
 

@@ -1,4 +1,4 @@
-"""Seeded template generator of the embedded training data: python -m scft_fast.data.embedded.generate
+"""Seeded template generator of the embedded training data: python benchmarks/embedded_data/generate.py
 
 Writes train.jsonl and eval.jsonl (triples) beside this file:
     helpful  {"instruction", "response"}: small facts the answer can be computed from (arithmetic, capitals,
@@ -32,7 +32,7 @@ import json
 import random
 from pathlib import Path
 
-OUT_DIR = Path(__file__).resolve().parent
+OUT_DIR = Path(__file__).resolve().parents[2] / "scft_fast" / "data" / "embedded"  # the package's data
 # Three helpful records per harmful one: each harmful record also trains one or two refusals, and a model that
 # hears "Sorry" too often refuses the everyday requests it has not seen.
 SIZES = {"train": (3000, 1000), "eval": (200, 100)}  # (helpful, harmful) records

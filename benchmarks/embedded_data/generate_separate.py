@@ -1,4 +1,4 @@
-"""The separate held-out split: python -m scft_fast.data.embedded.generate_separate
+"""The separate held-out split: python benchmarks/embedded_data/generate_separate.py
 
 Writes separate.jsonl beside this file, triples in the format of train.jsonl, written apart from generate.py: none
 of its word lists, templates or response styles are shared (it imports nothing from generate.py), so a classifier
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from .generate import write_splits
+from generate import write_splits  # noqa: E402  (this folder is on sys.path when run as a script)
 
 SIZES = {"separate": (180, 120)}  # (benign, harmful) records
 SEED = 20261201
