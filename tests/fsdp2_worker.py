@@ -72,7 +72,6 @@ def trainer_setups(out_dir: str, tok, rows) -> dict:
     from accelerate.state import AcceleratorState
 
     from scft_fast.errors import ConfigError
-    from scft_fast.hf.distributed_checks import check_distributed
 
     class Records(logging.Handler):
         def __init__(self):
@@ -84,20 +83,19 @@ def trainer_setups(out_dir: str, tok, rows) -> dict:
 
     records = Records()
     logging.getLogger("scft_fast.hf.distributed_checks").addHandler(records)
-    trainer, _ = w.trainer(tok, rows, w.arguments(f"{out_dir}/trainer_fsdp", max_steps=1, fsdp=True))
-    check_distributed(trainer.args, trainer.accelerator)
+    trainer, _ = w.trainer(tok, rows, w.arguments(f"{out_dir}/trainer_fsdp", max_steps=1, fsdp=True))  # checks
     trainer.train()
     fsdp = {"fsdp": trainer.args.fsdp, "version": trainer.args.fsdp_plugin_args["fsdp_version"],
             "distributed_type": str(trainer.accelerator.distributed_type), "is_fsdp_enabled": trainer.is_fsdp_enabled,
             "wrapped": type(trainer.model_wrapped).__name__, "warnings": records.messages}
     AcceleratorState._reset_state(reset_partial_state=False)
-    trainer, _ = w.trainer(tok, rows, w.arguments(f"{out_dir}/trainer_one", use_cpu=False))
-    try:
-        check_distributed(trainer.args, trainer.accelerator)
+    args = w.arguments(f"{out_dir}/trainer_one", use_cpu=False)
+    try:  # SCFTTrainer runs check_distributed when it is built
+        w.trainer(tok, rows, args)
         error = None
     except ConfigError as e:
         error = str(e)
-    return {"fsdp": fsdp, "without_use_cpu": {"world_size": trainer.args.world_size, "error": error}}
+    return {"fsdp": fsdp, "without_use_cpu": {"world_size": args.world_size, "error": error}}
 
 
 def main(out_dir: str, data_file: str) -> None:

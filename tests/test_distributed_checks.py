@@ -31,8 +31,14 @@ def test_launched_ranks_seen_as_one_process_are_refused(tok, rows, tmp_path, mon
     """A launcher's WORLD_SIZE with TrainingArguments that accelerate turned into one process (no use_cpu on a
     machine without an accelerator: no backend for it)."""
     monkeypatch.setenv("WORLD_SIZE", "4")
-    trainer, _ = w.trainer(tok, rows, w.arguments(str(tmp_path), use_cpu=False))
-    assert trainer.args.world_size == 1
-    with pytest.raises(ConfigError, match=r"launched as 4 ranks \(WORLD_SIZE=4\) but TrainingArguments set up 1 "
-                                          r"process on device cpu: .* Pass TrainingArguments\(use_cpu=True\)"):
-        check_distributed(trainer.args, trainer.accelerator)
+    args = w.arguments(str(tmp_path), use_cpu=False)
+    assert args.world_size == 1
+    refused = r"launched as 4 ranks \(WORLD_SIZE=4\) but TrainingArguments set up 1 process on device cpu: .* Pass " \
+              r"TrainingArguments\(use_cpu=True\)"
+    with pytest.raises(ConfigError, match=refused):  # SCFTTrainer runs the check when it is built
+        w.trainer(tok, rows, args)
+    from transformers import Trainer
+
+    plain = Trainer(model=w.model(tok), args=args, train_dataset=rows)
+    with pytest.raises(ConfigError, match=refused):
+        check_distributed(plain.args, plain.accelerator)
