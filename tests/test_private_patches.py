@@ -86,3 +86,20 @@ def test_trl_fused_lm_head_is_recognized():
         add_fused_lm_head(model)
     assert is_trl_fused_lm_head(model.forward)
     assert "_fused_lm_head_allowed" not in model.__dict__
+
+
+def test_the_sft_trainer_under_construction_is_found():
+    """sft_trainer_datasets reads the locals of a trl.SFTTrainer constructor on the stack (trl 1.16's names), and
+    nothing elsewhere."""
+    pytest.importorskip("trl")
+    from trl import SFTTrainer
+
+    from scft_fast.hf.private_patches import sft_trainer_datasets
+
+    assert sft_trainer_datasets() == {}
+
+    class Probe(SFTTrainer):
+        def __init__(self, train_dataset, eval_dataset):  # the names SFTTrainer.__init__ has them under
+            self.seen = sft_trainer_datasets()
+
+    assert Probe("train", "eval").seen == {"train_dataset": "train", "eval_dataset": "eval"}

@@ -280,3 +280,12 @@ def test_safety_columns_without_an_scft_config_are_refused(tmp_path):
         with pytest.raises(ValueError, match=rf"train_dataset has the safety column\(s\) {re.escape(found)}, but the "
                                              rf"model was patched without an SCFTConfig"):
             make()
+
+
+def test_unmodified_sft_trainer_refuses_rto_rows_on_a_plain_model(tmp_path):
+    """An unmodified SFTTrainer's loss ignores the rto column: given RTO rows, even on a model patched without an
+    SCFTConfig, it would train their harmful completions as LM targets; refused when it patches its LM head."""
+    with pytest.raises(ValueError, match=r"trl.SFTTrainer's train_dataset has the safety column\(s\) \['rto'\], "
+                                         r"which its loss ignores.*scft_fast.SCFTSFTTrainer"):
+        SFTTrainer(model=apply_scft_fast(tiny_llama()), args=sft_config(tmp_path, 4), processing_class=TOKENIZER,
+                   train_dataset=trl_dataset("prompt_completion"))

@@ -54,7 +54,7 @@ from .peft import (
     train_head_with_adapter,
     unwrap,
 )
-from .private_patches import is_trl_fused_lm_head
+from .private_patches import is_trl_fused_lm_head, sft_trainer_datasets
 
 
 def _zero3_gathered(params: list[nn.Parameter], modifier_rank: int | None = 0):
@@ -159,14 +159,24 @@ class SCFTForCausalLM:
         self._setup_scft(SCFTConfig.from_dict(saved) if saved else None, init_head=True)
 
     def __setattr__(self, name: str, value) -> None:
-        if (name == "forward" and getattr(self, "scft_config", None) is not None
-                and not getattr(self, "_fused_lm_head_allowed", False) and is_trl_fused_lm_head(value)):
+        if (name == "forward" and not getattr(self, "_fused_lm_head_allowed", False)
+                and is_trl_fused_lm_head(value)):
+            self._refuse_trl_lm_head()
+        super().__setattr__(name, value)
+
+    def _refuse_trl_lm_head(self) -> None:
+        """trl.SFTTrainer (not scft_fast's SCFTSFTTrainer) is patching its own LM head over this model's forward: its
+        loss knows no RTO target and no head. Refused on an SCFT model, and on any model when the trainer's data
+        carry RTO rows, whose harmful completions it would train as LM targets."""
+        if getattr(self, "scft_config", None) is not None:
             raise ValueError(
                 "trl.SFTTrainer computes its loss with a fused LM head of its own, patched over the model's forward: "
                 "it knows no RTO target and no SCFT head, so the head would never train and RTO rows would be "
                 "trained as LM targets. Train an SCFT model with scft_fast.SCFTSFTTrainer (SFTTrainer's "
                 "constructor), or patch with apply_scft_fast(model) (no SCFTConfig) for plain SFT")
-        super().__setattr__(name, value)
+        from .trl import RTO_COLUMN, SAFETY_ROW_COLUMNS, _refuse_safety_columns
+
+        _refuse_safety_columns(sft_trainer_datasets(), (RTO_COLUMN, *SAFETY_ROW_COLUMNS), trainer="trl.SFTTrainer")
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod

@@ -8,8 +8,9 @@ re-read against the new code before the pin moves).
 - ``deepspeed_loads_weights_only`` (deepspeed): DeepSpeed's checkpoint engine unpickles its files with
   ``weights_only=False``: a file in a run directory could run code on resume. Inside it, they load with
   ``weights_only=True`` and the few DeepSpeed classes its checkpoints hold allowed.
-- ``is_trl_fused_lm_head`` / ``fused_lm_head_allowed`` (trl): recognizing the LM head trl's SFTTrainer patches over a
-  model's forward, which an SCFT model refuses (its loss would leave the head and RTO out).
+- ``is_trl_fused_lm_head`` / ``fused_lm_head_allowed`` / ``sft_trainer_datasets`` (trl): recognizing the LM head
+  trl's SFTTrainer patches over a model's forward, and the datasets of the trainer doing it: an SCFT model refuses
+  it (its loss would leave the head and RTO out), any patched model refuses it over data with RTO rows.
 """
 from __future__ import annotations
 
@@ -126,3 +127,21 @@ def fused_lm_head_allowed(model: nn.Module):
         yield
     finally:
         model.__dict__.pop("_fused_lm_head_allowed", None)
+
+
+def sft_trainer_datasets() -> dict:
+    """The datasets of the ``trl.SFTTrainer`` whose constructor is running on this thread's stack: trl 1.16 patches
+    its LM head (add_fused_lm_head) from ``SFTTrainer.__init__`` once its locals ``train_dataset`` and
+    ``eval_dataset`` are prepared (their extra columns kept). Empty outside such a constructor."""
+    import inspect
+
+    try:
+        from trl import SFTTrainer
+    except ImportError:
+        return {}
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), SFTTrainer):
+            return {name: frame.f_locals.get(name) for name in ("train_dataset", "eval_dataset")}
+        frame = frame.f_back
+    return {}

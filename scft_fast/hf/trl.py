@@ -145,9 +145,9 @@ def to_safety_rows(dataset, processing_class, data_config: DataConfig, *, label_
 SAFETY_ROW_COLUMNS = ("transition_labels", "cls_pos", "cls_label")
 
 
-def _refuse_safety_columns(datasets: dict, safety_columns: tuple[str, ...]) -> None:
-    """A model patched without an SCFTConfig trains LM targets only: rows meant for RTO or the head would be
-    trained as ordinary completions (harmful ones included), so their columns are refused."""
+def _refuse_safety_columns(datasets: dict, safety_columns: tuple[str, ...], trainer: str | None = None) -> None:
+    """A model patched without an SCFTConfig (or ``trainer``'s own loss) trains LM targets only: rows meant for RTO
+    or the head would be trained as ordinary completions (harmful ones included), so their columns are refused."""
     for name, dataset in datasets.items():
         for part, data in (dataset.items() if isinstance(dataset, dict) else [(None, dataset)]):
             if data is None:
@@ -155,6 +155,12 @@ def _refuse_safety_columns(datasets: dict, safety_columns: tuple[str, ...]) -> N
             found = [c for c in safety_columns if c in (get_dataset_column_names(data) or ())]
             if found:
                 where = name + (f"[{part!r}]" if part is not None else "")
+                if trainer is not None:
+                    raise ValueError(
+                        f"{trainer}'s {where} has the safety column(s) {found}, which its loss ignores: the RTO rows' "
+                        f"harmful completions would be trained as ordinary LM targets. Train them with "
+                        f"scft_fast.SCFTSFTTrainer on apply_scft_fast(model, SCFTConfig(...)), or drop the columns "
+                        f"for plain SFT")
                 raise ValueError(
                     f"{where} has the safety column(s) {found}, but the model was patched without an SCFTConfig: "
                     f"its loss has no RTO target and no head, so RTO rows would be trained as ordinary LM "
