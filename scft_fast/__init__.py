@@ -9,7 +9,7 @@ from .ops import SafetyLossOutput, last_token_index, safety_loss
 __version__ = "0.1.0"
 __all__ = ["IGNORE_INDEX", "SafetyLossOutput", "last_token_index", "safety_loss", "SCFTConfig", "SCFTForCausalLM",
            "apply_scft_fast", "generate_safe", "SafeGeneration", "SCFTTrainer", "SCFTTrainerMixin", "SCFTDataCollator",
-           "safety_dataset", "SCFTSFTTrainer"]
+           "safety_dataset", "SCFTSFTTrainer", "save_merged", "export_sequence_classifier"]
 
 # Imported on first use: `import scft_fast` stays free of transformers and DeepSpeed.
 _LAZY = {
@@ -23,6 +23,8 @@ _LAZY = {
     "SCFTDataCollator": "scft_fast.data",
     "safety_dataset": "scft_fast.data",
     "SCFTSFTTrainer": "scft_fast.hf.trl",  # needs the trl extra
+    "save_merged": "scft_fast.hf.export",
+    "export_sequence_classifier": "scft_fast.hf.export",
 }
 
 
