@@ -1,10 +1,16 @@
-"""DeepSpeed ZeRO 1/2/3 (+ tied head, CPU offload, packed rows) on 2 CPU ranks (gloo) against one process.
+"""DeepSpeed ZeRO 1/2/3 (+ tied head, CPU offload, packed rows, a checkpoint, LoRA, the JSON's own optimizer and
+scheduler) on 2 CPU ranks (gloo) against one process, through `scft-fast train` as users run it (its main() on
+their flags, in one torchrun launch: deepspeed_worker.py); and a plain transformers.Trainer with run_callbacks.
 
-2 ranks x 2 accumulation steps see exactly the micro-batches one process sees with 4 accumulation steps (the
-loop's BatchPlan), and both normalize by the same batch-wide counts, so the runs differ only in float32
-summation order: per-step losses within 1e-5 relative, every parameter of the final consolidated model within
-1e-4 absolute (weights are O(0.02-1); three AdamW steps at lr <= 1.1e-3). Clipping is explicit (1.0) on both.
+Data order: Trainer's sampler is seeded (--seed), and accelerate's default sharding gives rank r the micro-batches
+r, r + 2, r + 4, ... of that one order, so 2 ranks x grad-accum 2 train, step by step, on exactly the micro-batches
+one process trains on with grad-accum 4 (checked below on every stage, micro-batch by micro-batch). Both normalize
+by the same step-wide counts (SCFTTrainer counts the targets over ranks), so the runs differ only in float32
+summation order: per-step losses within 1e-5 relative, every parameter of the final exported model within 1e-4
+absolute (weights are O(0.02-1); three AdamW steps at lr <= 3e-3, which move every trained tensor by more than 5x
+that, checked). Clipping is the default (1.0) on both.
 """
+import hashlib
 import json
 import os
 import socket
@@ -16,16 +22,23 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from deepspeed_worker import LORA, PACKED_TOKENS  # noqa: E402  (tests/ is on sys.path under pytest)
+from deepspeed_worker import (  # noqa: E402  (tests/ is on sys.path under pytest)
+    LORA_TARGETS,
+    PLAIN_STEPS,
+    PLAIN_STOP,
+    STAGES,
+    recording,
+    scft_fast_train,
+    train_flags,
+)
 from helpers import load_export  # noqa: E402
 from scft_fast.data import default_data_files  # noqa: E402
-from scft_fast.training import DataSpec, ModelSpec, TrainConfig, train  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["zero1", "zero2", "zero2_packed", "zero3", "zero3_tied", "zero3_offload", "zero3_checkpoint",
-          "zero3_lora", "zero1_sections"]
-REFERENCES = {"tiny": ["zero1", "zero2", "zero3", "zero3_offload"], "tiny-tied": ["zero3_tied"],
-              "tiny-packed": ["zero2_packed"], "checkpoint": ["zero3_checkpoint"], "checkpoint-lora": ["zero3_lora"]}
+# One-process reference (a stage's flags, ranks=1) -> the 2-rank stages that must equal it.
+REFERENCES = {"zero1": ["zero1", "zero2", "zero3", "zero3_offload"], "zero3_tied": ["zero3_tied"],
+              "zero2_packed": ["zero2_packed"], "zero3_checkpoint": ["zero3_checkpoint"],
+              "zero3_lora": ["zero3_lora"]}
 LOSSES = ("loss", "lm_loss", "transition_loss", "cls_loss")
 
 
@@ -67,95 +80,123 @@ def tied_checkpoint_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory, small_data, checkpoint_dir, tied_checkpoint_dir):
     out = tmp_path_factory.mktemp("ds")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
     with socket.socket() as probe:  # a free port: other test runs may be launching ranks at the same time
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            os.path.join(REPO, "tests", "deepspeed_worker.py"), str(out), small_data, checkpoint_dir,
-           tied_checkpoint_dir, *STAGES]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+           tied_checkpoint_dir, *STAGES, "plain"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
 
 
-def single_process(tmp_path, data_file, reference, checkpoint):
-    out = tmp_path / reference
-    packing = reference.endswith("-packed")
-    model = checkpoint if reference.startswith("checkpoint") else reference.removesuffix("-packed")
-    lora = LORA if reference.endswith("-lora") else {}
-    train(TrainConfig(model=ModelSpec(name_or_path=model, **lora),
-                      data=DataSpec(files=[data_file], micro_batch_size=4, eval_samples=0, packing=packing,
-                                    max_tokens=PACKED_TOKENS if packing else None),
-                      output_dir=str(out), max_steps=3, grad_accum=4, save_every=0, progress=False, summary=False))
-    return out
-
-
-def metrics_file(path):
+def read_json(path):
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        return json.load(f)
 
 
-def metrics(run_dir):
+def metrics_file(path) -> list[dict]:
+    """The training records of a metrics.jsonl (Trainer's end-of-training record left out)."""
+    with open(path) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def metrics(run_dir) -> list[dict]:
     return metrics_file(os.path.join(run_dir, "metrics.jsonl"))
+
+
+def single_process(tmp_path, stage, data_file, checkpoint):
+    """`scft-fast train` on one process with ``stage``'s flags (train_flags, ranks=1), recording its micro-batches.
+    The process's random state is set to something else first: the model matches the ranks' only because
+    train() draws the initial weights from --seed."""
+    out = tmp_path / stage
+    torch.manual_seed(1234)
+    with recording(str(tmp_path / "batches_rank{rank}.json")):
+        scft_fast_train(train_flags(stage, data_file, checkpoint, str(out), ranks=1))
+    return out, read_json(tmp_path / "batches_rank0.json")["batches"]
+
+
+def assert_losses_match(ours: dict, ref: dict, rel: float, keys=LOSSES, what=""):
+    for key in keys:
+        if key not in ref:  # a step without RTO samples logs no transition loss: absent in both runs
+            assert key == "transition_loss" and key not in ours, (what, key)
+            continue
+        assert ours[key] == pytest.approx(ref[key], rel=rel), (what, ours["step"], key)
 
 
 @pytest.mark.parametrize("reference_name", list(REFERENCES))
 def test_zero_stages_match_one_process(distributed_runs, small_data, checkpoint_dir, tmp_path, reference_name):
-    reference_dir = single_process(tmp_path, small_data, reference_name, checkpoint_dir)
+    reference_dir, reference_batches = single_process(tmp_path, reference_name, small_data, checkpoint_dir)
     reference = metrics(reference_dir)
+    assert [r["step"] for r in reference] == [1, 2, 3] and len(reference_batches) == 3 * 4
     reference_model = load_export(os.path.join(reference_dir, "model"))
     for stage in REFERENCES[reference_name]:
         run = distributed_runs / stage
+        # Rank r's j-th micro-batch is the one process's micro-batch 2j + r: step k's four are 4k .. 4k + 3 on both.
+        for rank in range(2):
+            batches = read_json(distributed_runs / "records" / f"{stage}_rank{rank}.json")["batches"]
+            assert batches == reference_batches[rank::2], (stage, rank)
         steps = metrics(run)
         assert [r["step"] for r in steps] == [1, 2, 3]
         for ours, ref in zip(steps, reference):
-            for key in LOSSES:
-                if ref[key] is None:  # a batch without RTO samples has no transition loss: null in both runs
-                    assert ours[key] is None and ours["rto_tokens"] == ref["rto_tokens"] == 0, (stage, key)
-                    continue
-                assert ours[key] == pytest.approx(ref[key], rel=1e-5), (stage, ours["step"], key)
-            assert ours["tokens"] == ref["tokens"]
+            assert_losses_match(ours, ref, 1e-5, what=stage)
         model = load_export(os.path.join(run, "model"))
         assert model.keys() == reference_model.keys(), stage
         for name, tensor in model.items():
             assert tensor.shape == reference_model[name].shape, (stage, name)  # full shapes, even under ZeRO-3
             torch.testing.assert_close(tensor, reference_model[name], rtol=0, atol=1e-4, msg=f"{stage} {name}")
         assert os.path.exists(os.path.join(run, "model", "tokenizer.json"))
-    # The parameters did move: a stage that silently skipped its update would still match an unmoved reference.
-    assert reference[-1]["loss"] < reference[0]["loss"]
+    # The weights did move, each trained tensor by more than 5x the tolerance (>= 9e-4 measured): a stage that
+    # silently skipped an update would not match. LoRA trains its targets (merged into them) and the head only.
+    model = STAGES[reference_name][1]
+    initial = one_process_build(checkpoint_dir if model == "checkpoint" else model).state_dict()
+    lora = "--lora-rank" in STAGES[reference_name][3]
+    for name, tensor in reference_model.items():
+        trained = not lora or name.startswith("score.") or any(f".{t}." in name for t in LORA_TARGETS)
+        moved = float((tensor - initial[name]).abs().max())
+        assert moved > 5e-4 if trained else moved == 0, (reference_name, name, moved)
 
 
 def test_zero3_resume_repeats_the_step(distributed_runs):
+    """`scft-fast train --resume` from the ZeRO-3 run's step-2 checkpoint (every rank reloads its partition of the
+    weights and the optimizer) re-runs step 3 on the same micro-batches with the same losses, gradient norm and
+    learning rate as the first time, within 1e-6 relative."""
     run = distributed_runs / "zero3"
-    first, resumed = metrics_file(run / "metrics_first.jsonl"), metrics(run)
+    first, resumed = metrics_file(distributed_runs / "records" / "zero3_metrics_first.jsonl"), metrics(run)
     assert [r["step"] for r in resumed] == [1, 2, 3]
-    for key in LOSSES + ("grad_norm", "lr"):
-        if first[2][key] is None:  # a batch without RTO samples has no transition loss: null in both runs
-            assert key == "transition_loss" and resumed[2][key] is None and resumed[2]["rto_tokens"] == 0, key
-            continue
-        assert resumed[2][key] == pytest.approx(first[2][key], rel=1e-6), key
+    assert_losses_match(resumed[2], first[2], 1e-6, LOSSES + ("grad_norm", "learning_rate"))
+    for rank in range(2):
+        once = read_json(distributed_runs / "records" / f"zero3_rank{rank}.json")["batches"]
+        again = read_json(distributed_runs / "records" / f"zero3_resumed_rank{rank}.json")["batches"]
+        assert again == once[-2:], rank  # step 3's two micro-batches of this rank, nothing else
 
 
 def test_zero3_summary_and_single_writer(distributed_runs):
     run = distributed_runs / "zero3"
-    with open(run / "summary.json") as f:
-        summary = json.load(f)
+    summary = read_json(run / "summary.json")
     assert summary["world_size"] == 2
-    assert summary["eval_after"]["head_samples"] > 0
-    assert len(metrics(run)) == 3  # one writer: two would duplicate every line
-    config = json.loads((run / "model" / "config.json").read_text())
+    assert summary["eval_after"]["head_samples"] > 0 and summary["eval_before"]["head_samples"] > 0
+    with open(run / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2, 3, 3]  # one writer (two would duplicate every line); the last: Trainer's end record
+    config = read_json(run / "model" / "config.json")
     assert config["scft"]["num_labels"] == 2
 
 
 def one_process_build(model_dir):
-    """The model `scft-fast train --model model_dir` builds on one process (SCFTForCausalLM.from_pretrained)."""
-    from scft_fast.training.components import build_model, build_tokenizer
+    """The model `scft-fast train --model model_dir` builds on one process (run.build_model, seeded as train()
+    seeds it)."""
+    from transformers import set_seed
 
-    config = TrainConfig(model=ModelSpec(name_or_path=model_dir))
-    tokenizer, refusal = build_tokenizer(config)
-    torch.manual_seed(config.seed)
-    return build_model(config, tokenizer, refusal)
+    from scft_fast.cli.train import parse_args
+    from scft_fast.hf.run import build_model, build_tokenizer
+
+    model_args, data_args, args, _ = parse_args(["--model", model_dir])
+    tokenizer, refusal = build_tokenizer(model_args, data_args)
+    set_seed(args.seed)
+    return build_model(model_args, tokenizer, refusal)
 
 
 @pytest.mark.parametrize("build", ["plain", "tied", "scft", "bin"])
@@ -168,14 +209,15 @@ def test_zero3_build_from_checkpoint_is_partitioned(distributed_runs, checkpoint
     fallback): partitioned and equal too."""
     model_dir = {"plain": checkpoint_dir, "tied": tied_checkpoint_dir,
                  "scft": str(distributed_runs / "zero3_checkpoint" / "model"), "bin": str(distributed_runs / "bin")}[build]
+    records = distributed_runs / "records"
     for rank in range(2):
-        params = json.loads((distributed_runs / f"build_{build}_rank{rank}.json").read_text())
+        params = read_json(records / f"build_{build}_rank{rank}.json")
         assert "score.weight" in params and "model.embed_tokens.weight" in params
         assert ("lm_head.weight" in params) == (build != "tied")  # tied: one parameter under the embedding's name
         for name, p in params.items():
             assert p["local"] == 0, (rank, name)  # the module's tensor is freed: only the partition is stored
             assert p["partition"] == -(-p["full"] // 2), (rank, name)  # ceil(full / 2 ranks)
-    state = torch.load(distributed_runs / f"build_{build}.pt")
+    state = torch.load(records / f"build_{build}.pt")
     reference = one_process_build(model_dir)
     assert reference.model.embed_tokens.weight is reference.get_output_embeddings().weight or build != "tied"
     expected = dict(reference.named_parameters())
@@ -189,16 +231,18 @@ def test_zero3_build_from_checkpoint_is_partitioned(distributed_runs, checkpoint
 
 
 def test_zero3_build_names_the_bad_tensor(distributed_runs):
-    wrong = (distributed_runs / "build_wrong_shape_error.txt").read_text()
+    wrong = (distributed_runs / "records" / "build_wrong_shape_error.txt").read_text()
     assert "wrong_shape/model.safetensors: tensor model.norm.weight has shape (3,)" in wrong and "(64,)" in wrong
-    missing = (distributed_runs / "build_missing_error.txt").read_text()
+    missing = (distributed_runs / "records" / "build_missing_error.txt").read_text()
     assert "no tensor for ['model.layers.1.mlp.up_proj.weight']" in missing and "missing/model.safetensors" in missing
 
 
 def test_zero3_master_weights_are_the_model_partitions(distributed_runs):
-    """Float32 ZeRO-3 keeps no second float32 copy of the partition (hf/patches.py; the runs above still
-    match one process); optimizer offload keeps its own, and ZeRO-1/2 are not the ZeRO-3 optimizer."""
-    shared = json.loads((distributed_runs / "master_weights.json").read_text())
+    """Float32 ZeRO-3 keeps no second float32 copy of the partition (hf/patches.py, which SCFTTrainer.train
+    applies; the runs above still match one process); optimizer offload keeps its own, and ZeRO-1/2 are not the
+    ZeRO-3 optimizer."""
+    shared = {stage: read_json(distributed_runs / "records" / f"{stage}_rank{rank}.json")["master_weights_shared"]
+              for stage in STAGES for rank in range(2)}
     assert shared["zero3"] is True and shared["zero3_tied"] is True and shared["zero3_checkpoint"] is True
     assert shared["zero3_lora"] is True
     assert shared["zero3_offload"] is False
@@ -224,7 +268,7 @@ def test_zero3_export_shards_hold_at_most_a_rank_share(distributed_runs):
     from safetensors import safe_open
 
     model_dir = distributed_runs / "zero3" / "model"
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    index = read_json(model_dir / "model.safetensors.index.json")
     files = sorted(set(index["weight_map"].values()))
     assert len(files) >= 2
     sizes, tensors = [], {}
@@ -256,13 +300,78 @@ def test_zero3_exports_load_as_hf_models(distributed_runs):
 
 
 def test_json_optimizer_and_scheduler_sections_are_used(distributed_runs):
-    """DeepSpeed built the JSON's AdamW and WarmupLR (linear warmup from warmup_min_lr 0 to --lr over the tiny
-    preset's 10 warmup steps), not our AdamW and schedule: the logged learning rates are WarmupLR's."""
+    """DeepSpeed built the JSON's AdamW and WarmupLR itself (without the sections it is handed Trainer's optimizer
+    and holds no scheduler), their "auto" fields filled from the flags (AdamW's betas (0.9, 0.95) and eps 1e-8 of
+    the recipe; WarmupLR from 0 to --lr over the tiny preset's 10 warmup steps, log-shaped: lr_k = 3e-3 *
+    ln(k + 1) / ln(10)); the logged learning rates are WarmupLR's, not the linear warmup of the stage without
+    sections (3e-3 * k / 10), and the summary names them."""
+    import math
+
     run = distributed_runs / "zero1_sections"
-    rows = metrics(run)
-    ours = metrics(distributed_runs / "zero1")
-    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * k / 10 for k in (0, 1, 2)], rel=1e-6, abs=1e-12)
-    assert [r["lr"] for r in ours] != pytest.approx([r["lr"] for r in rows])
+    rows, ours = metrics(run), metrics(distributed_runs / "zero1")
+    assert [r["learning_rate"] for r in rows] == pytest.approx([3e-3 * math.log(k + 1) / math.log(10) for k in range(3)],
+                                                              rel=1e-6, abs=1e-12)
+    assert [r["learning_rate"] for r in ours] == pytest.approx([3e-3 * k / 10 for k in range(3)], rel=1e-6, abs=1e-12)
     assert rows[0]["loss"] == pytest.approx(ours[0]["loss"], rel=1e-5)  # same model and batch before any step
-    optimizer = json.loads((run / "summary.json").read_text())["optimizer"]
+    for rank in range(2):
+        built = read_json(distributed_runs / "records" / f"zero1_sections_rank{rank}.json")
+        assert (built["optimizer"], built["scheduler"], built["optimizer_from_config"]) == ("AdamW", "WarmupLR", True)
+        assert built["hyperparameters"] == {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}
+        own = read_json(distributed_runs / "records" / f"zero1_rank{rank}.json")  # Trainer's, stepped by Trainer
+        assert (own["scheduler"], own["optimizer_from_config"]) == (None, False)
+    optimizer = read_json(run / "summary.json")["optimizer"]
     assert (optimizer["optimizer"], optimizer["scheduler"]) == ("AdamW", "WarmupLR")
+
+
+# -- a plain transformers.Trainer with run_callbacks under ZeRO-3 --------------------------------------------------
+def sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_plain_trainer_checkpoints_carry_checksums_the_ranks_wrote_together(distributed_runs):
+    """Every checkpoint of a plain transformers.Trainer with run_callbacks under ZeRO-3 on 2 ranks holds
+    checksums.json: the SHA-256 of every other file in it, both ranks' ZeRO partitions included, correct, and
+    hashed in shares by the two ranks together (each hashed some, none a file the other hashed)."""
+    records = distributed_runs / "records"
+    for run in ("through", "resumed"):
+        writes = [read_json(records / f"plain_{run}_hashed_rank{rank}.json") for rank in range(2)]
+        assert [w["directory"] for w in writes[0]] == [w["directory"] for w in writes[1]]
+        last = {}
+        for share0, share1 in zip(*writes):
+            assert share0["files"] and share1["files"] and not set(share0["files"]) & set(share1["files"])
+            last[share0["directory"]] = set(share0["files"]) | set(share1["files"])
+        checkpoints = sorted(p for p in (distributed_runs / "plain" / run).iterdir() if p.name.startswith("checkpoint-")
+                             and not p.name.endswith(".damaged"))
+        assert [p.name for p in checkpoints] == [f"checkpoint-{step}" for step in range(1, PLAIN_STEPS + 1)]
+        for checkpoint in checkpoints:
+            sums = read_json(checkpoint / "checksums.json")["sha256"]
+            files = {os.path.relpath(os.path.join(parent, name), checkpoint)
+                     for parent, _, names in os.walk(checkpoint) for name in names if name != "checksums.json"}
+            assert set(sums) == files == last[f"plain/{run}/{checkpoint.name}"], checkpoint
+            step = checkpoint.name.removeprefix("checkpoint-")
+            assert {f"global_step{step}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in range(2)} <= files
+            for name, digest in sums.items():
+                assert digest == sha256(checkpoint / name), (checkpoint, name)
+
+
+def test_plain_trainer_resumes_from_the_newest_intact_checkpoint(distributed_runs):
+    """A plain transformers.Trainer with run_callbacks under ZeRO-3 on 2 ranks, stopped after step 3 with
+    checkpoint-3 damaged (a byte of rank 1's model states changed after its checksums were written), resumes with
+    a new Trainer from newest_intact_checkpoint: checkpoint-2 (checkpoint-3 set aside as .damaged when the Trainer
+    was built). Steps 3 and 4 then have the losses, gradient norms and learning rates of the uninterrupted run
+    within 1e-6 relative, and the final weights equal its own within 1e-6 absolute; metrics.jsonl, written by
+    one rank, reads as one run (each step once)."""
+    records = distributed_runs / "records"
+    assert read_json(records / "plain_resume.json")["checkpoint"] == "plain/resumed/checkpoint-2"
+    resumed_dir = distributed_runs / "plain" / "resumed"
+    assert (resumed_dir / f"checkpoint-{PLAIN_STOP}.damaged").is_dir()
+    through, resumed = metrics(distributed_runs / "plain" / "through"), metrics(resumed_dir)
+    assert [r["step"] for r in through] == [r["step"] for r in resumed] == list(range(1, PLAIN_STEPS + 1))
+    for ours, ref in zip(resumed, through):
+        assert_losses_match(ours, ref, 1e-6, ("loss", "grad_norm", "learning_rate"))
+    assert through[-1]["loss"] < through[0]["loss"]
+    states = torch.load(records / "plain_states.pt")
+    assert states["through"].keys() == states["resumed"].keys()
+    for name, tensor in states["resumed"].items():
+        torch.testing.assert_close(tensor, states["through"][name], rtol=0, atol=1e-6, msg=name)

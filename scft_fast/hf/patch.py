@@ -377,8 +377,15 @@ class SCFTForCausalLM:
         return super().forward(*args, **kwargs)
 
     def _register_zero3_external_parameters(self) -> None:
-        """Tells ZeRO-3 that ``scft_loss``'s forward reads the LM head's and the classifier's weights. Called on
-        the first forward that sees partitioned weights, so it also holds under Trainer's own DeepSpeed set-up."""
+        """Tells ZeRO-3 that ``scft_loss``'s forward reads the LM head's and the classifier's weights, and this
+        model's forward, which hands them over, too. Called on the first forward that sees partitioned weights, so
+        it also holds under Trainer's own DeepSpeed set-up.
+
+        Registered on this model as well: ZeRO-3's parameter getter registers a weight on the running module
+        whenever a forward reads it while partitioned, so this model (whose forward reads both to hand them over)
+        would otherwise gain them one at a time, possibly after DeepSpeed has recorded its trace of the fetches; the
+        next forward then stops with "tracing error" (measured: a ZeRO-3 run resumed from a checkpoint, at its
+        held-out evaluation; tests/test_deepspeed.py)."""
         import deepspeed
 
         params = list(self.get_output_embeddings().parameters(recurse=False))
@@ -386,6 +393,7 @@ class SCFTForCausalLM:
             params += list(self.score.parameters())
         for param in params:
             deepspeed.zero.register_external_parameter(self.scft_loss, param)
+            deepspeed.zero.register_external_parameter(self, param)
         self._zero3_registered = True
 
     def final_hidden_states(self, **inputs) -> torch.Tensor:  # (B, T, H) what the output layer reads

@@ -278,6 +278,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
             return None
         data_config = data_args.data_config(model_args.pool, args.seed)
         train_set, held_out, stats = build_datasets(data_args, tokenizer, data_config)
+        set_seed(args.seed)  # the initial weights (a preset's, a new head's, LoRA's) follow --seed, not the process
         model = build_model(model_args, tokenizer, refusal)
         collator = SCFTDataCollator(tokenizer, packing=data_args.packing)
         eval_collator = SCFTDataCollator(tokenizer)
@@ -382,6 +383,11 @@ def export(source, path: str, tokenizer=None) -> None:
 
 
 def _optimizer_summary(args: SCFTTrainingArguments) -> dict:
-    return {"optimizer": args.optim, "lr": args.learning_rate, "weight_decay": args.weight_decay,
-            "scheduler": args.lr_scheduler_type, "scheduler_kwargs": args.lr_scheduler_kwargs,
-            "warmup_steps": args.warmup_steps}
+    """What sets the learning rate: the arguments, or the DeepSpeed JSON's own optimizer / scheduler sections,
+    which DeepSpeed builds in their place ("auto" fields filled from the arguments)."""
+    ds = args.hf_deepspeed_config.config if args.deepspeed else {}
+    optimizer, scheduler = ds.get("optimizer"), ds.get("scheduler")
+    return {"optimizer": optimizer["type"] if optimizer else args.optim.value, "lr": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            "scheduler": scheduler["type"] if scheduler else args.lr_scheduler_type.value,
+            "scheduler_kwargs": None if scheduler else args.lr_scheduler_kwargs, "warmup_steps": args.warmup_steps}

@@ -172,7 +172,9 @@ class SCFTTrainerMixin:
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         model = self.accelerator.unwrap_model(self.model)
-        if unwrap(model) is not model:  # an adapter checkpoint: the head's settings beside PEFT's files
+        # An adapter checkpoint: the head's settings beside PEFT's files, by the writer alone (under DeepSpeed every
+        # rank comes here, and Trainer's own _save returns early on the others).
+        if self.args.should_save and unwrap(model) is not model:
             write_adapter_scft_config(model, output_dir if output_dir is not None else self.args.output_dir)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -185,7 +187,20 @@ class SCFTTrainerMixin:
             return super().save_model(output_dir, _internal_call=True)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
-        export_model(model, output_dir, tokenizer if self.args.should_save else None)
+        # ZeRO-3: around the export's gathers, what DeepSpeed does around its own (the engine's consolidated state
+        # dict, save_checkpoint): every parameter partitioned first, the persistent ones gathered again after. A
+        # forward without its backward (HeldOutSummary's evaluation after training) leaves the parameters ZeRO-3
+        # prefetched for the backward in flight, and gathering one of them fails ("Cannot partition a param in
+        # flight").
+        optimizer = getattr(self.model_wrapped, "optimizer", None)
+        checkpoint_event = hasattr(optimizer, "checkpoint_event_prologue")
+        if checkpoint_event:
+            optimizer.checkpoint_event_prologue()
+        try:
+            export_model(model, output_dir, tokenizer if self.args.should_save else None)
+        finally:
+            if checkpoint_event:
+                optimizer.checkpoint_event_epilogue()
         if self.args.should_save:
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         if self.args.push_to_hub and not _internal_call:
