@@ -263,7 +263,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
             # zero.Init (the partitioned build) takes the world size from DeepSpeed's own communication layer,
             # which accelerate starts on GPUs but not on CPU ranks, where it would count one rank.
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        set_seed(args.seed)  # the model's (and a new head's) initial weights: Trainer seeds only once it is built
         tokenizer, refusal = build_tokenizer(model_args, data_args)
         if plan.get("export_only"):
             # Trainer resumed at its last step trains one step more: the checkpoint's model is exported as it is.
