@@ -90,9 +90,9 @@ def recording(path: str):
     master weights are the model's partitions (null: not a ZeRO-3 optimizer), the optimizer's and scheduler's
     classes (null: DeepSpeed steps no scheduler, Trainer steps its own), whether DeepSpeed built the optimizer
     itself (from the JSON's section), and its hyperparameters."""
-    import scft_fast.trainer
+    import scft_fast.hf.trainer
 
-    class Recording(scft_fast.trainer.SCFTTrainer):
+    class Recording(scft_fast.hf.trainer.SCFTTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.record = {"batches": []}
@@ -118,7 +118,7 @@ def recording(path: str):
                 json.dump(self.record, f)
             return result
 
-    with mock.patch.object(scft_fast.trainer, "SCFTTrainer", Recording):
+    with mock.patch.object(scft_fast.hf.trainer, "SCFTTrainer", Recording):
         yield
 
 

@@ -488,7 +488,5 @@ def run_callbacks(held_out: dict | None = None, collator=None, lock: RunLock | N
                   batch_size: int = 16) -> list[TrainerCallback]:
     """The whole set, in the order they run: the directory first; the metrics before the divergence check, so
     that the diverged step's record (its non-finite terms as null) is in metrics.jsonl; the summary last."""
-    callbacks = [RunDirectory(lock), VerifiedCheckpoints(), MetricsLog(), DivergenceStop()]
-    if held_out:
-        callbacks.append(HeldOutSummary(held_out, collator, batch_size))
-    return callbacks
+    return [RunDirectory(lock), VerifiedCheckpoints(), MetricsLog(), DivergenceStop(),
+            HeldOutSummary(held_out or {}, collator, batch_size)]

@@ -282,17 +282,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
         collator = SCFTDataCollator(tokenizer, packing=data_args.packing)
         eval_collator = SCFTDataCollator(tokenizer)
         callbacks = run_callbacks(held_out, eval_collator, lock, args.per_device_eval_batch_size)
-        summary_callback = callbacks[-1] if held_out else None
-        if summary_callback is not None:
-            summary_callback.extra.update(refusal_token_id=refusal, data=stats.to_dict(),
-                                          model_dir=os.path.join(args.output_dir, MODEL_DIR),
-                                          optimizer=_optimizer_summary(args))
+        summary_callback = callbacks[-1]
+        summary_callback.extra.update(refusal_token_id=refusal, data=stats.to_dict(),
+                                      model_dir=os.path.join(args.output_dir, MODEL_DIR),
+                                      optimizer=_optimizer_summary(args))
         trainer = SCFTTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                               processing_class=tokenizer, callbacks=[*callbacks, FinalCheckpoint()])
         started = True
         trainer.train(resume_from_checkpoint=checkpoint)
         export(trainer, os.path.join(args.output_dir, MODEL_DIR))
-        return summary_callback.summary if summary_callback is not None and main else None
+        return summary_callback.summary if main else None
     except pickle.UnpicklingError as e:
         # torch.load(weights_only=True) met an object it will not rebuild: a file that could run code
         raise UserError(f"a file of checkpoint {checkpoint} holds more than tensors and plain values, which the loader "
