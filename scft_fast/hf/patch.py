@@ -69,24 +69,35 @@ def _zero3_gathered(params: list[nn.Parameter], modifier_rank: int | None = 0):
 class FusedSafetyLoss(nn.Module):
     """``safety_loss`` over the final hidden states, as a module with no parameters of its own. It is a module
     so that ZeRO-3 gathers the weights it reads (registered as its external parameters) around its forward and
-    backward."""
+    backward; it takes the output layer and the head as modules and reads their weights itself, so that no other
+    forward reads a partitioned weight (ZeRO-3 would then keep it gathered through the whole model's forward)."""
 
     def forward(
         self,
         hidden: torch.Tensor,  # (N, H) final hidden states
-        lm_weight: torch.Tensor,  # (V, H) the LM head
-        lm_bias: torch.Tensor | None,  # (V,)
+        lm_head: nn.Module,  # the output layer: weight (V, H), optional bias (V,)
+        score: nn.Module | None,  # the SCFT head: weight (C, H), optional bias (C,); None: no head term
         labels: torch.Tensor,  # (N,) already shifted
         transition_labels: torch.Tensor | None,  # (N,) already shifted
-        head: dict,  # cls_weight (C, H), cls_bias (C,), cls_index (S,), cls_labels (S,); empty: no head term
+        pooled: dict,  # cls_index (S,), cls_labels (S,) of the head term
         num_items: torch.Tensor | int | None,
         num_cls: torch.Tensor | int | None,
         softcap: float | None,
+        logit_scale: float,
         options: SCFTConfig,  # coefficients, backend, chunk size, ignore_index
     ) -> dict:
+        lm_bias = getattr(lm_head, "bias", None)
+        head = {} if score is None else dict(cls_weight=score.weight, cls_bias=score.bias, **pooled)
+        if logit_scale != 1.0:
+            # lm_head(hidden) * s = W (s hidden) + s b: an N x H product rather than a V x H one. The head reads the
+            # same rows, so its weight comes divided by s and its logits stay cls_weight hidden + cls_bias.
+            hidden = hidden * logit_scale
+            lm_bias = None if lm_bias is None else lm_bias * logit_scale
+            if head:
+                head["cls_weight"] = head["cls_weight"] / logit_scale
         # Under autocast the op runs in the autocast dtype (safety_loss casts its inputs).
         out = safety_loss(
-            hidden, lm_weight, labels, lm_bias=lm_bias, transition_labels=transition_labels, **head,
+            hidden, lm_head.weight, labels, lm_bias=lm_bias, transition_labels=transition_labels, **head,
             lm_coef=options.lm_coef, transition_coef=options.transition_coef, cls_coef=options.cls_coef,
             num_items=num_items, num_cls=num_cls, ignore_index=options.ignore_index, softcap=softcap,
             backend=options.backend, chunk_size=options.chunk_size)
@@ -377,15 +388,11 @@ class SCFTForCausalLM:
         return super().forward(*args, **kwargs)
 
     def _register_zero3_external_parameters(self) -> None:
-        """Tells ZeRO-3 that ``scft_loss``'s forward reads the LM head's and the classifier's weights, and this
-        model's forward, which hands them over, too. Called on the first forward that sees partitioned weights, so
-        it also holds under Trainer's own DeepSpeed set-up.
-
-        Registered on this model as well: ZeRO-3's parameter getter registers a weight on the running module
-        whenever a forward reads it while partitioned, so this model (whose forward reads both to hand them over)
-        would otherwise gain them one at a time, possibly after DeepSpeed has recorded its trace of the fetches; the
-        next forward then stops with "tracing error" (measured: a ZeRO-3 run resumed from a checkpoint, at its
-        held-out evaluation; tests/test_deepspeed.py)."""
+        """Tells ZeRO-3 that ``scft_loss``'s forward reads the LM head's and the classifier's weights (the model's
+        own forward hands it the modules and reads neither weight: ZeRO-3 would register a partitioned weight read
+        there on the model itself, keep it gathered through the whole forward, and, registered late, stop the next
+        forward with a tracing error). Called on the first forward that sees partitioned weights, so it also holds
+        under Trainer's own DeepSpeed set-up."""
         import deepspeed
 
         params = list(self.get_output_embeddings().parameters(recurse=False))
@@ -393,7 +400,6 @@ class SCFTForCausalLM:
             params += list(self.score.parameters())
         for param in params:
             deepspeed.zero.register_external_parameter(self.scft_loss, param)
-            deepspeed.zero.register_external_parameter(self, param)
         self._zero3_registered = True
 
     def final_hidden_states(self, **inputs) -> torch.Tensor:  # (B, T, H) what the output layer reads
@@ -412,28 +418,14 @@ class SCFTForCausalLM:
 
     # -- forward ----------------------------------------------------------------------------------------------------
     def pooled_index(self, batch: int, length: int, attention_mask=None, position_ids=None, cu_seqlens=None,
-                     cls_index=None) -> torch.Tensor:  # (S,) flat rows into the B*T hidden states
+                     cls_index=None, device=None) -> torch.Tensor:  # (S,) flat rows into the B*T hidden states
         if cls_index is not None:
             return cls_index.long()
-        device = self.get_output_embeddings().weight.device
         if cu_seqlens is None and attention_mask is None and position_ids is None:
             index = torch.arange(1, batch + 1, device=device) * length - 1
         else:
             index = last_token_index(attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens)
         return index - 1 if (self.scft_config or PLAIN_LM).pool == "pre_eos" else index
-
-    def _scaled_operands(self, hidden: torch.Tensor,  # (N, H)
-                         lm_bias: torch.Tensor | None,  # (V,)
-                         head: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-        """The fused op's operands with the logit scale s folded in: lm_head(hidden) * s = W (s hidden) + s b, an
-        N x H product rather than a V x H one. The head reads the same rows, so its weight comes divided by s and
-        its logits stay cls_weight hidden + cls_bias."""
-        scale = self.lm_logit_scale
-        if scale == 1.0:
-            return hidden, lm_bias, head
-        if head:
-            head = {**head, "cls_weight": head["cls_weight"] / scale}
-        return hidden * scale, None if lm_bias is None else lm_bias * scale, head
 
     def _packed_inputs(self, length: int, attention_mask, position_ids, cu_seqlens, max_seqlen, kwargs: dict):
         """A packed row is one block-diagonal causal attention: HF derives it from position_ids (SDPA, eager) or
@@ -507,19 +499,17 @@ class SCFTForCausalLM:
         if labels is None:
             labels = torch.full((batch, length), ignore, dtype=torch.long, device=hidden.device)
         lm_head = self.get_output_embeddings()
-        if hasattr(lm_head.weight, "ds_id") and not getattr(self, "_zero3_registered", False):
+        if hasattr(next(lm_head.parameters()), "ds_id") and not getattr(self, "_zero3_registered", False):
             self._register_zero3_external_parameters()
-        head = {}
+        pooled = {}
         if cls_labels is not None:  # without labels the head is skipped: plain (fused) instruction tuning
-            head = dict(cls_weight=self.score.weight, cls_bias=self.score.bias, cls_labels=cls_labels,
-                        cls_index=self.pooled_index(batch, length, attention_mask, position_ids, cu_seqlens,
-                                                    cls_index))
-        hidden, lm_bias, head = self._scaled_operands(hidden.reshape(batch * length, -1),
-                                                      getattr(lm_head, "bias", None), head)
+            pooled = dict(cls_labels=cls_labels, cls_index=self.pooled_index(
+                batch, length, attention_mask, position_ids, cu_seqlens, cls_index, device=hidden.device))
         out = self.scft_loss(
-            hidden, lm_head.weight, lm_bias, shift_labels(labels, position_ids, ignore).reshape(-1),
+            hidden.reshape(batch * length, -1), lm_head, self.score if pooled else None,
+            shift_labels(labels, position_ids, ignore).reshape(-1),
             None if transition_labels is None else shift_labels(transition_labels, position_ids, ignore).reshape(-1),
-            head, num_items_in_batch, num_cls_in_batch, self.softcap, options)
+            pooled, num_items_in_batch, num_cls_in_batch, self.softcap, self.lm_logit_scale, options)
         return SCFTOutput(**out)
 
     def _check_loss_inputs(self, transition_labels, cls_labels, num_items_in_batch, num_cls_in_batch,
@@ -550,7 +540,7 @@ class SCFTForCausalLM:
                 f"loss is logged. Call apply_scft_fast(peft_model) after get_peft_model (SCFTTrainer and "
                 f"SCFTSFTTrainer do it), which gives the head its plain layer back and trains it fully, or leave it "
                 f"out of LoRA with LoraConfig(exclude_modules=[{HEAD_NAME!r}], modules_to_save=[{HEAD_NAME!r}])")
-        if not self.score.weight.requires_grad:
+        if not any(p.requires_grad for p in self.score.parameters()):  # a PEFT copy: one of the two trains
             raise ValueError(
                 f"the SCFT head ({HEAD_NAME!r}) is frozen (requires_grad=False), yet cls_labels give it a loss that "
                 f"would be logged every step while the head never moves. Under PEFT, call apply_scft_fast(peft_model) "
@@ -571,7 +561,7 @@ class SCFTForCausalLM:
         hidden = self.final_hidden_states(input_ids=input_ids, attention_mask=attention_mask,
                                           position_ids=position_ids, **kwargs)
         index = self.pooled_index(batch, length, attention_mask, None if attention_mask is not None
-                                  else position_ids, cu_seqlens, cls_index)
+                                  else position_ids, cu_seqlens, cls_index, device=hidden.device)
         return self.score(hidden.reshape(batch * length, -1)[index]).float().softmax(-1)
 
 
