@@ -90,6 +90,38 @@ def test_automatic_chunk_size_is_bounded():
     assert chunked.default_chunk_size(8192, 4096, 128256, torch.bfloat16, torch.device("cuda")) >= 256
 
 
+@pytest.mark.parametrize("hidden_size,vocab,dtype", [(4096, 128256, torch.bfloat16), (8192, 128256, torch.bfloat16),
+                                                      (4096, 32000, torch.float32), (2048, 256000, torch.bfloat16)])
+def test_automatic_chunks_stay_at_or_above_the_minimum_on_gpu(hidden_size, vocab, dtype):
+    """Issue 23: the rule once split 5462 visited rows (N = 8192, a third ignored) into 3 chunks of 1821 on CUDA,
+    below its 2048-row minimum. Every visited count gives equal chunks of at least 2048 rows (or one chunk, when
+    fewer rows are visited) within the byte budget; only where no split meets both (at V = 256000 the budget holds
+    2097 rows, so 2110 rows can only go as two chunks) does the budget win."""
+    cuda = torch.device("cuda")
+    fewest, budget = chunked._MIN_CHUNK_ROWS["cuda"], chunked._MAX_CHUNK_BYTES["cuda"]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    most = budget // (vocab * itemsize)
+    assert chunked.default_chunk_size(5462, 4096, 128256, torch.bfloat16, cuda) == 2731
+    for rows in [*range(1, 20000, 37), 5461, 5462, 8192, 6143, 6144, 65536]:
+        chunk = chunked.default_chunk_size(rows, hidden_size, vocab, dtype, cuda)
+        assert chunk <= most, (rows, chunk)
+        budget_forces_smaller = rows > most and -(-rows // most) > rows // fewest
+        assert chunk >= min(rows, fewest) or budget_forces_smaller, (rows, chunk)
+        assert not budget_forces_smaller or vocab == 256000, (rows, chunk)
+        chunks = -(-rows // chunk)
+        assert chunks * chunk - rows < chunks, (rows, chunk)  # equal chunks: the last one at most one row short
+
+
+def test_automatic_chunks_stay_at_or_above_the_minimum_on_cpu():
+    cpu = torch.device("cpu")
+    fewest = chunked._DEFAULT_MIN_CHUNK_ROWS
+    for rows in range(1, 5000, 7):
+        chunk = chunked.default_chunk_size(rows, 512, 32000, torch.float32, cpu)
+        assert chunk >= min(rows, fewest), (rows, chunk)
+    # The round-to-nearest split is kept where it breaks no minimum: 518 rows at 256 go as 259 + 259.
+    assert chunked.default_chunk_size(518, 64, 32000, torch.float32, cpu) == 259
+
+
 def test_explicit_chunk_size_gives_the_same_result():
     inputs = make_inputs(25, 50, 32, 1000)
     base = safety_loss(**inputs, backend="torch").loss

@@ -34,14 +34,24 @@ _DEFAULT_MIN_CHUNK_ROWS = 256
 
 def default_chunk_size(num_rows: int, hidden_size: int, vocab_size: int, dtype: torch.dtype,
                        device: torch.device) -> int:
-    """Rows per chunk: a logits chunk about as large as the hidden states (Liger's rule, c*V ~ N*H),
-    at least a GEMM-efficient number of rows, and never more than a fixed byte budget."""
-    rows = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(num_rows * hidden_size / vocab_size)))))
-    rows = max(rows, _MIN_CHUNK_ROWS.get(device.type, _DEFAULT_MIN_CHUNK_ROWS))
+    """Rows per chunk for num_rows visited rows: the loop runs ceil(num_rows / result) chunks of about equal size.
+
+    The target is a logits chunk about as large as the hidden states (Liger's rule, c*V ~ N*H), at least a
+    GEMM-efficient number of rows (_MIN_CHUNK_ROWS) and never more than a fixed byte budget (_MAX_CHUNK_BYTES).
+    Every chunk reads all of W three times, so the rows are split into the number of equal chunks nearest
+    num_rows / target (518 rows at 256 go as 259 + 259, not 256 + 256 + 6), but never into so many that a chunk
+    falls below the minimum (5462 rows at 2048 go as 2 x 2731, not 3 x 1821) nor so few that one exceeds the
+    budget; where the budget is below the minimum (a very large V), the budget wins."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    budget = _MAX_CHUNK_BYTES.get(device.type, _DEFAULT_MAX_CHUNK_BYTES)
-    rows = min(rows, max(1, budget // (vocab_size * itemsize)))
-    return max(1, min(rows, num_rows))
+    fewest = _MIN_CHUNK_ROWS.get(device.type, _DEFAULT_MIN_CHUNK_ROWS)
+    most = max(1, _MAX_CHUNK_BYTES.get(device.type, _DEFAULT_MAX_CHUNK_BYTES) // (vocab_size * itemsize))
+    target = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(num_rows * hidden_size / vocab_size)))))
+    target = min(max(target, fewest), most)
+    if num_rows <= target:
+        return max(1, num_rows)
+    chunks = min(round(num_rows / target), num_rows // fewest)
+    chunks = max(chunks, -(-num_rows // most), 1)
+    return -(-num_rows // chunks)
 
 
 def _addmm_f32_in_place(acc, a, b):
@@ -140,15 +150,11 @@ def chunked_token_loss(
     grad_weight = grad_bias = None
     if num_rows == 0:
         return sums, grad_weight, grad_bias
-    if chunk_size:  # an explicit size is a maximum
-        num_chunks = -(-num_rows // chunk_size)
+    if chunk_size:  # an explicit size is a maximum, split into equal chunks
+        chunk = -(-num_rows // -(-num_rows // chunk_size))
     else:
-        # Every chunk reads all of W three times: the automatic size is a target, rounded to the nearest
-        # number of equal chunks (518 rows at 256 go as 259 + 259, not 256 + 256 + 6).
-        target = default_chunk_size(num_rows, hidden_size, vocab, hidden.dtype, hidden.device)
-        num_chunks = max(1, round(num_rows / target))
-    chunk = -(-num_rows // num_chunks)
-    buffer = torch.empty(min(chunk, num_rows), vocab, dtype=hidden.dtype, device=hidden.device)
+        chunk = default_chunk_size(num_rows, hidden_size, vocab, hidden.dtype, hidden.device)
+    buffer = torch.empty(chunk, vocab, dtype=hidden.dtype, device=hidden.device)
     weight_t = weight.T
     for start in range(0, num_rows, chunk):
         stop = min(start + chunk, num_rows)
