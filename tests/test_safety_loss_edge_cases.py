@@ -130,6 +130,69 @@ def test_explicit_chunk_size_gives_the_same_result():
                                    rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
+def test_nan_in_an_unlabeled_pooled_row_stays_out_of_the_loss(backend):
+    """Issue 21: harmful-prefix samples are pooled but unlabeled; a NaN hidden state there once made the loss NaN
+    (NaN x 0 in the head). The row has no token target either, so it takes no part in any term."""
+    inputs = make_inputs(26, 24, 32, 1000, s=4, cls_bias=True, device=device_for(backend))
+    inputs["cls_index"] = torch.tensor([3, 9, 15, 23], device=device_for(backend))
+    inputs["cls_labels"] = torch.tensor([0, IGNORE_INDEX, 1, 0], device=device_for(backend))
+    inputs["labels"][9] = IGNORE_INDEX
+    inputs["transition_labels"][9] = IGNORE_INDEX
+    inputs["hidden"][9, 5] = float("nan")
+    out, grads, ref, ref_grads = run_both(inputs, backend)
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads.values())
+    ref_logits = ref.pop("cls_logits")  # NaN in row 1, as the op reports it: compared apart
+    check(out, grads, dict(ref, cls_logits=None), ref_grads)
+    assert out.cls_logits[1].isnan().all()
+    torch.testing.assert_close(out.cls_logits[[0, 2, 3]].double().cpu(), ref_logits[[0, 2, 3]], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
+def test_num_cls_zero_behaves_like_num_items_zero(backend):
+    """Issue 21: num_cls=0 once gave a finite 3e28 (a clamp at 1e-30) where num_items=0 gives 0."""
+    inputs = make_inputs(27, 24, 32, 1000, device=device_for(backend))
+    out, grads, ref, ref_grads = run_both(inputs, backend, num_cls=0)
+    check(out, grads, ref, ref_grads)
+    token_only = {k: v for k, v in inputs.items() if not k.startswith("cls_")}
+    torch.testing.assert_close(out.loss, safety_loss(**token_only, backend=backend).loss)
+    assert torch.equal(grads["cls_weight"], torch.zeros_like(grads["cls_weight"]))
+    both_zero = safety_loss(**inputs, backend=backend, num_items=torch.tensor(0), num_cls=torch.tensor(0.0))
+    assert both_zero.loss.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
+def test_a_tiny_normalizer_is_not_clamped(backend):
+    """Issue 21: a normalizer below 1e-30 was clamped to it. 1e-35 (a normal float32) now divides exactly; the
+    float64 reference agrees."""
+    inputs = make_inputs(28, 24, 32, 1000, device=device_for(backend))
+    check(*run_both(inputs, backend, num_items=1e-35, num_cls=3e-36))
+
+
+@pytest.mark.parametrize("name", ["num_items", "num_cls"])
+@pytest.mark.parametrize("value,shown", [(1e-40, "1e-40"), (1e39, "1e+39"), (10**40, "1" + "0" * 40),
+                                         (torch.tensor(1e39, dtype=torch.float64), "a tensor holding 1e+39"),
+                                         (torch.tensor(1e-40, dtype=torch.float64), "a tensor holding 1e-40")])
+def test_a_normalizer_out_of_float32_range_is_named(name, value, shown):
+    """Issue 21: 1e39 once failed in a float32 fill with a message that did not name it, 1e-40 was mis-scaled.
+    Neither has a float32 loss to give (1 / 1e-40 overflows): an error names the argument and the value."""
+    with pytest.raises(ValueError, match=rf"{name} must be 0 or a normal float32 number in \[1\.175e-38, "
+                                         rf"3\.403e\+38\].*got {re.escape(shown)}$"):
+        safety_loss(**bad(**{name: value}))
+
+
+def test_counts_are_exact_past_two_to_the_24_rows():
+    """Issue 21: n_lm and n_tr once passed through float32, off by one past 2^24 labeled rows. 2^24 + 1 rows of
+    H = 1, V = 2 (the counting path at its cheapest: about 5 s and 1.5 GB)."""
+    rows = 2**24 + 1
+    labels = torch.zeros(rows, dtype=torch.long)
+    out = safety_loss(torch.ones(rows, 1), torch.tensor([[1.0], [-1.0]]), labels, transition_labels=labels,
+                      backend="torch")
+    assert out.n_lm.dtype == torch.int64 and int(out.n_lm) == rows and int(out.n_tr) == rows
+    expected = torch.log(torch.tensor(1.0 + torch.e**-2, dtype=torch.float64)).item()  # lse - z, every row
+    assert out.lm_loss.item() == pytest.approx(expected, rel=1e-5)
+
+
 def bad(**changes):
     inputs = make_inputs(30, 12, 16, 100, c=3, s=3, bias=True, cls_bias=True)
     inputs.update(changes)

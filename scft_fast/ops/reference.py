@@ -1,6 +1,7 @@
 """Float64 references: the definitions, written as directly as possible, that tests and benchmarks compare against.
 
-- ``safety_loss_ref``: the whole op, on the naive N x V logits (every backend of ``safety_loss``),
+- ``safety_loss_ref``: the whole op, on the naive logits of the rows with a target (every backend of
+  ``safety_loss``),
 - ``safety_epilogue_ref``: one logits chunk's epilogue (``safety_epilogue_torch`` / ``_triton`` / ``_cpu``),
 - ``cls_head_ref``: the classification head (``cls_head_torch`` / ``_triton``).
 Nothing here imports triton or the C++ extension, so every test can import it.
@@ -31,37 +32,49 @@ def safety_loss_ref(
     ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Returns loss, lm_loss, transition_loss, cls_loss, cls_logits (float64, differentiable)."""
+    """Returns loss, lm_loss, transition_loss, cls_loss, cls_logits (float64, differentiable); n_lm, n_tr (ints).
+
+    The logits are formed only for rows with a target and the head's cross-entropy only over labeled pooled rows,
+    so a non-finite value elsewhere (a NaN pooled row that carries no label) reaches neither the loss nor a
+    gradient."""
     h = hidden.reshape(-1, hidden.shape[-1]).double()
-    z = h @ lm_weight.double().T
+    lm_t = labels.reshape(-1)
+    tr_t = transition_labels.reshape(-1) if transition_labels is not None else torch.full_like(lm_t, ignore_index)
+    lm_valid, tr_valid = lm_t != ignore_index, tr_t != ignore_index
+    rows = torch.nonzero(lm_valid | tr_valid).squeeze(1)
+    z = h[rows] @ lm_weight.double().T
     if lm_bias is not None:
         z = z + lm_bias.double()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     logp = torch.log_softmax(z, dim=-1)
 
-    def term(targets):
-        targets = targets.reshape(-1)
-        valid = targets != ignore_index
-        picked = logp[valid].gather(1, targets[valid].unsqueeze(1)).squeeze(1)
+    def term(targets, valid):
+        valid = valid[rows]
+        picked = logp[valid].gather(1, targets[rows][valid].unsqueeze(1)).squeeze(1)
         return -picked.sum(), int(valid.sum())
 
-    lm_sum, n_lm = term(labels)
-    tr_sum, n_tr = term(transition_labels) if transition_labels is not None else (z.new_zeros(()), 0)
+    lm_sum, n_lm = term(lm_t, lm_valid)
+    tr_sum, n_tr = term(tr_t, tr_valid)
     denom = float(num_items) if num_items is not None else float(n_lm + n_tr)
     token_loss = (lm_coef * lm_sum + transition_coef * tr_sum) / denom if denom > 0 else z.new_zeros(())
     cls_loss = cls_term = z.new_zeros(())
     cls_logits = None
     if cls_weight is not None:
-        u = h[cls_index] @ cls_weight.double().T
-        if cls_bias is not None:
-            u = u + cls_bias.double()
-        cls_logits = u
+        def head_logits(index):
+            u = h[index] @ cls_weight.double().T
+            return u + cls_bias.double() if cls_bias is not None else u
+
+        cls_logits = head_logits(cls_index)
         valid = cls_labels != ignore_index
         if valid.any():
-            cls_sum = torch.nn.functional.cross_entropy(u[valid], cls_labels[valid], reduction="sum")
+            cls_sum = torch.nn.functional.cross_entropy(head_logits(cls_index[valid]), cls_labels[valid],
+                                                        reduction="sum")
             cls_loss = cls_sum / int(valid.sum())
-            cls_term = cls_sum / float(num_cls) if num_cls is not None else cls_loss
+            if num_cls is None:
+                cls_term = cls_loss
+            elif float(num_cls) > 0:
+                cls_term = cls_sum / float(num_cls)
     return {
         "loss": token_loss + cls_coef * cls_term,
         "lm_loss": lm_sum / max(n_lm, 1),

@@ -25,6 +25,9 @@ from .cls_head import MAX_CLASSES, MIN_CLASSES
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int64, torch.int32)
 _NORMALIZER_RULE = "must be >= 0 and finite"
+# A normalizer's reciprocal scales the float32 loss: a nonzero one must be a normal float32 number, else
+# 1 / value overflows (below) or value itself does (above).
+_NORMAL_FLOAT32 = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -49,11 +52,23 @@ def _check_int(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
     return t.long()
 
 
-def _normalizer(name: str, value, device: torch.device) -> torch.Tensor | None:
-    """An int or a 0-dim tensor -> a float32 device scalar (an int becomes a fill: no host-to-device copy).
+def _normalizer_error(name: str, value: float, held: str) -> ValueError | None:
+    """The error for a normalizer's value (``held`` says how it was given), or None when it is fine."""
+    if not (math.isfinite(value) and value >= 0):
+        return ValueError(f"{name} {_NORMALIZER_RULE}, got {held}")
+    tiny, largest = _NORMAL_FLOAT32
+    if value != 0 and not tiny <= value <= largest:
+        return ValueError(f"{name} must be 0 or a normal float32 number in [{tiny:.4g}, {largest:.4g}] (the loss is "
+                          f"float32 and is divided by it), got {held}")
+    return None
 
-    A Python number is checked here (finite, >= 0); a tensor's value is checked inside the op, on the op's one
-    host sync (``_NORMALIZER_RULE``), so that a device-side count costs no extra synchronization."""
+
+def _normalizer(name: str, value, device: torch.device) -> torch.Tensor | None:
+    """An int or a 0-dim tensor -> a 0-dim device tensor (an int becomes a float32 fill: no host-to-device copy).
+
+    A Python number is checked here (``_normalizer_error``); a tensor keeps its dtype and its value is checked inside
+    the op, on the op's one host sync, so that a device-side count costs no extra synchronization and the error
+    names the value given (a float64 1e39 is not the float32 inf it would become)."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -61,12 +76,18 @@ def _normalizer(name: str, value, device: torch.device) -> torch.Tensor | None:
             raise ValueError(f"{name} must be an int or a 0-dim tensor, got shape {tuple(value.shape)}")
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be an int or a 0-dim tensor of real numbers, got dtype {value.dtype}")
-        return value.reshape(()).to(device=device, dtype=torch.float32)
+        return value.reshape(()).to(device=device)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} {_NORMALIZER_RULE}, got {value!r}")
+        error = _normalizer_error(name, float(value), repr(value))
+        if error is not None:
+            raise error
         return torch.full((), float(value), dtype=torch.float32, device=device)
     raise TypeError(f"{name} must be an int or a 0-dim tensor, got {type(value).__name__}")
+
+
+def _normalizer_is_bad(t: torch.Tensor) -> torch.Tensor:  # () bool, on t's device: no sync
+    tiny, largest = _NORMAL_FLOAT32
+    return ~((t == 0) | ((t >= tiny) & (t <= largest)))  # NaN fails every comparison
 
 
 def _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias,
@@ -188,8 +209,8 @@ def _safety_loss_op(
     cls_bias: Optional[torch.Tensor],  # (C,)
     cls_index: Optional[torch.Tensor],  # (S,)
     cls_labels: Optional[torch.Tensor],  # (S,)
-    num_items: Optional[torch.Tensor],  # () float32
-    num_cls: Optional[torch.Tensor],  # () float32
+    num_items: Optional[torch.Tensor],  # () any real dtype
+    num_cls: Optional[torch.Tensor],  # () any real dtype
     lm_coef: float,
     transition_coef: float,
     cls_coef: float,
@@ -200,9 +221,9 @@ def _safety_loss_op(
     validate: bool,
     grad_mask: Sequence[bool],  # needs grad: hidden, lm_weight, lm_bias, cls_weight, cls_bias
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
-    """Returns (loss (), stats (6,) [lm_sum, tr_sum, cls_sum, n_lm, n_tr, n_cls], cls_logits (S, C),
-    grad_hidden (N, H), grad_lm_weight (V, H), grad_lm_bias (V,), grad_cls_weight (C, H),
+           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss (), stats (3,) float32 [lm_sum, tr_sum, cls_sum], counts (3,) int64 [n_lm, n_tr, n_cls],
+    cls_logits (S, C), grad_hidden (N, H), grad_lm_weight (V, H), grad_lm_bias (V,), grad_cls_weight (C, H),
     grad_cls_bias (C,)); a gradient not asked for by grad_mask is an empty (0,) tensor."""
     # The inputs already carry the dtype to compute in (see _autocast_inputs): no inner op may recast.
     with torch.autocast(hidden.device.type, enabled=False):
@@ -222,14 +243,19 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
     lm_valid = labels != ignore_index
     tr_valid = transition_labels != ignore_index
     has_target = lm_valid | tr_valid
+    # Counts stay int64 from here to the caller: a float32 count is off by one past 2^24 rows.
     n_lm, n_tr = lm_valid.sum(), tr_valid.sum()
     classes = cls_weight.shape[0] if cls_weight is not None else 0
+    n_cls = torch.zeros((), dtype=torch.int64, device=device)
 
-    # The one host sync of the call: how many rows to visit, the normalizers' values, and the range checks when
-    # asked.
+    # The one host sync of the call: how many rows to visit, how many pooled rows carry a label, whether the
+    # normalizers hold valid values, and the range checks when asked.
     probes = [has_target.sum()]
+    if cls_weight is not None:
+        n_cls = (cls_labels != ignore_index).sum()
+        probes.append(n_cls)
     normalizers = [(name, t) for name, t in (("num_items", num_items), ("num_cls", num_cls)) if t is not None]
-    probes += [(~(torch.isfinite(t) & (t >= 0))).long() for _, t in normalizers]
+    probes += [_normalizer_is_bad(t).long() for _, t in normalizers]
     if validate:
         probes += [
             (lm_valid & ((labels < 0) | (labels >= vocab))).sum(),
@@ -239,17 +265,21 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
             probes += [((cls_index < 0) | (cls_index >= rows_total)).sum(),
                        ((cls_labels != ignore_index) & ((cls_labels < 0) | (cls_labels >= classes))).sum()]
     counts = torch.stack(probes).tolist()
-    num_rows, bad_normalizers, ranges = counts[0], counts[1:1 + len(normalizers)], counts[1 + len(normalizers):]
+    num_rows = counts.pop(0)
+    labeled_pooled = counts.pop(0) if cls_weight is not None else 0
+    bad_normalizers, ranges = counts[:len(normalizers)], counts[len(normalizers):]
     for (name, t), bad in zip(normalizers, bad_normalizers):
         if bad:
-            raise ValueError(f"{name} {_NORMALIZER_RULE}, got a tensor holding {float(t)}")
+            raise _normalizer_error(name, float(t), f"a tensor holding {float(t)}")
     if validate and any(ranges):
         _range_errors(ranges + [0, 0], labels, transition_labels, cls_index, cls_labels, vocab,
                       rows_total, classes, ignore_index)
     rows = None if num_rows == rows_total else torch.nonzero_static(has_target, size=num_rows).squeeze(1)
+    num_items = None if num_items is None else num_items.float()
+    num_cls = None if num_cls is None else num_cls.float()
 
     denom = (n_lm + n_tr).float() if num_items is None else num_items
-    inv = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
+    inv = torch.where(denom > 0, 1.0 / denom.clamp_min(_NORMAL_FLOAT32[0]), torch.zeros_like(denom))
     lm_scale = (lm_coef * inv).float()
     tr_scale = (transition_coef * inv).float()
 
@@ -266,22 +296,37 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
     token_loss = lm_scale * sums[0] + tr_scale * sums[1]
 
     cls_sum = torch.zeros((), dtype=torch.float32, device=device)
-    n_cls = torch.zeros((), dtype=torch.int64, device=device)
     cls_logits = torch.empty(_EMPTY, dtype=torch.float32, device=device)
     grad_cw = grad_cb = None
     loss = token_loss
     if cls_weight is not None:
-        n_cls = (cls_labels != ignore_index).sum()
-        cls_denom = n_cls.clamp_min(1).float() if num_cls is None else num_cls.clamp_min(1e-30)
-        cls_scale = (cls_coef / cls_denom).float()
+        if num_cls is None:
+            cls_scale = (cls_coef / n_cls.clamp_min(1).float()).float()
+        else:  # like num_items: a normalizer of 0 gives a term of 0
+            cls_scale = torch.where(num_cls > 0, cls_coef / num_cls.clamp_min(_NORMAL_FLOAT32[0]),
+                                    torch.zeros_like(num_cls)).float()
         need_cls_grad = need_h or need_cw or need_cb
-        ce, cls_logits, grad_pooled, grad_cw, grad_cb = impl.cls_head(
-            hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index, need_cls_grad)
+        pooled_index = cls_index
+        if labeled_pooled == cls_index.numel():
+            ce, cls_logits, grad_pooled, grad_cw, grad_cb = impl.cls_head(
+                hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index, need_cls_grad)
+        else:
+            # An unlabeled pooled row (a harmful-prefix sample, say) takes no part in the loss: the head's loss and
+            # gradients run over the labeled rows alone, so a non-finite unlabeled row cannot turn them into NaN
+            # (NaN x 0); the logits of every pooled row are still reported.
+            cls_logits = impl.cls_head(hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale,
+                                       ignore_index, False)[1]
+            labeled = torch.nonzero_static(cls_labels != ignore_index, size=labeled_pooled).squeeze(1)
+            pooled_index = cls_index[labeled]
+            ce, _, grad_pooled, grad_cw, grad_cb = impl.cls_head(
+                hidden, pooled_index, cls_labels[labeled], cls_weight, cls_bias, cls_scale, ignore_index,
+                need_cls_grad)
         cls_sum = ce.sum()
         loss = loss + cls_scale * cls_sum
-        if need_h and cls_index.numel():
-            grad_hidden.index_add_(0, cls_index, grad_pooled.to(hidden.dtype))
-    stats = torch.stack([sums[0], sums[1], cls_sum, n_lm.float(), n_tr.float(), n_cls.float()])
+        if need_h and pooled_index.numel():
+            grad_hidden.index_add_(0, pooled_index, grad_pooled.to(hidden.dtype))
+    stats = torch.stack([sums[0], sums[1], cls_sum])
+    counts = torch.stack([n_lm, n_tr, n_cls])
 
     def out(grad, needed, like, dtype):
         if not needed:
@@ -292,7 +337,7 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
     # gradient and the cast to the parameter's dtype are one pass (a separate cast here would be one more).
     # ``loss`` is a fresh 0-dim tensor, not a view: a caller may scale it in place (Trainer's ``loss *= ...``).
     f32 = torch.float32
-    return (loss.float(), stats, cls_logits.contiguous(), out(grad_hidden, need_h, hidden, hidden.dtype),
+    return (loss.float(), stats, counts, cls_logits.contiguous(), out(grad_hidden, need_h, hidden, hidden.dtype),
             out(grad_w, need_w, lm_weight, f32), out(grad_b, need_b, lm_bias, f32),
             out(grad_cw, need_cw, cls_weight, f32), out(grad_cb, need_cb, cls_bias, f32))
 
@@ -309,8 +354,9 @@ def _(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bia
     cls_logits = (hidden.new_empty((cls_index.shape[0], cls_weight.shape[0]), dtype=torch.float32)
                   if cls_weight is not None else hidden.new_empty(_EMPTY, dtype=torch.float32))
     need_h, need_w, need_b, need_cw, need_cb = grad_mask
-    return (torch.empty((), **f32), torch.empty((6,), **f32), cls_logits, grad(need_h, hidden, hidden.dtype),
-            grad(need_w, lm_weight), grad(need_b, lm_bias), grad(need_cw, cls_weight), grad(need_cb, cls_bias))
+    return (torch.empty((), **f32), torch.empty((3,), **f32), torch.empty((3,), dtype=torch.int64, device=hidden.device),
+            cls_logits, grad(need_h, hidden, hidden.dtype), grad(need_w, lm_weight), grad(need_b, lm_bias),
+            grad(need_cw, cls_weight), grad(need_cb, cls_bias))
 
 
 def _setup_context(ctx, inputs, output):
@@ -320,7 +366,7 @@ def _setup_context(ctx, inputs, output):
     # The outputs other than the loss never receive a gradient: no zero tensors of their shapes (grad_W's (V, H)
     # above all) are materialized for them; they arrive as None.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*output[3:])
+    ctx.save_for_backward(*output[4:])
 
 
 def _backward(ctx, grad_loss, *unused):
@@ -422,17 +468,17 @@ def safety_loss(
     grad_on = torch.is_grad_enabled()
     grad_mask = [bool(grad_on and t is not None and t.requires_grad)
                  for t in (hidden, lm_weight, lm_bias, cls_weight, cls_bias)]
-    loss, stats, cls_logits, *_ = _safety_loss_op(
+    loss, stats, counts, cls_logits, *_ = _safety_loss_op(
         hidden2d, weight, labels1d, lm_bias, tr1d, cls_weight, cls_bias, cls_index, cls_labels, num_items, num_cls,
         float(lm_coef), float(transition_coef), float(cls_coef), int(ignore_index),
         None if softcap is None else float(softcap), backend, int(chunk_size or 0), bool(validate), grad_mask)
-    stats = stats.detach()
-    n_lm, n_tr, n_cls = stats[3].long(), stats[4].long(), stats[5].long()
+    stats, counts = stats.detach(), counts.detach()
+    n_lm, n_tr, n_cls = counts.unbind()
     return SafetyLossOutput(
         loss=loss,
-        lm_loss=stats[0] / stats[3].clamp_min(1),
-        transition_loss=stats[1] / stats[4].clamp_min(1),
-        cls_loss=stats[2] / stats[5].clamp_min(1),
+        lm_loss=stats[0] / n_lm.clamp_min(1),
+        transition_loss=stats[1] / n_tr.clamp_min(1),
+        cls_loss=stats[2] / n_cls.clamp_min(1),
         cls_logits=cls_logits.detach() if cls_weight is not None else None,
         n_lm=n_lm,
         n_tr=n_tr,
