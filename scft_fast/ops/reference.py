@@ -2,7 +2,8 @@
 
 - ``safety_loss_ref``: the whole op, on the naive logits of the rows with a target (every backend of
   ``safety_loss``),
-- ``safety_epilogue_ref``: one logits chunk's epilogue (``safety_epilogue_torch`` / ``_triton`` / ``_cpu``),
+- ``safety_epilogue_ref``: one logits chunk's epilogue (``safety_epilogue_torch`` / ``_triton`` / ``_cpu``), and
+  ``epilogue_row_stats_ref`` its per-row statistics,
 - ``cls_head_ref``: the classification head (``cls_head_torch`` / ``_triton``).
 Nothing here imports triton or the C++ extension, so every test can import it.
 """
@@ -90,10 +91,12 @@ def safety_epilogue_ref(
     logits: torch.Tensor,  # (c, V), left untouched
     lm_target: torch.Tensor,  # (c,) int64
     tr_target: torch.Tensor,  # (c,) int64
-    lm_scale: torch.Tensor,  # ()
-    tr_scale: torch.Tensor,  # ()
+    lm_scale: torch.Tensor,  # () or (c,)
+    tr_scale: torch.Tensor,  # () or (c,)
     softcap: float | None,
     ignore_index: int,
+    label_smoothing: float = 0.0,
+    z_scale: torch.Tensor | None = None,  # () or (c,)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # sums (2,) float64, d(loss)/d(logits) (c, V) float64
     """The epilogue contract (scft_fast/ops/safety_epilogue.py) in float64; the logits are left untouched."""
     x = logits.double()
@@ -101,17 +104,49 @@ def safety_epilogue_ref(
     lse = torch.logsumexp(z, dim=-1)
     p = torch.softmax(z, dim=-1)
     rows = torch.arange(x.shape[0], device=x.device)
+    eps = label_smoothing
     sums, grad = [], torch.zeros_like(x)
     for target, scale in ((lm_target, lm_scale), (tr_target, tr_scale)):
         valid = target != ignore_index
         idx = torch.where(valid, target, 0)
-        sums.append(((lse - z[rows, idx]) * valid).sum())
+        ce = lse - (1.0 - eps) * z[rows, idx] - eps * z.mean(dim=-1)
+        sums.append((ce * valid).sum())
         w = scale.double() * valid  # (c,)
-        grad += w[:, None] * p
-        grad[rows, idx] -= w
+        grad += w[:, None] * (p - eps / x.shape[1])
+        grad[rows, idx] -= (1.0 - eps) * w
+    if z_scale is not None:
+        has_target = (lm_target != ignore_index) | (tr_target != ignore_index)
+        grad += (2.0 * z_scale.double() * lse * has_target)[:, None] * p
     if softcap is not None:
         grad = grad * (1.0 - torch.tanh(x / softcap) ** 2)
     return torch.stack(sums), grad
+
+
+def epilogue_row_stats_ref(
+    logits: torch.Tensor,  # (c, V)
+    lm_target: torch.Tensor,  # (c,) int64
+    tr_target: torch.Tensor,  # (c,) int64
+    softcap: float | None,
+    ignore_index: int,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:  # (c, ROW_STATS) float64
+    """The epilogue's row_stats with token_stats (safety_epilogue.py's contract), in float64."""
+    x = logits.double()
+    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    logp = torch.log_softmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    lm_valid, tr_valid = lm_target != ignore_index, tr_target != ignore_index
+    rows = torch.arange(x.shape[0], device=x.device)
+
+    def ce(target, valid):
+        picked = logp[rows, torch.where(valid, target, 0)]
+        return torch.where(valid, -(1.0 - label_smoothing) * picked - label_smoothing * logp.mean(dim=-1), 0.0)
+
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    correct = (z.argmax(dim=-1) == lm_target) & lm_valid
+    return torch.stack([ce(lm_target, lm_valid), ce(tr_target, tr_valid),
+                        torch.where(lm_valid | tr_valid, lse, torch.nan), torch.where(lm_valid, entropy, 0.0),
+                        correct.double()], dim=1)
 
 
 def cls_head_ref(
