@@ -32,8 +32,13 @@ def safety_loss_ref(
     num_cls: float | None = None,
     ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """Returns loss, lm_loss, transition_loss, cls_loss, cls_logits (float64, differentiable); n_lm, n_tr (ints).
+    """Returns loss (() or (N,) for reduction="none"), lm_loss, transition_loss, cls_loss, cls_logits (float64,
+    differentiable); n_lm, n_tr, n_target (ints); lse (N,) (NaN on rows without a target), z_loss (the mean of lse^2
+    over rows with a target), token_accuracy and entropy (over LM-target rows), detached.
 
     The logits are formed only for rows with a target and the head's cross-entropy only over labeled pooled rows,
     so a non-finite value elsewhere (a NaN pooled row that carries no label) reaches neither the loss nor a
@@ -49,16 +54,26 @@ def safety_loss_ref(
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     logp = torch.log_softmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
 
-    def term(targets, valid):
+    def per_row(targets, valid):  # the (smoothed) cross-entropy of each visited row, 0 where ignored
         valid = valid[rows]
-        picked = logp[valid].gather(1, targets[rows][valid].unsqueeze(1)).squeeze(1)
-        return -picked.sum(), int(valid.sum())
+        picked = logp.gather(1, torch.where(valid, targets[rows], 0).unsqueeze(1)).squeeze(1)
+        ce = -(1.0 - label_smoothing) * picked - label_smoothing * logp.mean(dim=-1)
+        return torch.where(valid, ce, 0.0), int(valid.sum())
 
-    lm_sum, n_lm = term(lm_t, lm_valid)
-    tr_sum, n_tr = term(tr_t, tr_valid)
-    denom = float(num_items) if num_items is not None else float(n_lm + n_tr)
-    token_loss = (lm_coef * lm_sum + transition_coef * tr_sum) / denom if denom > 0 else z.new_zeros(())
+    lm_row, n_lm = per_row(lm_t, lm_valid)
+    tr_row, n_tr = per_row(tr_t, tr_valid)
+    lse_sq = lse.square()
+    row_loss = lm_coef * lm_row + transition_coef * tr_row + z_loss * lse_sq
+    if reduction == "none":
+        token_loss = z.new_zeros(lm_t.shape[0]).index_put((rows,), row_loss)
+    elif reduction == "sum":
+        token_loss = row_loss.sum()
+    else:
+        denom = float(num_items) if num_items is not None else float(n_lm + n_tr)
+        token_loss = row_loss.sum() / denom if denom > 0 else z.new_zeros(())
+
     cls_loss = cls_term = z.new_zeros(())
     cls_logits = None
     if cls_weight is not None:
@@ -76,14 +91,24 @@ def safety_loss_ref(
                 cls_term = cls_loss
             elif float(num_cls) > 0:
                 cls_term = cls_sum / float(num_cls)
+
+    lm_rows = lm_valid[rows]
+    probs = logp.exp()
+    entropy = -(probs * logp).sum(dim=-1)
+    correct = z.argmax(dim=-1) == torch.where(lm_rows, lm_t[rows], -1)
     return {
         "loss": token_loss + cls_coef * cls_term,
-        "lm_loss": lm_sum / max(n_lm, 1),
-        "transition_loss": tr_sum / max(n_tr, 1),
+        "lm_loss": lm_row.sum() / max(n_lm, 1),
+        "transition_loss": tr_row.sum() / max(n_tr, 1),
         "cls_loss": cls_loss,
         "cls_logits": cls_logits,
         "n_lm": n_lm,
         "n_tr": n_tr,
+        "n_target": rows.numel(),
+        "lse": z.new_full((lm_t.shape[0],), torch.nan).index_put((rows,), lse).detach(),
+        "z_loss": (lse_sq.sum() / max(rows.numel(), 1)).detach(),
+        "token_accuracy": (correct.sum() / max(n_lm, 1)).double(),
+        "entropy": (entropy[lm_rows].sum() / max(n_lm, 1)).detach(),
     }
 
 
