@@ -20,6 +20,12 @@ targets only, loss.backward(g), against the same thing elsewhere:
 with each peer's median over the first backend's none_lm median. A peer that cannot run is a "not run: <reason>"
 line in the table and the files.
 
+The options add work only in the epilogue, a small part of the call beside its three GEMMs; so that their cost
+shows where whole calls vary more than that (a shared CPU), the epilogue alone is timed too, on one logits chunk
+of the op's own size at this shape (real logits of the loss rows), per backend, with the arguments each option
+passes it: default; return_lse (row_stats); return_token_stats (row_stats, token_stats); z_loss (z_scale,
+row_stats); label_smoothing; none_forward (row_stats, no gradient sweep), each with its paired ratio to default.
+
 Every row checks its loss (the sum of the rows for "none") against the first backend's default / none_lm row.
 
 Files, in --out-dir: op_options_<device>_<date>.jsonl gets one line per measurement the moment it is taken (the
@@ -62,6 +68,9 @@ from harness import (
 )
 from op_rows import DTYPES, Problem, available_backends, make_inputs
 from scft_fast import IGNORE_INDEX, safety_loss
+from scft_fast.ops.backends import resolve_backend
+from scft_fast.ops.chunked import default_chunk_size
+from scft_fast.ops.safety_epilogue import ROW_STATS
 
 SHAPES = {"cpu": dict(rows=4096, hidden=512, vocab=32000, dtype="float32", reps=5, warmup=1),
           "cuda": dict(rows=8192, hidden=4096, vocab=128256, dtype="bfloat16", reps=20, warmup=3),
@@ -69,6 +78,11 @@ SHAPES = {"cpu": dict(rows=4096, hidden=512, vocab=32000, dtype="float32", reps=
 OPTIONS = {"default": {}, "return_lse": dict(return_lse=True), "return_token_stats": dict(return_token_stats=True),
            "z_loss": dict(z_loss=1e-4), "label_smoothing": dict(label_smoothing=0.1), "sum": dict(reduction="sum"),
            "none": dict(reduction="none")}
+# The epilogue's arguments for each option (safety_epilogue.py's contract), as the op passes them.
+EPILOGUE_OPTIONS = {"default": {}, "return_lse": dict(row_stats=True),
+                    "return_token_stats": dict(row_stats=True, token_stats=True),
+                    "z_loss": dict(z_scale=True, row_stats=True), "label_smoothing": dict(label_smoothing=0.1),
+                    "none_forward": dict(row_stats=True, compute_grad=False)}
 
 
 # The row whose loss each option's row must give (summed for "none"): z_loss and label_smoothing change the loss, so
@@ -83,6 +97,7 @@ class Row:
         self.key, self.family, self.step = key, family, step
         self.baseline = baseline  # the row its time is divided by, or None
         self.same_loss_as = same_loss_as  # the row whose loss it must give
+        self.setup: Callable[[], object] = lambda: None  # untimed, before each call
         self.times: list[float] = []
         self.loss: float | None = None
         self.error: str | None = None
@@ -136,6 +151,35 @@ def build_rows(x, upstream: torch.Tensor, backends: list[str], device: torch.dev
     return rows, not_run
 
 
+def build_epilogue_rows(x, backends: list[str], device: torch.device) -> tuple[list[Row], int]:
+    """One row per (backend, option): the epilogue on a fresh copy of one logits chunk (the copy is not timed: the
+    step restores the chunk, the timed call is the epilogue). Returns (rows, chunk rows)."""
+    rows_per_chunk = default_chunk_size(x.n_loss, x.hidden.shape[1], x.lm_weight.shape[0], x.hidden.dtype, device)
+    index = x.loss_rows[:rows_per_chunk]
+    with torch.no_grad():
+        pristine = x.hidden[index] @ x.lm_weight.T
+    lm, tr = x.full_labels[index], x.transition_labels[index]
+    scale = torch.full((), 1.0 / x.n_loss, device=device)
+    buffer = torch.empty_like(pristine)
+    stats = torch.empty(rows_per_chunk, ROW_STATS, device=device)
+    rows = []
+    for backend in backends:
+        epilogue = resolve_backend(backend, device).epilogue
+        for name, o in EPILOGUE_OPTIONS.items():
+            def call(epilogue=epilogue, o=o):
+                return epilogue(buffer, lm, tr, scale, scale, None, IGNORE_INDEX, o.get("label_smoothing", 0.0),
+                                scale if o.get("z_scale") else None, stats if o.get("row_stats") else None,
+                                o.get("token_stats", False), o.get("compute_grad", True))
+
+            row = Row(f"epilogue:{name}:{backend}", "epilogue", call,
+                      baseline=None if name == "default" else f"epilogue:default:{backend}",
+                      same_loss_as=f"epilogue:{'label_smoothing' if o.get('label_smoothing') else 'default'}:"
+                                   f"{backends[0]}")
+            row.setup = lambda: buffer.copy_(pristine)
+            rows.append(row)
+    return rows, rows_per_chunk
+
+
 def clear_grads(x) -> None:
     for t in x.params():
         t.grad = None
@@ -147,7 +191,8 @@ def measure(rows: list[Row], x, device: torch.device, warmup: int, reps: int, lo
     for row in rows:  # the first call records the loss (and compiles what compiles)
         try:
             clear_grads(x)
-            row.loss = float(row.step())
+            row.setup()
+            row.loss = float(row.step().sum())
         except Exception as e:  # a broken row is reported, the others still run
             row.error = f"{type(e).__name__}: {e}"
             log({"kind": "error", "row": row.key, "error": row.error})
@@ -155,6 +200,7 @@ def measure(rows: list[Row], x, device: torch.device, warmup: int, reps: int, lo
     for rep, order in enumerate(rotations(live, warmup + reps)):
         for row in order:
             clear_grads(x)
+            row.setup()
             seconds = time_call(row.step, device)
             if rep >= warmup:
                 row.times.append(seconds)
@@ -186,7 +232,8 @@ def render(meta: dict, stats: list[dict]) -> str:
     lines = [f"# safety_loss options: forward + backward, {meta['device']}", "",
              f"N={shape['N']} (rows with a target {shape['N_loss']}, of them RTO {shape['N_transition']}), "
              f"H={shape['H']}, V={shape['V']}, {meta['dtype']}; torch {meta['torch']}; commit {meta['commit']}; "
-             f"{meta['reps']} timed repetitions after {meta['warmup']} warm-up, interleaved; "
+             f"{meta['reps']} timed repetitions after {meta['warmup']} warm-up, interleaved (the epilogue rows "
+             f"{meta['epilogue_reps']}, on a ({meta['epilogue_chunk'][0]}, {meta['epilogue_chunk'][1]}) chunk); "
              f"load average {meta['loadavg_start']} -> {meta['loadavg_end']}", "",
              f"    {meta['command']}", "",
              "| row | median (ms) | IQR / median | ratio (paired median) | against | loss |",
@@ -201,8 +248,8 @@ def render(meta: dict, stats: list[dict]) -> str:
                      f"{st.get('baseline', '')} | {check} |")
     for skipped in meta["not_run"]:
         lines.append(f"| {skipped['row']} | not run: {skipped['reason']} | | | | |")
-    lines += ["", "ratio: the row's time over the baseline's, per repetition, then the median (options: over the "
-              "same backend's default; peers of reduction=\"none\": over the first backend's none_lm, so > 1 means "
+    lines += ["", "ratio: the row's time over the baseline's, per repetition, then the median (options and "
+              "epilogue rows: over the same backend's default; peers of reduction=\"none\": over the first backend's none_lm, so > 1 means "
               "slower than scft). loss: the row's loss (summed for \"none\") against the first backend's row that "
               "computes the same loss (sum for none; default for return_lse and return_token_stats)."]
     return "\n".join(lines) + "\n"
@@ -219,6 +266,7 @@ def parse_args(argv=None):
     ap.add_argument("--backends", help="comma-separated scft backends (default: those that run here; triton on cuda)")
     ap.add_argument("--reps", type=int, help="timed repetitions per row (default 5 cpu, 20 cuda, 2 smoke)")
     ap.add_argument("--warmup", type=int, help="untimed repetitions per row (default 1 cpu, 3 cuda, 0 smoke)")
+    ap.add_argument("--epilogue-reps", type=int, help="timed repetitions per epilogue row (default 3 x --reps)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default torch's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
     ap.add_argument("--out-dir", default=str(RESULTS), help="where the .jsonl, .json and .md go "
@@ -231,6 +279,7 @@ def parse_args(argv=None):
     for name in ("rows", "hidden", "vocab", "dtype", "reps", "warmup"):
         if getattr(args, name) is None:
             setattr(args, name, base[name])
+    args.epilogue_reps = args.epilogue_reps or 3 * args.reps
     args.device = kind
     if args.backends:
         args.backends = [b for b in args.backends.split(",") if b]
@@ -252,6 +301,7 @@ def main(argv=None) -> int:
     x = make_inputs(problem)
     upstream = torch.rand(args.rows, generator=torch.Generator().manual_seed(args.seed)).to(device) + 0.5
     rows, not_run = build_rows(x, upstream, args.backends, device)
+    epilogue_rows, chunk_rows = build_epilogue_rows(x, args.backends, device)
 
     slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
     stem = result_stem("op_options", slug, started, args.tag or ("smoke" if args.smoke else ""))
@@ -269,6 +319,7 @@ def main(argv=None) -> int:
             "shape": {"N": args.rows, "H": args.hidden, "V": args.vocab, "N_loss": x.n_loss,
                       "N_transition": x.n_transition},
             "dtype": args.dtype, "backends": args.backends, "reps": args.reps, "warmup": args.warmup,
+            "epilogue_chunk": [chunk_rows, args.vocab], "epilogue_reps": args.epilogue_reps,
             "smoke": args.smoke, "upstream": "reduction='none': loss.backward(g), g ~ U(0.5, 1.5) per row",
             "timing": ("CUDA events" if device.type == "cuda" else "time.perf_counter") +
                       " around one forward + backward; rows interleaved, order rotated each repetition",
@@ -276,8 +327,10 @@ def main(argv=None) -> int:
     log({"kind": "meta", **meta})
     for skipped in not_run:
         log({"kind": "not_run", **skipped})
+    measure(epilogue_rows, x, device, args.warmup, args.epilogue_reps, log)
     measure(rows, x, device, args.warmup, args.reps, log)
     meta["loadavg_end"] = load_average_text()
+    rows = epilogue_rows + rows
     stats = summarize(rows, tolerance=1e-4 if args.dtype == "float32" else 2e-2)
     for st in stats:
         log({"kind": "row", **{k: v for k, v in st.items() if k != "times_s"}})
