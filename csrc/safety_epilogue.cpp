@@ -6,6 +6,9 @@
 //   1. z = raw (or softcap * tanh(raw / softcap)) and the row max m,
 //   2. e = exp(z - m) and s = sum(e)                    lse = m + log(s),
 //   3. grad = (a + b) / s * e  (* (1 - tanh^2)), then the two target entries get -a and -b.
+// The contract's options ride in the same sweeps: label smoothing and the token stats add a sum of z and an argmax
+// to sweep 1 and a sum of e * (z - m) to sweep 2 (a separate instantiation, so the plain loss runs none of it); the
+// z-loss changes the weight of sweep 3; compute_grad = false skips sweep 3.
 // A single online sweep would need two exps per element (rescaling the running sum); exp is what costs here,
 // the extra sweeps over L2 cost little, so the row is swept three times and DRAM sees it once.
 //
@@ -144,28 +147,58 @@ SCFT_INLINE vint lanes_below(int64_t n) {
   return vint{0, 1, 2, 3, 4, 5, 6, 7} < static_cast<int32_t>(n);
 }
 
-// What every row of a chunk shares. lm_scale / tr_scale are the per-row weights a and b of the contract.
+// A per-row weight: one value for every row (stride 0) or one per row (stride 1).
+struct Scale {
+  const float* data;
+  int64_t stride;
+  SCFT_INLINE float at(int64_t r) const { return data[r * stride]; }
+};
+
+// The columns of row_stats (safety_epilogue.py: ROW_LM_CE, ROW_TR_CE, ROW_LSE, ROW_ENTROPY, ROW_CORRECT).
+constexpr int64_t kRowStats = 5;
+
+// What every row of a chunk shares. lm_scale / tr_scale / z_scale are the per-row weights a, b and c of the contract.
 struct Chunk {
   int64_t vocab;
   const int64_t* lm_target;  // (c,)
   const int64_t* tr_target;  // (c,)
   int64_t ignore_index;
-  float lm_scale;
-  float tr_scale;
+  Scale lm_scale;
+  Scale tr_scale;
+  Scale z_scale;  // data is nullptr without a z-loss
   float softcap;  // > 0, or 0 for none
-  float* lm_ce;   // (c,) out: the row's LM cross-entropy, 0 when ignored
-  float* tr_ce;   // (c,) out: the row's transition cross-entropy, 0 when ignored
+  float label_smoothing;  // eps in [0, 1)
+  bool token_stats;   // row_stats gets the entropy and the correct flag
+  bool compute_grad;  // false: the row is left as it is (no sweep 3)
+  float* lm_ce;       // (c,) out: the row's LM cross-entropy, 0 when ignored
+  float* tr_ce;       // (c,) out: the row's transition cross-entropy, 0 when ignored
+  float* row_stats;   // (c, kRowStats) out, or nullptr
 };
 
+SCFT_INLINE void write_row_stats(const Chunk& ch, int64_t r, float lse, float entropy, float correct) {
+  float* stats = ch.row_stats + r * kRowStats;
+  stats[0] = ch.lm_ce[r];
+  stats[1] = ch.tr_ce[r];
+  stats[2] = lse;
+  stats[3] = entropy;
+  stats[4] = correct;
+}
+
 // One row. zbuf and ebuf are float32 scratch of length vocab (ebuf only used for softcap on 16-bit storage).
-template <typename T, bool kSoftcap>
+// kExtras: label smoothing or the token stats, which add a sum of z and a first-index argmax to sweep 1 and a sum of
+// e * (z - m) (for the entropy) to sweep 2; without it the sweeps are exactly those of the plain loss.
+template <typename T, bool kSoftcap, bool kExtras>
 SCFT_INLINE void epilogue_row(const Chunk& ch, int64_t r, T* row, float* zbuf, float* ebuf_scratch) {
   const int64_t V = ch.vocab;
   const int64_t lm = ch.lm_target[r], tr = ch.tr_target[r];
   const bool lm_valid = lm != ch.ignore_index, tr_valid = tr != ch.ignore_index;
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   if (!lm_valid && !tr_valid) {
-    std::memset(static_cast<void*>(row), 0, V * sizeof(T));  // +0 has all bits clear in every storage dtype
+    if (ch.compute_grad) {
+      std::memset(static_cast<void*>(row), 0, V * sizeof(T));  // +0 has all bits clear in every storage dtype
+    }
     ch.lm_ce[r] = ch.tr_ce[r] = 0.0f;
+    if (ch.row_stats) write_row_stats(ch, r, kNaN, 0.0f, 0.0f);
     return;
   }
   constexpr bool kFloat = std::is_same_v<T, float>;
@@ -177,23 +210,45 @@ SCFT_INLINE void epilogue_row(const Chunk& ch, int64_t r, T* row, float* zbuf, f
   constexpr bool kOwnZ = kFloat && !kSoftcap;  // z is the float32 row itself
   const float* z_src = kOwnZ ? reinterpret_cast<const float*>(row) : zbuf;
   vfloat vmax = splat(kNegInf);
+  vint varg{};    // kExtras: per lane, the first index of its max
+  vfloat vzsum{};  // kExtras: per lane, the sum of z (of t with softcap)
   for_each_block(V, [&](int64_t i, int64_t n) {
     vfloat v = load_n(row + i, n);
     if constexpr (kSoftcap) v = tanh_vec(v * inv_cap);
     if constexpr (!kOwnZ) store_n(zbuf + i, v, n);
+    if constexpr (kExtras) {
+      const vint in_row = lanes_below(n);
+      varg = (v > vmax) & in_row ? vint{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<int32_t>(i) : varg;
+      vzsum += in_row ? v : vfloat{};
+    }
     vmax = (vmax > v) | ~lanes_below(n) ? vmax : v;
   });
   float m = kNegInf;
   for (int j = 0; j < kLanes; ++j) m = vmax[j] > m ? vmax[j] : m;
+  int64_t argmax = V;
+  float z_mean = 0.0f;
+  if constexpr (kExtras) {
+    for (int j = 0; j < kLanes; ++j) argmax = vmax[j] == m && varg[j] < argmax ? varg[j] : argmax;
+    for (int j = 0; j < kLanes; ++j) z_mean += vzsum[j];
+    z_mean = (kSoftcap ? cap * z_mean : z_mean) / static_cast<float>(V);
+  }
   if constexpr (kSoftcap) m *= cap;
   auto z_at = [&](int64_t i) { return kSoftcap ? cap * z_src[i] : z_src[i]; };
-  const float z_lm = lm_valid ? z_at(lm) : 0.0f, z_tr = tr_valid ? z_at(tr) : 0.0f;
+  float z_lm = lm_valid ? z_at(lm) : 0.0f, z_tr = tr_valid ? z_at(tr) : 0.0f;
   const float t_lm = kSoftcap && lm_valid ? z_src[lm] : 0.0f, t_tr = kSoftcap && tr_valid ? z_src[tr] : 0.0f;
+  const float eps = ch.label_smoothing;
+  if constexpr (kExtras) {
+    if (eps > 0.0f) {  // (1 - eps) * CE + eps * (lse - mean z), as torch's cross_entropy(label_smoothing=eps)
+      z_lm = (1.0f - eps) * z_lm + eps * z_mean;
+      z_tr = (1.0f - eps) * z_tr + eps * z_mean;
+    }
+  }
 
   // Sweep 2. e overwrites what is no longer needed: the float32 row (its raw values are now in zbuf, or are z
   // itself), else zbuf unless zbuf must keep t for sweep 3.
   float* ebuf = kFloat ? reinterpret_cast<float*>(row) : (kSoftcap ? ebuf_scratch : zbuf);
   vfloat vsum{};
+  vfloat vu{};  // kExtras: sum of e * (z - m), for the entropy log(s) - u / s
   vint vnan{};  // z - m is NaN for a NaN logit, and for infinite ones without softcap
   for_each_block(V, [&](int64_t i, int64_t n) {
     vfloat z = load_n(z_src + i, n);
@@ -204,30 +259,48 @@ SCFT_INLINE void epilogue_row(const Chunk& ch, int64_t r, T* row, float* zbuf, f
     e = lanes_below(n) ? e : vfloat{};
     store_n(ebuf + i, e, n);
     vsum += e;
+    if constexpr (kExtras) vu += e * d;
   });
   bool nan = false;
-  float s = 0.0f;
+  float s = 0.0f, u = 0.0f;
   for (int j = 0; j < kLanes; ++j) {
     nan |= vnan[j] != 0;
     s += vsum[j];
+    if constexpr (kExtras) u += vu[j];
   }
   if (nan) {  // as in safety_epilogue_torch: NaN losses and a NaN gradient row, not finite numbers made of NaN
-    const float q = std::numeric_limits<float>::quiet_NaN();
-    for (int64_t i = 0; i < V; ++i) row[i] = store<T>(q);
-    ch.lm_ce[r] = lm_valid ? q : 0.0f;
-    ch.tr_ce[r] = tr_valid ? q : 0.0f;
+    if (ch.compute_grad) {
+      for (int64_t i = 0; i < V; ++i) row[i] = store<T>(kNaN);
+    }
+    ch.lm_ce[r] = lm_valid ? kNaN : 0.0f;
+    ch.tr_ce[r] = tr_valid ? kNaN : 0.0f;
+    if (ch.row_stats) write_row_stats(ch, r, kNaN, ch.token_stats && lm_valid ? kNaN : 0.0f, 0.0f);
     return;
   }
   const float lse = m + std::log(s);
   ch.lm_ce[r] = lm_valid ? lse - z_lm : 0.0f;
   ch.tr_ce[r] = tr_valid ? lse - z_tr : 0.0f;
+  if (ch.row_stats) {
+    const bool stats = kExtras && ch.token_stats && lm_valid;
+    write_row_stats(ch, r, lse, stats ? std::log(s) - u / s : 0.0f, stats && argmax == lm ? 1.0f : 0.0f);
+  }
+  if (!ch.compute_grad) return;
   const float e_lm = lm_valid ? ebuf[lm] : 0.0f, e_tr = tr_valid ? ebuf[tr] : 0.0f;
 
   // Sweep 3.
-  const float a = lm_valid ? ch.lm_scale : 0.0f, b = tr_valid ? ch.tr_scale : 0.0f;
-  const float k = (a + b) / s;
+  float a = lm_valid ? ch.lm_scale.at(r) : 0.0f, b = tr_valid ? ch.tr_scale.at(r) : 0.0f;
+  float weight = a + b;
+  if (ch.z_scale.data) weight += 2.0f * ch.z_scale.at(r) * lse;
+  const float k = weight / s;
+  float uniform = 0.0f;  // eps * (a + b) / V, the smoothed targets' share of every entry
+  if constexpr (kExtras) {
+    uniform = eps * (a + b) / static_cast<float>(V);
+    a *= 1.0f - eps;
+    b *= 1.0f - eps;
+  }
   for_each_block(V, [&](int64_t i, int64_t n) {
     vfloat g = load_n(ebuf + i, n) * k;
+    if constexpr (kExtras) g -= uniform;
     if constexpr (kSoftcap) {
       const vfloat t = load_n(zbuf + i, n);
       g *= 1.0f - t * t;
@@ -236,12 +309,12 @@ SCFT_INLINE void epilogue_row(const Chunk& ch, int64_t r, T* row, float* zbuf, f
   });
   // The one-hot terms, applied before the softcap factor as in the contract; lm == tr gets both.
   if (lm_valid) {
-    float g = e_lm * k - a - (tr == lm ? b : 0.0f);
+    float g = (kExtras ? e_lm * k - uniform : e_lm * k) - a - (tr == lm ? b : 0.0f);
     if constexpr (kSoftcap) g *= 1.0f - t_lm * t_lm;
     row[lm] = store<T>(g);
   }
   if (tr_valid && tr != lm) {
-    float g = e_tr * k - b;
+    float g = (kExtras ? e_tr * k - uniform : e_tr * k) - b;
     if constexpr (kSoftcap) g *= 1.0f - t_tr * t_tr;
     row[tr] = store<T>(g);
   }
@@ -249,12 +322,19 @@ SCFT_INLINE void epilogue_row(const Chunk& ch, int64_t r, T* row, float* zbuf, f
 
 template <typename T>
 SCFT_INLINE void epilogue_rows(const Chunk& ch, T* logits, int64_t begin, int64_t end, float* zbuf, float* ebuf) {
+  const bool extras = ch.label_smoothing > 0.0f || (ch.row_stats && ch.token_stats);
   for (int64_t r = begin; r < end; ++r) {
     T* row = logits + r * ch.vocab;
     if (ch.softcap > 0.0f) {
-      epilogue_row<T, true>(ch, r, row, zbuf, ebuf);
+      if (extras) {
+        epilogue_row<T, true, true>(ch, r, row, zbuf, ebuf);
+      } else {
+        epilogue_row<T, true, false>(ch, r, row, zbuf, ebuf);
+      }
+    } else if (extras) {
+      epilogue_row<T, false, true>(ch, r, row, zbuf, ebuf);
     } else {
-      epilogue_row<T, false>(ch, r, row, zbuf, ebuf);
+      epilogue_row<T, false, false>(ch, r, row, zbuf, ebuf);
     }
   }
 }
@@ -271,11 +351,12 @@ SCFT_CPU_CLONES void epilogue_rows_half(const Chunk& ch, c10::Half* x, int64_t b
   epilogue_rows(ch, x, b, e, z, s);
 }
 
-float scalar_arg(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1, name,
-              " must be a one-element float32 CPU tensor, got ", t.scalar_type(), " of shape ", t.sizes(), " on ",
-              t.device());
-  return t.item<float>();
+Scale scale_arg(const at::Tensor& t, const char* name, int64_t rows) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                  (t.dim() == 0 || (t.dim() == 1 && t.size(0) == rows)),
+              name, " must be a 0-dim or (", rows, ",) contiguous float32 CPU tensor, got ", t.scalar_type(),
+              " of shape ", t.sizes(), " on ", t.device());
+  return Scale{t.data_ptr<float>(), t.dim() == 0 ? 0 : 1};
 }
 
 void check_targets(const at::Tensor& target, const char* name, int64_t rows, int64_t vocab, int64_t ignore_index) {
@@ -294,27 +375,44 @@ void check_targets(const at::Tensor& target, const char* name, int64_t rows, int
 
 at::Tensor safety_epilogue(at::Tensor logits, const at::Tensor& lm_target, const at::Tensor& tr_target,
                            const at::Tensor& lm_scale, const at::Tensor& tr_scale, std::optional<double> softcap,
-                           int64_t ignore_index) {
+                           int64_t ignore_index, double label_smoothing, const std::optional<at::Tensor>& z_scale,
+                           const std::optional<at::Tensor>& row_stats, bool token_stats, bool compute_grad) {
   TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous(),
               "logits must be a contiguous (c, V) CPU tensor, got shape ", logits.sizes(), " on ", logits.device());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
               "logits must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, "softcap must be None or > 0, got ", softcap.value_or(0.0));
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing < 1.0, "label_smoothing must be in [0, 1), got ",
+              label_smoothing);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   check_targets(lm_target, "lm_target", rows, vocab, ignore_index);
   check_targets(tr_target, "tr_target", rows, vocab, ignore_index);
+  float* stats = nullptr;
+  if (row_stats.has_value()) {
+    const at::Tensor& t = *row_stats;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 &&
+                    t.size(0) == rows && t.size(1) == kRowStats,
+                "row_stats must be a contiguous (", rows, ", ", kRowStats, ") float32 CPU tensor, got ",
+                t.scalar_type(), " of shape ", t.sizes());
+    stats = t.data_ptr<float>();
+  }
 
   std::unique_ptr<float[]> ce(new float[2 * rows]);
   const Chunk ch{vocab,
                  lm_target.data_ptr<int64_t>(),
                  tr_target.data_ptr<int64_t>(),
                  ignore_index,
-                 scalar_arg(lm_scale, "lm_scale"),
-                 scalar_arg(tr_scale, "tr_scale"),
+                 scale_arg(lm_scale, "lm_scale", rows),
+                 scale_arg(tr_scale, "tr_scale", rows),
+                 z_scale.has_value() ? scale_arg(*z_scale, "z_scale", rows) : Scale{nullptr, 0},
                  static_cast<float>(softcap.value_or(0.0)),
+                 static_cast<float>(label_smoothing),
+                 token_stats,
+                 compute_grad,
                  ce.get(),
-                 ce.get() + rows};
+                 ce.get() + rows,
+                 stats};
   if (rows > 0 && vocab > 0) {
     void* data = logits.data_ptr();
     const bool float32 = dtype == at::kFloat;
@@ -358,5 +456,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("safety_epilogue", &safety_epilogue, "The fused safety loss epilogue on CPU (see scft_fast/ops/safety_epilogue.py)",
         pybind11::arg("logits"), pybind11::arg("lm_target"), pybind11::arg("tr_target"), pybind11::arg("lm_scale"),
         pybind11::arg("tr_scale"), pybind11::arg("softcap"), pybind11::arg("ignore_index"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
+        pybind11::arg("label_smoothing"), pybind11::arg("z_scale"), pybind11::arg("row_stats"),
+        pybind11::arg("token_stats"), pybind11::arg("compute_grad"), pybind11::call_guard<pybind11::gil_scoped_release>());
 }

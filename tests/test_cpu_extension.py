@@ -8,6 +8,7 @@ Tolerances, on gradients of size up to a + b (about 2) and on per-row cross-entr
   relative, plus float32 noise: 2^-7 (2^-10). Against safety_epilogue_torch, which rounds a float32 value that
   may differ in the last bits, one ulp more: 2^-6 (2^-9). float16 also flushes weights under its 6e-8 subnormal
   spacing, covered by the absolute 1e-7.
+- The per-row statistics (cross-entropies, lse, entropy) are float32 sums like the losses: rtol = atol 1e-5.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 from scft_fast import IGNORE_INDEX
 from scft_fast.ops import cpu_extension
 from scft_fast.ops.cpu_extension import load_cpu_extension, safety_epilogue_cpu
-from scft_fast.ops.reference import safety_epilogue_ref
-from scft_fast.ops.safety_epilogue import safety_epilogue_torch
+from scft_fast.ops.reference import epilogue_row_stats_ref, safety_epilogue_ref
+from scft_fast.ops.safety_epilogue import ROW_CORRECT, ROW_STATS, safety_epilogue_torch
 
 GRAD_TOL = {  # storage dtype -> (rtol, atol) of the gradient against the float64 reference
     torch.float32: (5e-6, 1e-7),
@@ -116,6 +117,57 @@ def test_nan_propagates_like_torch(extension, softcap):
     torch_sums, torch_grad = run(safety_epilogue_torch, logits, lm_target, tr_target, 1.0, 1.0, softcap)
     assert torch.isnan(sums[0]) and torch.isnan(torch_sums[0]) and grad[0].isnan().all()
     torch.testing.assert_close(grad[1:], torch_grad[1:], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar-scales", "per-row-scales"])
+def test_options_match_reference(extension, dtype, softcap, per_row):
+    """Label smoothing, the z-loss and per-row scales in the gradient; row_stats with the token stats, where row 0's
+    LM target is its row's maximum and row 2's maximum is tied, its target the second of the two (torch.argmax,
+    and so the kernel, takes the first)."""
+    logits, lm_target, tr_target = make_chunk(12, 2003, dtype, seed=5)
+    logits = logits.float()
+    logits[0, 3] = logits[0].max() + 1.0
+    lm_target[0] = 3
+    logits[2, 7] = logits[2, 1500] = logits[2].max() + 1.0
+    lm_target[2] = 1500
+    logits = logits.to(dtype)
+    gen = torch.Generator().manual_seed(6)
+    shape = (12,) if per_row else ()
+    lm_scale, tr_scale, z_scale = (torch.rand(shape, generator=gen) + 0.25 for _ in range(3))
+    z_scale = z_scale * 1e-2
+    ref_sums, ref_grad = safety_epilogue_ref(logits, lm_target, tr_target, lm_scale, tr_scale, softcap, IGNORE_INDEX,
+                                             0.1, z_scale)
+    grad, stats = logits.clone(), torch.full((12, ROW_STATS), -7.0)
+    sums = safety_epilogue_cpu(grad, lm_target, tr_target, lm_scale, tr_scale, softcap, IGNORE_INDEX, 0.1, z_scale,
+                               stats, True)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
+    # atol 1e-6: the tied target entry is a softmax weight of about 1 minus a target weight of about 1 (a few ulps
+    # of 1 survive the cancellation), as in test_kernels_safety_epilogue.py.
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=GRAD_TOL[dtype][0], atol=1e-6)
+    ref_stats = epilogue_row_stats_ref(logits, lm_target, tr_target, softcap, IGNORE_INDEX, 0.1)
+    torch.testing.assert_close(stats.double(), ref_stats, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert stats[0, ROW_CORRECT] == 1.0 and stats[2, ROW_CORRECT] == 0.0
+
+    torch_grad, torch_stats = logits.clone(), torch.empty(12, ROW_STATS)
+    torch_sums = safety_epilogue_torch(torch_grad, lm_target, tr_target, lm_scale, tr_scale, softcap, IGNORE_INDEX,
+                                       0.1, z_scale, torch_stats, True)
+    torch.testing.assert_close(sums, torch_sums, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats, torch_stats, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_without_gradient_the_losses_and_row_stats_are_the_same(extension):
+    logits, lm_target, tr_target = make_chunk(10, 1500, torch.float32, seed=8)
+    scale = torch.tensor(0.5)
+    results = []
+    for compute_grad in (True, False):
+        stats = torch.empty(10, ROW_STATS)
+        sums = safety_epilogue_cpu(logits.clone(), lm_target, tr_target, scale, scale, 20.0, IGNORE_INDEX, 0.05, None,
+                                   stats, True, compute_grad)
+        results.append((sums, stats))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1].nan_to_num(), results[1][1].nan_to_num())
 
 
 def test_every_row_skipped(extension):

@@ -4,7 +4,8 @@ Without CUDA the kernel runs under TRITON_INTERPRET=1 (set before triton is impo
 
 Tolerances:
 - Loss sums and float32 gradients: everything is computed in float32 from the same stored logits the float64
-  reference reads, so the error is float32 rounding in the log-sum-exp over V <= 5000 terms: rtol 1e-5.
+  reference reads, so the error is float32 rounding in the log-sum-exp over V <= 5000 terms: rtol 1e-5. The
+  per-row statistics (cross-entropies, lse, entropy) are the same kind of float32 sums: rtol = atol 1e-5.
 - bfloat16 / float16 gradients are the float32 gradient rounded once to the storage dtype: at most half an ulp
   with round-to-nearest (compiled Triton, and the interpreter's float16 cast), 2^-8 (bf16) / 2^-11 (fp16)
   relative. The interpreter rounds float32 -> bfloat16 toward zero, up to one ulp: 2^-7 relative there.
@@ -21,8 +22,8 @@ pytest.importorskip("triton")
 
 from scft_fast import IGNORE_INDEX  # noqa: E402
 from scft_fast.kernels.safety_epilogue import safety_epilogue_triton  # noqa: E402
-from scft_fast.ops.reference import safety_epilogue_ref  # noqa: E402
-from scft_fast.ops.safety_epilogue import safety_epilogue_torch  # noqa: E402
+from scft_fast.ops.reference import epilogue_row_stats_ref, safety_epilogue_ref  # noqa: E402
+from scft_fast.ops.safety_epilogue import ROW_CORRECT, ROW_STATS, safety_epilogue_torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -159,3 +160,51 @@ def test_bad_arguments_are_named():
         safety_epilogue_triton(logits.T, target, target, scale, scale, None, IGNORE_INDEX)
     with pytest.raises(ValueError, match="softcap"):
         safety_epilogue_triton(logits, target, target, scale, scale, 0.0, IGNORE_INDEX)
+
+
+def _options_chunk(c, V, dtype, seed):
+    """Logits with every row kind, one LM target on its row's maximum and one row whose maximum is tied, the target
+    on the second of the two (torch.argmax takes the first: not correct)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(c, V, generator=gen) * 4.0
+    lm, tr = _targets(c, V, gen)
+    logits[0, 3] = logits[0].max() + 1.0
+    lm[0] = 3
+    logits[1, 7] = logits[1, 9] = logits[1].max() + 1.0
+    lm[1] = 9
+    return logits.to(DEVICE, dtype), lm, tr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 15.0])
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar-scales", "per-row-scales"])
+def test_options_match_float64_definition(dtype, softcap, per_row):
+    """Label smoothing, the z-loss and per-row scales in the gradient; row_stats with the token stats."""
+    c, V = 9, 2049
+    logits, lm, tr = _options_chunk(c, V, dtype, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    shape = (c,) if per_row else ()
+    lm_scale, tr_scale, z_scale = ((torch.rand(shape, generator=gen) + 0.25).to(DEVICE) for _ in range(3))
+    ref_sums, ref_grad = safety_epilogue_ref(logits, lm, tr, lm_scale, tr_scale, softcap, IGNORE_INDEX, 0.1,
+                                             z_scale * 1e-2)
+    ref_stats = epilogue_row_stats_ref(logits, lm, tr, softcap, IGNORE_INDEX, 0.1)
+    grad, stats = logits.clone(), torch.full((c, ROW_STATS), -7.0, device=DEVICE)
+    sums = safety_epilogue_triton(grad, lm, tr, lm_scale, tr_scale, softcap, IGNORE_INDEX, 0.1, z_scale * 1e-2,
+                                  stats, True)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=GRAD_RTOL[dtype], atol=1e-6)
+    torch.testing.assert_close(stats.double(), ref_stats, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert stats[:, ROW_CORRECT].tolist()[:2] == [1.0, 0.0]
+
+
+def test_without_gradient_the_losses_and_row_stats_are_the_same():
+    logits, lm, tr = _options_chunk(6, 1500, torch.float32, seed=23)
+    scale = torch.tensor(0.5, device=DEVICE)
+    results = []
+    for compute_grad in (True, False):
+        stats = torch.empty(6, ROW_STATS, device=DEVICE)
+        sums = safety_epilogue_triton(logits.clone(), lm, tr, scale, scale, 20.0, IGNORE_INDEX, 0.05, None, stats,
+                                      True, compute_grad)
+        results.append((sums, stats))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1].nan_to_num(), results[1][1].nan_to_num())

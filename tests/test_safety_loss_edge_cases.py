@@ -90,12 +90,107 @@ def test_automatic_chunk_size_is_bounded():
     assert chunked.default_chunk_size(8192, 4096, 128256, torch.bfloat16, torch.device("cuda")) >= 256
 
 
+@pytest.mark.parametrize("hidden_size,vocab,dtype", [(4096, 128256, torch.bfloat16), (8192, 128256, torch.bfloat16),
+                                                      (4096, 32000, torch.float32), (2048, 256000, torch.bfloat16)])
+def test_automatic_chunks_stay_at_or_above_the_minimum_on_gpu(hidden_size, vocab, dtype):
+    """Issue 23: the rule once split 5462 visited rows (N = 8192, a third ignored) into 3 chunks of 1821 on CUDA,
+    below its 2048-row minimum. Every visited count gives equal chunks of at least 2048 rows (or one chunk, when
+    fewer rows are visited) within the byte budget; only where no split meets both (at V = 256000 the budget holds
+    2097 rows, so 2110 rows can only go as two chunks) does the budget win."""
+    cuda = torch.device("cuda")
+    fewest, budget = chunked._MIN_CHUNK_ROWS["cuda"], chunked._MAX_CHUNK_BYTES["cuda"]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    most = budget // (vocab * itemsize)
+    assert chunked.default_chunk_size(5462, 4096, 128256, torch.bfloat16, cuda) == 2731
+    for rows in [*range(1, 20000, 37), 5461, 5462, 8192, 6143, 6144, 65536]:
+        chunk = chunked.default_chunk_size(rows, hidden_size, vocab, dtype, cuda)
+        assert chunk <= most, (rows, chunk)
+        budget_forces_smaller = rows > most and -(-rows // most) > rows // fewest
+        assert chunk >= min(rows, fewest) or budget_forces_smaller, (rows, chunk)
+        assert not budget_forces_smaller or vocab == 256000, (rows, chunk)
+        chunks = -(-rows // chunk)
+        assert chunks * chunk - rows < chunks, (rows, chunk)  # equal chunks: the last one at most one row short
+
+
+def test_automatic_chunks_stay_at_or_above_the_minimum_on_cpu():
+    cpu = torch.device("cpu")
+    fewest = chunked._DEFAULT_MIN_CHUNK_ROWS
+    for rows in range(1, 5000, 7):
+        chunk = chunked.default_chunk_size(rows, 512, 32000, torch.float32, cpu)
+        assert chunk >= min(rows, fewest), (rows, chunk)
+    # The round-to-nearest split is kept where it breaks no minimum: 518 rows at 256 go as 259 + 259.
+    assert chunked.default_chunk_size(518, 64, 32000, torch.float32, cpu) == 259
+
+
 def test_explicit_chunk_size_gives_the_same_result():
     inputs = make_inputs(25, 50, 32, 1000)
     base = safety_loss(**inputs, backend="torch").loss
     for chunk_size in (1, 3, 16, 1000):
         torch.testing.assert_close(safety_loss(**inputs, backend="torch", chunk_size=chunk_size).loss, base,
                                    rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
+def test_nan_in_an_unlabeled_pooled_row_stays_out_of_the_loss(backend):
+    """Issue 21: harmful-prefix samples are pooled but unlabeled; a NaN hidden state there once made the loss NaN
+    (NaN x 0 in the head). The row has no token target either, so it takes no part in any term."""
+    inputs = make_inputs(26, 24, 32, 1000, s=4, cls_bias=True, device=device_for(backend))
+    inputs["cls_index"] = torch.tensor([3, 9, 15, 23], device=device_for(backend))
+    inputs["cls_labels"] = torch.tensor([0, IGNORE_INDEX, 1, 0], device=device_for(backend))
+    inputs["labels"][9] = IGNORE_INDEX
+    inputs["transition_labels"][9] = IGNORE_INDEX
+    inputs["hidden"][9, 5] = float("nan")
+    out, grads, ref, ref_grads = run_both(inputs, backend)
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads.values())
+    ref_logits = ref.pop("cls_logits")  # NaN in row 1, as the op reports it: compared apart
+    check(out, grads, dict(ref, cls_logits=None), ref_grads)
+    assert out.cls_logits[1].isnan().all()
+    torch.testing.assert_close(out.cls_logits[[0, 2, 3]].double().cpu(), ref_logits[[0, 2, 3]], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
+def test_num_cls_zero_behaves_like_num_items_zero(backend):
+    """Issue 21: num_cls=0 once gave a finite 3e28 (a clamp at 1e-30) where num_items=0 gives 0."""
+    inputs = make_inputs(27, 24, 32, 1000, device=device_for(backend))
+    out, grads, ref, ref_grads = run_both(inputs, backend, num_cls=0)
+    check(out, grads, ref, ref_grads)
+    token_only = {k: v for k, v in inputs.items() if not k.startswith("cls_")}
+    torch.testing.assert_close(out.loss, safety_loss(**token_only, backend=backend).loss)
+    assert torch.equal(grads["cls_weight"], torch.zeros_like(grads["cls_weight"]))
+    both_zero = safety_loss(**inputs, backend=backend, num_items=torch.tensor(0), num_cls=torch.tensor(0.0))
+    assert both_zero.loss.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", AVAILABLE_BACKENDS)
+def test_a_tiny_normalizer_is_not_clamped(backend):
+    """Issue 21: a normalizer below 1e-30 was clamped to it. 1e-35 (a normal float32) now divides exactly; the
+    float64 reference agrees."""
+    inputs = make_inputs(28, 24, 32, 1000, device=device_for(backend))
+    check(*run_both(inputs, backend, num_items=1e-35, num_cls=3e-36))
+
+
+@pytest.mark.parametrize("name", ["num_items", "num_cls"])
+@pytest.mark.parametrize("value,shown", [(1e-40, "1e-40"), (1e39, "1e+39"), (10**40, "1" + "0" * 40),
+                                         (torch.tensor(1e39, dtype=torch.float64), "a tensor holding 1e+39"),
+                                         (torch.tensor(1e-40, dtype=torch.float64), "a tensor holding 1e-40")])
+def test_a_normalizer_out_of_float32_range_is_named(name, value, shown):
+    """Issue 21: 1e39 once failed in a float32 fill with a message that did not name it, 1e-40 was mis-scaled.
+    Neither has a float32 loss to give (1 / 1e-40 overflows): an error names the argument and the value."""
+    with pytest.raises(ValueError, match=rf"{name} must be 0 or a normal float32 number in \[1\.175e-38, "
+                                         rf"3\.403e\+38\].*got {re.escape(shown)}$"):
+        safety_loss(**bad(**{name: value}))
+
+
+def test_counts_are_exact_past_two_to_the_24_rows():
+    """Issue 21: n_lm and n_tr once passed through float32, off by one past 2^24 labeled rows. 2^24 + 1 rows of
+    H = 1, V = 2 (the counting path at its cheapest: about 5 s and 1.5 GB)."""
+    rows = 2**24 + 1
+    labels = torch.zeros(rows, dtype=torch.long)
+    out = safety_loss(torch.ones(rows, 1), torch.tensor([[1.0], [-1.0]]), labels, transition_labels=labels,
+                      backend="torch")
+    assert out.n_lm.dtype == torch.int64 and int(out.n_lm) == rows and int(out.n_tr) == rows
+    expected = torch.log(torch.tensor(1.0 + torch.e**-2, dtype=torch.float64)).item()  # lse - z, every row
+    assert out.lm_loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def bad(**changes):

@@ -34,14 +34,24 @@ _DEFAULT_MIN_CHUNK_ROWS = 256
 
 def default_chunk_size(num_rows: int, hidden_size: int, vocab_size: int, dtype: torch.dtype,
                        device: torch.device) -> int:
-    """Rows per chunk: a logits chunk about as large as the hidden states (Liger's rule, c*V ~ N*H),
-    at least a GEMM-efficient number of rows, and never more than a fixed byte budget."""
-    rows = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(num_rows * hidden_size / vocab_size)))))
-    rows = max(rows, _MIN_CHUNK_ROWS.get(device.type, _DEFAULT_MIN_CHUNK_ROWS))
+    """Rows per chunk for num_rows visited rows: the loop runs ceil(num_rows / result) chunks of about equal size.
+
+    The target is a logits chunk about as large as the hidden states (Liger's rule, c*V ~ N*H), at least a
+    GEMM-efficient number of rows (_MIN_CHUNK_ROWS) and never more than a fixed byte budget (_MAX_CHUNK_BYTES).
+    Every chunk reads all of W three times, so the rows are split into the number of equal chunks nearest
+    num_rows / target (518 rows at 256 go as 259 + 259, not 256 + 256 + 6), but never into so many that a chunk
+    falls below the minimum (5462 rows at 2048 go as 2 x 2731, not 3 x 1821) nor so few that one exceeds the
+    budget; where the budget is below the minimum (a very large V), the budget wins."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    budget = _MAX_CHUNK_BYTES.get(device.type, _DEFAULT_MAX_CHUNK_BYTES)
-    rows = min(rows, max(1, budget // (vocab_size * itemsize)))
-    return max(1, min(rows, num_rows))
+    fewest = _MIN_CHUNK_ROWS.get(device.type, _DEFAULT_MIN_CHUNK_ROWS)
+    most = max(1, _MAX_CHUNK_BYTES.get(device.type, _DEFAULT_MAX_CHUNK_BYTES) // (vocab_size * itemsize))
+    target = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(num_rows * hidden_size / vocab_size)))))
+    target = min(max(target, fewest), most)
+    if num_rows <= target:
+        return max(1, num_rows)
+    chunks = min(round(num_rows / target), num_rows // fewest)
+    chunks = max(chunks, -(-num_rows // most), 1)
+    return -(-num_rows // chunks)
 
 
 def _addmm_f32_in_place(acc, a, b):
@@ -119,8 +129,8 @@ def chunked_token_loss(
     labels: torch.Tensor,  # (N,) int64
     transition_labels: torch.Tensor,  # (N,) int64
     rows: torch.Tensor | None,  # (M,) int64 rows with a target, or None for all N rows
-    lm_scale: torch.Tensor,  # () float32
-    tr_scale: torch.Tensor,  # () float32
+    lm_scale: torch.Tensor,  # () or (N,) float32
+    tr_scale: torch.Tensor,  # () or (N,) float32
     *,
     epilogue: Epilogue,
     softcap: float | None,
@@ -129,40 +139,62 @@ def chunked_token_loss(
     grad_hidden: torch.Tensor | None,  # (N, H) written at the visited rows, or None
     need_grad_weight: bool,
     need_grad_bias: bool,
+    label_smoothing: float = 0.0,
+    z_scale: torch.Tensor | None = None,  # () or (N,) float32
+    row_stats: torch.Tensor | None = None,  # (N, ROW_STATS) float32, written at the visited rows
+    token_stats: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The token terms over the vocabulary, chunk by chunk; no classification term (that is the head's).
 
     Returns (sums (2,) float32 [lm_sum, tr_sum], grad_weight (V, H) float32, grad_bias (V,) float32) and writes
-    grad_hidden's visited rows; every gradient is of lm_scale * lm_sum + tr_scale * tr_sum."""
+    grad_hidden's and row_stats' visited rows; every gradient is of the rows' lm_scale * LM CE + tr_scale * CE_tr
+    + z_scale * lse^2 (safety_epilogue.py's contract, which also defines label_smoothing, row_stats and
+    token_stats). A (N,) scale weighs each row on its own. No gradient asked for: the epilogue skips its gradient
+    sweep and the two gradient GEMMs are not run."""
     num_rows = rows.numel() if rows is not None else hidden.shape[0]
     vocab, hidden_size = weight.shape
     sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)
     grad_weight = grad_bias = None
     if num_rows == 0:
         return sums, grad_weight, grad_bias
-    if chunk_size:  # an explicit size is a maximum
-        num_chunks = -(-num_rows // chunk_size)
+    compute_grad = grad_hidden is not None or need_grad_weight or need_grad_bias
+    if chunk_size:  # an explicit size is a maximum, split into equal chunks
+        chunk = -(-num_rows // -(-num_rows // chunk_size))
     else:
-        # Every chunk reads all of W three times: the automatic size is a target, rounded to the nearest
-        # number of equal chunks (518 rows at 256 go as 259 + 259, not 256 + 256 + 6).
-        target = default_chunk_size(num_rows, hidden_size, vocab, hidden.dtype, hidden.device)
-        num_chunks = max(1, round(num_rows / target))
-    chunk = -(-num_rows // num_chunks)
-    buffer = torch.empty(min(chunk, num_rows), vocab, dtype=hidden.dtype, device=hidden.device)
+        chunk = default_chunk_size(num_rows, hidden_size, vocab, hidden.dtype, hidden.device)
+    buffer = torch.empty(chunk, vocab, dtype=hidden.dtype, device=hidden.device)
+    chunk_stats = None
+    if row_stats is not None and rows is not None:
+        chunk_stats = torch.empty(chunk, row_stats.shape[1], dtype=torch.float32, device=hidden.device)
     weight_t = weight.T
     for start in range(0, num_rows, chunk):
         stop = min(start + chunk, num_rows)
         if rows is None:
+            index = None
             h, lm_t, tr_t = hidden[start:stop], labels[start:stop], transition_labels[start:stop]
         else:
             index = rows[start:stop]
             h, lm_t, tr_t = hidden.index_select(0, index), labels[index], transition_labels[index]
+
+        def per_row(t):  # a (N,) weight restricted to the chunk's rows; a 0-dim one as it is
+            if t is None or t.dim() == 0:
+                return t
+            return t[start:stop] if index is None else t[index]
+
         logits = buffer[: stop - start]
         if bias is None:
             torch.mm(h, weight_t, out=logits)
         else:
             torch.addmm(bias, h, weight_t, out=logits)
-        sums += epilogue(logits, lm_t, tr_t, lm_scale, tr_scale, softcap, ignore_index)
+        if row_stats is None:
+            sums += epilogue(logits, lm_t, tr_t, per_row(lm_scale), per_row(tr_scale), softcap, ignore_index,
+                             label_smoothing, per_row(z_scale), None, False, compute_grad)
+        else:
+            stats = row_stats[start:stop] if index is None else chunk_stats[: stop - start]
+            sums += epilogue(logits, lm_t, tr_t, per_row(lm_scale), per_row(tr_scale), softcap, ignore_index,
+                             label_smoothing, per_row(z_scale), stats, token_stats, compute_grad)
+            if index is not None:
+                row_stats.index_copy_(0, index, stats)
         if grad_hidden is not None:
             if rows is None:
                 torch.mm(logits, weight, out=grad_hidden[start:stop])

@@ -112,12 +112,20 @@ def safety_epilogue_cpu(
     logits: torch.Tensor,  # (c, V) fp32/bf16/fp16 on CPU, contiguous; overwritten with d(loss)/d(logits)
     lm_target: torch.Tensor,  # (c,) int64, contiguous; in [0, V) or ignore_index, checked here
     tr_target: torch.Tensor,  # (c,) int64, contiguous; in [0, V) or ignore_index, checked here
-    lm_scale: torch.Tensor,  # () float32 on CPU
-    tr_scale: torch.Tensor,  # () float32 on CPU
+    lm_scale: torch.Tensor,  # () or (c,) float32 on CPU
+    tr_scale: torch.Tensor,  # () or (c,) float32 on CPU
     softcap: float | None,  # None or > 0
     ignore_index: int,
+    label_smoothing: float = 0.0,
+    z_scale: torch.Tensor | None = None,  # () or (c,) float32 on CPU
+    row_stats: torch.Tensor | None = None,  # (c, 5) float32 on CPU, contiguous; written
+    token_stats: bool = False,
+    compute_grad: bool = True,
 ) -> torch.Tensor:  # (2,) float32: [sum of LM CEs, sum of transition CEs], unscaled
     module = load_cpu_extension()
     if module is None:
         raise RuntimeError("the C++ CPU epilogue is unavailable (see the warning above); use backend='torch'")
-    return module.safety_epilogue(logits, lm_target, tr_target, lm_scale, tr_scale, softcap, ignore_index)
+    return module.safety_epilogue(logits, lm_target, tr_target, lm_scale.contiguous(), tr_scale.contiguous(),
+                                  softcap, ignore_index, label_smoothing,
+                                  None if z_scale is None else z_scale.contiguous(), row_stats, token_stats,
+                                  compute_grad)

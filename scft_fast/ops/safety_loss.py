@@ -7,6 +7,15 @@ scales them by the upstream gradient. Being a custom op with a fake (meta) imple
 opaque to torch.compile: the data-dependent parts (the one host sync that counts the rows to visit,
 the label range checks) run inside the op and never break a surrounding graph.
 
+reduction="none" is the exception: one loss per row means one upstream gradient per row, g_i, and
+grad_W = sum_i g_i dlogits_i^T h_i cannot be formed before g is known. Keeping dlogits (N x V) would be the
+logits the op exists to avoid, so that forward computes only the losses (the logits GEMM and the epilogue's
+log-sum-exp sweep, no gradient sweep, no gradient GEMM) and its backward (``torch.ops.scft_fast.
+safety_loss_rows_backward``) recomputes the chunk loop with g folded into the per-row scales: 8 N H V FLOPs in all
+instead of 6, one more host sync (in backward), and nothing kept between the two but the inputs themselves -
+less than "mean" keeps (its precomputed grad_hidden and float32 grad_W). This is what CCE does for every
+reduction and Liger for "none".
+
 Which kernel computes which term, for each backend, and where each torch twin lives: ``safety_loss``'s docstring.
 """
 from __future__ import annotations
@@ -21,15 +30,21 @@ from ..constants import IGNORE_INDEX
 from .backends import BACKENDS, resolve_backend
 from .chunked import chunked_token_loss
 from .cls_head import MAX_CLASSES, MIN_CLASSES
+from .safety_epilogue import ROW_CORRECT, ROW_ENTROPY, ROW_LM_CE, ROW_LSE, ROW_STATS, ROW_TR_CE
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int64, torch.int32)
 _NORMALIZER_RULE = "must be >= 0 and finite"
+# A normalizer's reciprocal scales the float32 loss: a nonzero one must be a normal float32 number, else
+# 1 / value overflows (below) or value itself does (above).
+_NORMAL_FLOAT32 = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+# Every value ``reduction=`` accepts.
+REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclass
 class SafetyLossOutput:
-    loss: torch.Tensor  # () float32, differentiable
+    loss: torch.Tensor  # () float32, differentiable; (N,) for reduction="none"
     lm_loss: torch.Tensor  # () float32, lm_sum / n_lm (0 when n_lm = 0)
     transition_loss: torch.Tensor  # () float32, tr_sum / n_tr (0 when n_tr = 0)
     cls_loss: torch.Tensor  # () float32, mean over labeled pooled rows (0 when none)
@@ -37,6 +52,11 @@ class SafetyLossOutput:
     n_lm: torch.Tensor  # () int64
     n_tr: torch.Tensor  # () int64
     n_cls: torch.Tensor  # () int64
+    # The options' outputs, detached; None unless asked for.
+    z_loss: torch.Tensor | None = None  # () float32, mean of lse_i^2 over rows with a target (z_loss > 0)
+    lse: torch.Tensor | None = None  # (N,) float32, lse_i on rows with a target, NaN elsewhere (return_lse)
+    token_accuracy: torch.Tensor | None = None  # () float32, share of LM rows with argmax = label (return_token_stats)
+    entropy: torch.Tensor | None = None  # () float32, mean softmax entropy over LM rows (return_token_stats)
 
 
 def _check_int(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -49,11 +69,23 @@ def _check_int(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
     return t.long()
 
 
-def _normalizer(name: str, value, device: torch.device) -> torch.Tensor | None:
-    """An int or a 0-dim tensor -> a float32 device scalar (an int becomes a fill: no host-to-device copy).
+def _normalizer_error(name: str, value: float, held: str) -> ValueError | None:
+    """The error for a normalizer's value (``held`` says how it was given), or None when it is fine."""
+    if not (math.isfinite(value) and value >= 0):
+        return ValueError(f"{name} {_NORMALIZER_RULE}, got {held}")
+    tiny, largest = _NORMAL_FLOAT32
+    if value != 0 and not tiny <= value <= largest:
+        return ValueError(f"{name} must be 0 or a normal float32 number in [{tiny:.4g}, {largest:.4g}] (the loss is "
+                          f"float32 and is divided by it), got {held}")
+    return None
 
-    A Python number is checked here (finite, >= 0); a tensor's value is checked inside the op, on the op's one
-    host sync (``_NORMALIZER_RULE``), so that a device-side count costs no extra synchronization."""
+
+def _normalizer(name: str, value, device: torch.device) -> torch.Tensor | None:
+    """An int or a 0-dim tensor -> a 0-dim device tensor (an int becomes a float32 fill: no host-to-device copy).
+
+    A Python number is checked here (``_normalizer_error``); a tensor keeps its dtype and its value is checked inside
+    the op, on the op's one host sync, so that a device-side count costs no extra synchronization and the error
+    names the value given (a float64 1e39 is not the float32 inf it would become)."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -61,12 +93,37 @@ def _normalizer(name: str, value, device: torch.device) -> torch.Tensor | None:
             raise ValueError(f"{name} must be an int or a 0-dim tensor, got shape {tuple(value.shape)}")
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be an int or a 0-dim tensor of real numbers, got dtype {value.dtype}")
-        return value.reshape(()).to(device=device, dtype=torch.float32)
+        return value.reshape(()).to(device=device)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} {_NORMALIZER_RULE}, got {value!r}")
+        error = _normalizer_error(name, float(value), repr(value))
+        if error is not None:
+            raise error
         return torch.full((), float(value), dtype=torch.float32, device=device)
     raise TypeError(f"{name} must be an int or a 0-dim tensor, got {type(value).__name__}")
+
+
+def _normalizer_is_bad(t: torch.Tensor) -> torch.Tensor:  # () bool, on t's device: no sync
+    tiny, largest = _NORMAL_FLOAT32
+    return ~((t == 0) | ((t >= tiny) & (t <= largest)))  # NaN fails every comparison
+
+
+def _check_options(reduction, label_smoothing, z_loss, return_lse, return_token_stats, has_head, num_items):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "none" and has_head:
+        raise ValueError("reduction='none' gives one loss per row and the classification head's term belongs to no "
+                         "row: use reduction='mean' or 'sum' with the head, or call safety_loss without cls_weight")
+    if reduction != "mean" and num_items is not None:
+        raise ValueError(f"num_items normalizes the token terms and reduction={reduction!r} does not normalize them: "
+                         "drop num_items or use reduction='mean'")
+    for name, value, rule, ok in (
+            ("label_smoothing", label_smoothing, "a number in [0, 1)", lambda v: 0 <= v < 1),
+            ("z_loss", z_loss, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
+    for name, value in (("return_lse", return_lse), ("return_token_stats", return_token_stats)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _validate_and_flatten(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias,
@@ -175,6 +232,9 @@ def _range_errors(counts: Sequence[int], labels, transition_labels, cls_index, c
 
 
 _EMPTY = (0,)
+# Where the op's inputs sit in its schema (setup_context reads them by position; it gets all 25, defaults included).
+_GRAD_MASK, _REDUCTION = 19, 20
+_NUM_INPUTS = 25
 
 
 @torch.library.custom_op("scft_fast::safety_loss", mutates_args=())
@@ -188,8 +248,8 @@ def _safety_loss_op(
     cls_bias: Optional[torch.Tensor],  # (C,)
     cls_index: Optional[torch.Tensor],  # (S,)
     cls_labels: Optional[torch.Tensor],  # (S,)
-    num_items: Optional[torch.Tensor],  # () float32
-    num_cls: Optional[torch.Tensor],  # () float32
+    num_items: Optional[torch.Tensor],  # () any real dtype
+    num_cls: Optional[torch.Tensor],  # () any real dtype
     lm_coef: float,
     transition_coef: float,
     cls_coef: float,
@@ -199,21 +259,30 @@ def _safety_loss_op(
     chunk_size: int,
     validate: bool,
     grad_mask: Sequence[bool],  # needs grad: hidden, lm_weight, lm_bias, cls_weight, cls_bias
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
-    """Returns (loss (), stats (6,) [lm_sum, tr_sum, cls_sum, n_lm, n_tr, n_cls], cls_logits (S, C),
-    grad_hidden (N, H), grad_lm_weight (V, H), grad_lm_bias (V,), grad_cls_weight (C, H),
-    grad_cls_bias (C,)); a gradient not asked for by grad_mask is an empty (0,) tensor."""
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+    return_token_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss () or (N,) for "none", stats (5,) float32 [lm_sum, tr_sum, cls_sum, lse_sq_sum, entropy_sum],
+    counts (5,) int64 [n_lm, n_tr, n_cls, n_target, n_correct], cls_logits (S, C), lse (N,), grad_hidden (N, H),
+    grad_lm_weight (V, H), grad_lm_bias (V,), grad_cls_weight (C, H), grad_cls_bias (C,)); lse when not asked for, and
+    a gradient not asked for by grad_mask (every gradient with reduction="none": its backward computes them) are
+    empty (0,) tensors."""
     # The inputs already carry the dtype to compute in (see _autocast_inputs): no inner op may recast.
     with torch.autocast(hidden.device.type, enabled=False):
         return _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias,
                                  cls_index, cls_labels, num_items, num_cls, lm_coef, transition_coef, cls_coef,
-                                 ignore_index, softcap, backend, chunk_size, validate, grad_mask)
+                                 ignore_index, softcap, backend, chunk_size, validate, grad_mask, reduction,
+                                 label_smoothing, z_loss, return_lse, return_token_stats)
 
 
 def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias, cls_index,
                       cls_labels, num_items, num_cls, lm_coef, transition_coef, cls_coef, ignore_index, softcap,
-                      backend, chunk_size, validate, grad_mask):
+                      backend, chunk_size, validate, grad_mask, reduction, label_smoothing, z_loss, return_lse,
+                      return_token_stats):
     device = hidden.device
     rows_total, vocab = hidden.shape[0], lm_weight.shape[0]
     impl = resolve_backend(backend, device)
@@ -222,14 +291,19 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
     lm_valid = labels != ignore_index
     tr_valid = transition_labels != ignore_index
     has_target = lm_valid | tr_valid
-    n_lm, n_tr = lm_valid.sum(), tr_valid.sum()
+    # Counts stay int64 from here to the caller: a float32 count is off by one past 2^24 rows.
+    n_lm, n_tr, n_target = lm_valid.sum(), tr_valid.sum(), has_target.sum()
     classes = cls_weight.shape[0] if cls_weight is not None else 0
+    n_cls = torch.zeros((), dtype=torch.int64, device=device)
 
-    # The one host sync of the call: how many rows to visit, the normalizers' values, and the range checks when
-    # asked.
-    probes = [has_target.sum()]
+    # The one host sync of the call: how many rows to visit, how many pooled rows carry a label, whether the
+    # normalizers hold valid values, and the range checks when asked.
+    probes = [n_target]
+    if cls_weight is not None:
+        n_cls = (cls_labels != ignore_index).sum()
+        probes.append(n_cls)
     normalizers = [(name, t) for name, t in (("num_items", num_items), ("num_cls", num_cls)) if t is not None]
-    probes += [(~(torch.isfinite(t) & (t >= 0))).long() for _, t in normalizers]
+    probes += [_normalizer_is_bad(t).long() for _, t in normalizers]
     if validate:
         probes += [
             (lm_valid & ((labels < 0) | (labels >= vocab))).sum(),
@@ -239,49 +313,97 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
             probes += [((cls_index < 0) | (cls_index >= rows_total)).sum(),
                        ((cls_labels != ignore_index) & ((cls_labels < 0) | (cls_labels >= classes))).sum()]
     counts = torch.stack(probes).tolist()
-    num_rows, bad_normalizers, ranges = counts[0], counts[1:1 + len(normalizers)], counts[1 + len(normalizers):]
+    num_rows = counts.pop(0)
+    labeled_pooled = counts.pop(0) if cls_weight is not None else 0
+    bad_normalizers, ranges = counts[:len(normalizers)], counts[len(normalizers):]
     for (name, t), bad in zip(normalizers, bad_normalizers):
         if bad:
-            raise ValueError(f"{name} {_NORMALIZER_RULE}, got a tensor holding {float(t)}")
+            raise _normalizer_error(name, float(t), f"a tensor holding {float(t)}")
     if validate and any(ranges):
         _range_errors(ranges + [0, 0], labels, transition_labels, cls_index, cls_labels, vocab,
                       rows_total, classes, ignore_index)
     rows = None if num_rows == rows_total else torch.nonzero_static(has_target, size=num_rows).squeeze(1)
+    num_items = None if num_items is None else num_items.float()
+    num_cls = None if num_cls is None else num_cls.float()
 
-    denom = (n_lm + n_tr).float() if num_items is None else num_items
-    inv = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
+    if reduction == "mean":
+        denom = (n_lm + n_tr).float() if num_items is None else num_items
+        inv = torch.where(denom > 0, 1.0 / denom.clamp_min(_NORMAL_FLOAT32[0]), torch.zeros_like(denom))
+    else:  # "sum" and "none" leave the token terms unnormalized
+        inv = torch.ones((), dtype=torch.float32, device=device)
     lm_scale = (lm_coef * inv).float()
     tr_scale = (transition_coef * inv).float()
+    z_scale = (z_loss * inv).float() if z_loss else None
 
+    per_row = reduction == "none"
     need_h, need_w, need_b, need_cw, need_cb = grad_mask  # False for an input that is None
+    if per_row:  # its backward computes the token gradients (and it has no head)
+        need_h = need_w = need_b = False
     grad_hidden = None
     if need_h:
         # Visited rows are written by the chunk loop; skipped rows keep a zero gradient.
         grad_hidden = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
+    row_stats = None
+    if per_row or z_loss or return_lse or return_token_stats:
+        row_stats = torch.zeros(rows_total, ROW_STATS, dtype=torch.float32, device=device)
+        row_stats[:, ROW_LSE] = torch.nan
     sums, grad_w, grad_b = chunked_token_loss(
         hidden, lm_weight, lm_bias, labels, transition_labels, rows, lm_scale, tr_scale,
         epilogue=impl.epilogue, softcap=softcap, ignore_index=ignore_index,
         chunk_size=chunk_size if chunk_size > 0 else None,
-        grad_hidden=grad_hidden, need_grad_weight=need_w, need_grad_bias=need_b)
+        grad_hidden=grad_hidden, need_grad_weight=need_w, need_grad_bias=need_b,
+        label_smoothing=label_smoothing, z_scale=z_scale, row_stats=row_stats, token_stats=return_token_stats)
     token_loss = lm_scale * sums[0] + tr_scale * sums[1]
 
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    lse_sq_sum, entropy_sum, n_correct = zero, zero, torch.zeros((), dtype=torch.int64, device=device)
+    lse = torch.empty(_EMPTY, dtype=torch.float32, device=device)
+    if row_stats is not None:
+        lse_sq = torch.where(has_target, row_stats[:, ROW_LSE], 0.0).square()
+        lse_sq_sum = lse_sq.sum()
+        entropy_sum = row_stats[:, ROW_ENTROPY].sum()
+        n_correct = row_stats[:, ROW_CORRECT].to(torch.int64).sum()
+        if return_lse:
+            lse = row_stats[:, ROW_LSE].contiguous()
+        if per_row:
+            token_loss = lm_coef * row_stats[:, ROW_LM_CE] + transition_coef * row_stats[:, ROW_TR_CE]
+            if z_loss:
+                token_loss = token_loss + z_loss * lse_sq
+        elif z_loss:
+            token_loss = token_loss + z_scale * lse_sq_sum
+
     cls_sum = torch.zeros((), dtype=torch.float32, device=device)
-    n_cls = torch.zeros((), dtype=torch.int64, device=device)
     cls_logits = torch.empty(_EMPTY, dtype=torch.float32, device=device)
     grad_cw = grad_cb = None
     loss = token_loss
     if cls_weight is not None:
-        n_cls = (cls_labels != ignore_index).sum()
-        cls_denom = n_cls.clamp_min(1).float() if num_cls is None else num_cls.clamp_min(1e-30)
-        cls_scale = (cls_coef / cls_denom).float()
+        if num_cls is None:
+            cls_scale = (cls_coef / n_cls.clamp_min(1).float()).float()
+        else:  # like num_items: a normalizer of 0 gives a term of 0
+            cls_scale = torch.where(num_cls > 0, cls_coef / num_cls.clamp_min(_NORMAL_FLOAT32[0]),
+                                    torch.zeros_like(num_cls)).float()
         need_cls_grad = need_h or need_cw or need_cb
-        ce, cls_logits, grad_pooled, grad_cw, grad_cb = impl.cls_head(
-            hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index, need_cls_grad)
+        pooled_index = cls_index
+        if labeled_pooled == cls_index.numel():
+            ce, cls_logits, grad_pooled, grad_cw, grad_cb = impl.cls_head(
+                hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale, ignore_index, need_cls_grad)
+        else:
+            # An unlabeled pooled row (a harmful-prefix sample, say) takes no part in the loss: the head's loss and
+            # gradients run over the labeled rows alone, so a non-finite unlabeled row cannot turn them into NaN
+            # (NaN x 0); the logits of every pooled row are still reported.
+            cls_logits = impl.cls_head(hidden, cls_index, cls_labels, cls_weight, cls_bias, cls_scale,
+                                       ignore_index, False)[1]
+            labeled = torch.nonzero_static(cls_labels != ignore_index, size=labeled_pooled).squeeze(1)
+            pooled_index = cls_index[labeled]
+            ce, _, grad_pooled, grad_cw, grad_cb = impl.cls_head(
+                hidden, pooled_index, cls_labels[labeled], cls_weight, cls_bias, cls_scale, ignore_index,
+                need_cls_grad)
         cls_sum = ce.sum()
         loss = loss + cls_scale * cls_sum
-        if need_h and cls_index.numel():
-            grad_hidden.index_add_(0, cls_index, grad_pooled.to(hidden.dtype))
-    stats = torch.stack([sums[0], sums[1], cls_sum, n_lm.float(), n_tr.float(), n_cls.float()])
+        if need_h and pooled_index.numel():
+            grad_hidden.index_add_(0, pooled_index, grad_pooled.to(hidden.dtype))
+    stats = torch.stack([sums[0], sums[1], cls_sum, lse_sq_sum, entropy_sum])
+    counts = torch.stack([n_lm, n_tr, n_cls, n_target, n_correct])
 
     def out(grad, needed, like, dtype):
         if not needed:
@@ -290,45 +412,116 @@ def _safety_loss_impl(hidden, lm_weight, labels, lm_bias, transition_labels, cls
 
     # The parameters' gradients stay in their float32 accumulators until backward, where the scaling by the upstream
     # gradient and the cast to the parameter's dtype are one pass (a separate cast here would be one more).
-    # ``loss`` is a fresh 0-dim tensor, not a view: a caller may scale it in place (Trainer's ``loss *= ...``).
+    # ``loss`` is a fresh tensor, not a view: a caller may scale it in place (Trainer's ``loss *= ...``).
     f32 = torch.float32
-    return (loss.float(), stats, cls_logits.contiguous(), out(grad_hidden, need_h, hidden, hidden.dtype),
-            out(grad_w, need_w, lm_weight, f32), out(grad_b, need_b, lm_bias, f32),
-            out(grad_cw, need_cw, cls_weight, f32), out(grad_cb, need_cb, cls_bias, f32))
+    return (loss.float(), stats, counts, cls_logits.contiguous(), lse,
+            out(grad_hidden, need_h, hidden, hidden.dtype), out(grad_w, need_w, lm_weight, f32),
+            out(grad_b, need_b, lm_bias, f32), out(grad_cw, need_cw, cls_weight, f32),
+            out(grad_cb, need_cb, cls_bias, f32))
 
 
 @_safety_loss_op.register_fake
 def _(hidden, lm_weight, labels, lm_bias, transition_labels, cls_weight, cls_bias, cls_index, cls_labels,
       num_items, num_cls, lm_coef, transition_coef, cls_coef, ignore_index, softcap, backend, chunk_size,
-      validate, grad_mask):
+      validate, grad_mask, reduction="mean", label_smoothing=0.0, z_loss=0.0, return_lse=False,
+      return_token_stats=False):
     f32 = dict(dtype=torch.float32, device=hidden.device)
+    per_row = reduction == "none"
 
     def grad(needed, like, dtype=torch.float32):
-        return hidden.new_empty(like.shape if needed else _EMPTY, dtype=dtype)
+        return hidden.new_empty(like.shape if needed and not per_row else _EMPTY, dtype=dtype)
 
     cls_logits = (hidden.new_empty((cls_index.shape[0], cls_weight.shape[0]), dtype=torch.float32)
                   if cls_weight is not None else hidden.new_empty(_EMPTY, dtype=torch.float32))
     need_h, need_w, need_b, need_cw, need_cb = grad_mask
-    return (torch.empty((), **f32), torch.empty((6,), **f32), cls_logits, grad(need_h, hidden, hidden.dtype),
+    rows = (hidden.shape[0],)
+    return (torch.empty(rows if per_row else (), **f32), torch.empty((5,), **f32),
+            torch.empty((5,), dtype=torch.int64, device=hidden.device), cls_logits,
+            torch.empty(rows if return_lse else _EMPTY, **f32), grad(need_h, hidden, hidden.dtype),
             grad(need_w, lm_weight), grad(need_b, lm_bias), grad(need_cw, cls_weight), grad(need_cb, cls_bias))
 
 
+@torch.library.custom_op("scft_fast::safety_loss_rows_backward", mutates_args=())
+def _rows_backward_op(
+    grad_rows: torch.Tensor,  # (N,) float32, the upstream gradient of reduction="none"'s per-row losses
+    hidden: torch.Tensor,  # (N, H)
+    lm_weight: torch.Tensor,  # (V, H)
+    labels: torch.Tensor,  # (N,)
+    lm_bias: Optional[torch.Tensor],  # (V,)
+    transition_labels: Optional[torch.Tensor],  # (N,)
+    lm_coef: float,
+    transition_coef: float,
+    z_loss: float,
+    label_smoothing: float,
+    ignore_index: int,
+    softcap: Optional[float],
+    backend: str,
+    chunk_size: int,
+    grad_mask: Sequence[bool],  # needs grad: hidden, lm_weight, lm_bias
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden (N, H), grad_lm_weight (V, H), grad_lm_bias (V,)) of sum_i grad_rows[i] * loss_i, in the inputs'
+    dtype; one not asked for is an empty (0,) tensor. The chunk loop runs again over the rows with a target and a
+    nonzero upstream gradient, each row's scales multiplied by its grad_rows entry."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        device = hidden.device
+        impl = resolve_backend(backend, device)
+        if transition_labels is None:
+            transition_labels = torch.full_like(labels, ignore_index)
+        g = grad_rows.float()
+        visit = ((labels != ignore_index) | (transition_labels != ignore_index)) & (g != 0)
+        num_rows = int(visit.sum())  # this backward's one host sync
+        rows = None if num_rows == hidden.shape[0] else torch.nonzero_static(visit, size=num_rows).squeeze(1)
+        need_h, need_w, need_b = grad_mask
+        grad_hidden = None
+        if need_h:
+            grad_hidden = torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)
+        _, grad_w, grad_b = chunked_token_loss(
+            hidden, lm_weight, lm_bias, labels, transition_labels, rows, lm_coef * g, transition_coef * g,
+            epilogue=impl.epilogue, softcap=softcap, ignore_index=ignore_index,
+            chunk_size=chunk_size if chunk_size > 0 else None, grad_hidden=grad_hidden, need_grad_weight=need_w,
+            need_grad_bias=need_b, label_smoothing=label_smoothing, z_scale=z_loss * g if z_loss else None)
+
+        def out(grad, needed, like):
+            if not needed:
+                return torch.empty(_EMPTY, dtype=hidden.dtype, device=device)
+            return torch.zeros(like.shape, dtype=hidden.dtype, device=device) if grad is None else grad.to(hidden.dtype)
+
+        return out(grad_hidden, need_h, hidden), out(grad_w, need_w, lm_weight), out(grad_b, need_b, lm_bias)
+
+
+@_rows_backward_op.register_fake
+def _(grad_rows, hidden, lm_weight, labels, lm_bias, transition_labels, lm_coef, transition_coef, z_loss,
+      label_smoothing, ignore_index, softcap, backend, chunk_size, grad_mask):
+    return tuple(hidden.new_empty(like.shape if needed else _EMPTY)
+                 for needed, like in zip(grad_mask, (hidden, lm_weight, lm_bias)))
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.grad_mask = inputs[-1]
+    ctx.grad_mask = inputs[_GRAD_MASK]
+    ctx.reduction = inputs[_REDUCTION]
     ctx.dtype = inputs[0].dtype  # every floating input has hidden's dtype (validated)
-    ctx.backward_done = False
     # The outputs other than the loss never receive a gradient: no zero tensors of their shapes (grad_W's (V, H)
     # above all) are materialized for them; they arrive as None.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*output[3:])
+    if ctx.reduction == "none":
+        lm_coef, transition_coef, _, ignore_index, softcap, backend, chunk_size = inputs[11:18]
+        label_smoothing, z_loss = inputs[21:23]
+        ctx.save_for_backward(*inputs[:5])  # hidden, lm_weight, labels, lm_bias, transition_labels
+        ctx.rows_options = (lm_coef, transition_coef, z_loss, label_smoothing, ignore_index, softcap, backend,
+                            chunk_size)
+    else:
+        ctx.backward_done = False
+        ctx.save_for_backward(*output[5:])
 
 
 def _backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return (None,) * _NUM_INPUTS
+    if ctx.reduction == "none":
+        return _backward_rows(ctx, grad_loss)
     # The gradients were computed in forward; scaling them in place by the upstream gradient (or, for a
     # low-precision parameter, into its dtype straight from the float32 accumulator) keeps the peak at one
     # accumulator plus one grad_W (as Liger does), at the price of a single backward per forward.
-    if grad_loss is None:
-        return (None,) * 20
     if ctx.backward_done:
         raise RuntimeError("safety_loss: backward ran twice through the same forward (retain_graph=True); "
                            "its gradients are precomputed in forward and scaled in place, so call the op again")
@@ -350,8 +543,17 @@ def _backward(ctx, grad_loss, *unused):
         return torch.mul(grad, grad_loss, out=torch.empty(grad.shape, dtype=ctx.dtype, device=grad.device))
 
     return (scaled(grad_h, need_h), scaled(grad_w, need_w), None, scaled(grad_b, need_b), None,
-            scaled(grad_cw, need_cw), scaled(grad_cb, need_cb), None, None, None, None,
-            None, None, None, None, None, None, None, None, None)
+            scaled(grad_cw, need_cw), scaled(grad_cb, need_cb)) + (None,) * (_NUM_INPUTS - 7)
+
+
+def _backward_rows(ctx, grad_rows):
+    """reduction="none": the token gradients, recomputed with each row's upstream gradient (the module docstring)."""
+    hidden, lm_weight, labels, lm_bias, transition_labels = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.grad_mask[:3]
+    grad_h, grad_w, grad_b = torch.ops.scft_fast.safety_loss_rows_backward(
+        grad_rows, hidden, lm_weight, labels, lm_bias, transition_labels, *ctx.rows_options, [need_h, need_w, need_b])
+    return ((grad_h if need_h else None), (grad_w if need_w else None), None, (grad_b if need_b else None)) + (
+        None,) * (_NUM_INPUTS - 4)
 
 
 _safety_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -388,6 +590,11 @@ def safety_loss(
     chunk_size: int | None = None,
     validate: bool = True,
     num_cls: int | torch.Tensor | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+    return_token_stats: bool = False,
 ) -> SafetyLossOutput:
     """LM + RTO transition + SCFT classification loss, never materializing the N x V logits.
 
@@ -398,6 +605,23 @@ def safety_loss(
     skips the label range checks (their reductions ride on the op's single host sync anyway).
     ``num_cls`` overrides the classification term's normalizer (the labeled pooled rows) the way
     ``num_items`` overrides the token term's, so that accumulated micro-batches equal one large batch.
+
+    Options (each default leaves the result bit for bit what it is without it, and runs no extra work):
+    - ``reduction``: "mean" (above); "sum": the token terms are not divided by D (the head term as above);
+      "none": ``loss`` is (N,) float32, row i = lm_coef * CE_lm_i + transition_coef * CE_tr_i (+ z_loss * lse_i^2),
+      0 on rows with neither target, differentiable for any upstream gradient; its backward recomputes the chunk
+      loop (module docstring: 8 N H V FLOPs instead of 6, nothing kept from forward to backward but the inputs).
+      No classification head and no ``num_items`` with it ("sum" takes no ``num_items`` either).
+    - ``label_smoothing`` eps in [0, 1): the LM and transition targets use torch's smoothed cross-entropy,
+      (1 - eps) * CE + eps * (lse - mean_j z_j), over the soft-capped logits when ``softcap`` is set; ``lm_loss`` and
+      ``transition_loss`` report the smoothed terms. The head term is unaffected.
+    - ``z_loss`` >= 0: each row with a target adds z_loss * lse_i^2 to its token term, normalized like the rest;
+      ``out.z_loss`` is the mean of lse_i^2 over those rows.
+    - ``return_lse``: ``out.lse`` (N,), lse_i on rows with a target, NaN on the others.
+    - ``return_token_stats``: ``out.token_accuracy`` (share of LM-target rows whose argmax of z, first index on
+      ties as torch.argmax, is the label) and ``out.entropy`` (mean entropy of softmax(z) over LM-target rows).
+    They ride in the epilogue's sweeps over each logits row (safety_epilogue.py): one more sum per element for
+    label smoothing, a running sum and an argmax for the token stats, a store per row for the lse.
 
     Where each term is computed. ``backend`` picks an epilogue and a head (backends.py; "auto" is triton on CUDA,
     cpu on CPU when the C++ extension builds, torch otherwise). The token terms run in the chunk loop shared by every
@@ -413,6 +637,8 @@ def safety_loss(
                              cpu      cls_head_torch          ops/cls_head.py: the cpu backend uses the torch head
       float64 definitions    (tests)  safety_loss_ref, safety_epilogue_ref, cls_head_ref in ops/reference.py
     """
+    _check_options(reduction, label_smoothing, z_loss, return_lse, return_token_stats, cls_weight is not None,
+                   num_items)
     hidden, lm_weight, lm_bias, cls_weight, cls_bias = _autocast_inputs(hidden, lm_weight, lm_bias, cls_weight,
                                                                          cls_bias)
     (hidden2d, weight, labels1d, lm_bias, tr1d, cls_weight, cls_bias, cls_index, cls_labels,
@@ -422,19 +648,24 @@ def safety_loss(
     grad_on = torch.is_grad_enabled()
     grad_mask = [bool(grad_on and t is not None and t.requires_grad)
                  for t in (hidden, lm_weight, lm_bias, cls_weight, cls_bias)]
-    loss, stats, cls_logits, *_ = _safety_loss_op(
+    loss, stats, counts, cls_logits, lse, *_ = _safety_loss_op(
         hidden2d, weight, labels1d, lm_bias, tr1d, cls_weight, cls_bias, cls_index, cls_labels, num_items, num_cls,
         float(lm_coef), float(transition_coef), float(cls_coef), int(ignore_index),
-        None if softcap is None else float(softcap), backend, int(chunk_size or 0), bool(validate), grad_mask)
-    stats = stats.detach()
-    n_lm, n_tr, n_cls = stats[3].long(), stats[4].long(), stats[5].long()
+        None if softcap is None else float(softcap), backend, int(chunk_size or 0), bool(validate), grad_mask,
+        reduction, float(label_smoothing), float(z_loss), return_lse, return_token_stats)
+    stats, counts = stats.detach(), counts.detach()
+    n_lm, n_tr, n_cls, n_target, n_correct = counts.unbind()
     return SafetyLossOutput(
         loss=loss,
-        lm_loss=stats[0] / stats[3].clamp_min(1),
-        transition_loss=stats[1] / stats[4].clamp_min(1),
-        cls_loss=stats[2] / stats[5].clamp_min(1),
+        lm_loss=stats[0] / n_lm.clamp_min(1),
+        transition_loss=stats[1] / n_tr.clamp_min(1),
+        cls_loss=stats[2] / n_cls.clamp_min(1),
         cls_logits=cls_logits.detach() if cls_weight is not None else None,
         n_lm=n_lm,
         n_tr=n_tr,
         n_cls=n_cls,
+        z_loss=stats[3] / n_target.clamp_min(1) if z_loss else None,
+        lse=lse.detach() if return_lse else None,
+        token_accuracy=n_correct / n_lm.clamp_min(1) if return_token_stats else None,
+        entropy=stats[4] / n_lm.clamp_min(1) if return_token_stats else None,
     )
