@@ -71,3 +71,8 @@ class SCFTOutput(CausalLMOutputWithPast):
     n_lm: torch.Tensor | None = None
     n_tr: torch.Tensor | None = None
     n_cls: torch.Tensor | None = None
+    # safety_loss's optional outputs (SafetyLossOutput), None unless asked for
+    z_loss: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
