@@ -228,3 +228,15 @@ def test_missing_compiler_warns_once_and_falls_back(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='torch'"):
         run(safety_epilogue_cpu, torch.randn(2, 1000), torch.zeros(2, dtype=torch.long),
             torch.zeros(2, dtype=torch.long), 1.0, 1.0, None)
+
+
+def test_the_build_key_covers_what_the_build_depends_on(tmp_path):
+    """Two checkouts of the same source get two build directories (ninja's build file names the source's path:
+    sharing one, each checkout's first use would rebuild the other's); a changed source gets another key too."""
+    copy = tmp_path / "csrc" / "safety_epilogue.cpp"
+    copy.parent.mkdir()
+    copy.write_bytes(cpu_extension.SOURCE.read_bytes())
+    assert cpu_extension.build_key(copy) != cpu_extension.build_key()
+    same = cpu_extension.build_key(copy)
+    copy.write_bytes(cpu_extension.SOURCE.read_bytes() + b"\n")
+    assert cpu_extension.build_key(copy) != same

@@ -7,8 +7,8 @@ has no C++ head: it uses ``cls_head_torch``.
 Where the compiled module comes from, first hit wins, once per process:
 1. ``scft_fast._C``, built by ``SCFT_BUILD_OPS=1 pip install ...`` (setup.py), if built from this source,
 2. a just-in-time build with torch.utils.cpp_extension (ninja) into
-   ``$SCFT_FAST_CACHE/cpu_extension/<key>`` (default ``~/.cache/scft_fast``), the key hashing the source, the
-   flags, torch, Python and the machine: the first use in a fresh cache compiles (about 30 s on 2 cores),
+   ``$SCFT_FAST_CACHE/cpu_extension/<key>`` (default ``~/.cache/scft_fast``), the key hashing the source and its
+   path, the flags, torch, Python and the machine: the first use in a fresh cache compiles (about 30 s on 2 cores),
    later ones only load,
 3. nothing: ``load_cpu_extension()`` returns None after one warning, and callers use the torch backend.
 """
@@ -43,9 +43,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SCFT_FAST_CACHE") or Path.home() / ".cache" / "scft_fast") / "cpu_extension"
 
 
-def build_key() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    for part in (*CXX_FLAGS, *LINK_FLAGS, torch.__version__, sys.version, platform.machine()):
+def build_key(source: Path = SOURCE) -> str:
+    """Everything the build depends on: the source's bytes and its path (ninja's build file names the path, so two
+    checkouts of the same source sharing a directory would rebuild each other's build), the flags, torch, Python and
+    the machine."""
+    digest = hashlib.sha256(source.read_bytes())
+    for part in (str(source), *CXX_FLAGS, *LINK_FLAGS, torch.__version__, sys.version, platform.machine()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
