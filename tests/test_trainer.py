@@ -80,7 +80,8 @@ def test_default_arguments_train_log_and_evaluate(tok, rows, tmp_path):
     assert trainer.args.remove_unused_columns and trainer.args.average_tokens_across_devices
     trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r]
-    assert len(logs) == 2 and all(k in logs[0] for k in ("lm_loss", "cls_loss", "head_accuracy"))
+    assert len(logs) == 2 and all(k in logs[0] for k in ("lm_loss", "cls_loss", "head_accuracy", "token_accuracy",
+                                                          "entropy"))
     metrics = trainer.evaluate()
     model = trainer.model.eval()
     with torch.no_grad():

@@ -89,8 +89,8 @@ def test_scft_sft_trainer_trains_lm_rto_and_head(tmp_path, form):
     assert len(logs) == STEPS
     for key in ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy", "num_tokens"):
         assert all(key in r and math.isfinite(r[key]) for r in logs), (key, logs)
-    # entropy and mean_token_accuracy are TRL's logit metrics: the fused loss builds no logits
-    assert not any("entropy" in r or "mean_token_accuracy" in r for r in logs)
+    # TRL's token metrics, from the fused op's token statistics (test_scft_sft_trainer_logs_trls_token_metrics)
+    assert all(0 <= r["mean_token_accuracy"] <= 1 and r["entropy"] > 0 for r in logs)
     for key in ("loss", "lm_loss", "transition_loss", "cls_loss"):
         assert logs[-1][key] < logs[0][key], (key, [r[key] for r in logs])
     assert all(r["transition_loss"] > 0 and r["cls_loss"] > 0 for r in logs)
@@ -289,3 +289,26 @@ def test_unmodified_sft_trainer_refuses_rto_rows_on_a_plain_model(tmp_path):
                                          r"which its loss ignores.*scft_fast.SCFTSFTTrainer"):
         SFTTrainer(model=apply_scft_fast(tiny_llama()), args=sft_config(tmp_path, 4), processing_class=TOKENIZER,
                    train_dataset=trl_dataset("prompt_completion"))
+
+
+def test_scft_sft_trainer_logs_trls_token_metrics(tmp_path):
+    """mean_token_accuracy and entropy, TRL's names, as TRL defines them (the share of LM targets whose argmax is the
+    label; the mean softmax entropy over them), from the op's statistics of the step's batch: equal to a float64
+    forward over the same batch (one step at learning rate 0; rel 1e-4, the float32 sums')."""
+    dataset = trl_dataset("prompt_completion")
+    trainer = SCFTSFTTrainer(model=scft_model(), args=sft_config(tmp_path, len(dataset), max_steps=1,
+                                                                 learning_rate=0.0),
+                             train_dataset=dataset, processing_class=TOKENIZER)
+    trainer.train()
+    (log,) = [r for r in trainer.state.log_history if "loss" in r]
+    batch = next(iter(trainer.get_train_dataloader()))
+    reference = tiny_llama()
+    reference.load_state_dict({k: v for k, v in trainer.model.state_dict().items() if not k.startswith("score.")})
+    with torch.no_grad():
+        logits = reference.double()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    rows, targets = logits[:, :-1][labels != IGNORE_INDEX], labels[labels != IGNORE_INDEX]
+    accuracy = (rows.argmax(-1) == targets).double().mean().item()
+    entropy = -(rows.softmax(-1) * rows.log_softmax(-1)).sum(-1).mean().item()
+    assert log["mean_token_accuracy"] == pytest.approx(accuracy, rel=1e-4)
+    assert log["entropy"] == pytest.approx(entropy, rel=1e-4)

@@ -17,7 +17,9 @@ from ..constants import IGNORE_INDEX
 from ..data.checks import TOKEN_TARGETS
 from ..data.collate import positions_from_cu_seqlens, shift_labels
 
-STEP_STATS = ("loss", "lm_sum", "n_lm", "tr_sum", "n_tr", "cls_sum", "n_cls", "cls_correct")
+# n_stats: the LM targets over which the op's token statistics were computed (0 when they were not asked for).
+STEP_STATS = ("loss", "lm_sum", "n_lm", "tr_sum", "n_tr", "cls_sum", "n_cls", "cls_correct", "lm_correct",
+              "lm_entropy_sum", "n_stats")
 
 
 def loss_targets(batch: dict, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -51,19 +53,25 @@ def output_stats(out, cls_labels: torch.Tensor | None,  # (S,) the batch's head 
     correct = zero
     if out.cls_logits is not None and out.cls_logits.numel() and cls_labels is not None:
         correct = ((out.cls_logits.argmax(-1) == cls_labels) & (cls_labels != ignore_index)).sum().double()
+    token = [zero, zero, zero]
+    if getattr(out, "token_accuracy", None) is not None:
+        token = [out.token_accuracy.double() * n_lm, out.entropy.double() * n_lm, n_lm]
     return torch.stack([loss, out.lm_loss.double() * n_lm, n_lm, out.transition_loss.double() * n_tr, n_tr,
-                        out.cls_loss.double() * n_cls, n_cls, correct])
+                        out.cls_loss.double() * n_cls, n_cls, correct, *token])
 
 
 def stat_means(stats: torch.Tensor) -> dict[str, float | None]:
-    """lm_loss, transition_loss, cls_loss and head_accuracy over everything ``stats`` summed (None: no target)."""
+    """lm_loss, transition_loss, cls_loss, head_accuracy, and the token statistics token_accuracy (argmax = label)
+    and entropy (of the softmax) over the LM targets, over everything ``stats`` summed (None: no target, or no
+    statistics asked for)."""
     s = dict(zip(STEP_STATS, stats.tolist()))
 
     def mean(total: str, count: str) -> float | None:
         return s[total] / s[count] if s[count] else None
 
     return {"lm_loss": mean("lm_sum", "n_lm"), "transition_loss": mean("tr_sum", "n_tr"),
-            "cls_loss": mean("cls_sum", "n_cls"), "head_accuracy": mean("cls_correct", "n_cls")}
+            "cls_loss": mean("cls_sum", "n_cls"), "head_accuracy": mean("cls_correct", "n_cls"),
+            "token_accuracy": mean("lm_correct", "n_stats"), "entropy": mean("lm_entropy_sum", "n_stats")}
 
 
 def pooled_loss(stats: torch.Tensor, lm_coef: float = 1.0, transition_coef: float = 1.0,

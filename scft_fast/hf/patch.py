@@ -85,6 +85,7 @@ class FusedSafetyLoss(nn.Module):
         softcap: float | None,
         logit_scale: float,
         options: SCFTConfig,  # coefficients, backend, chunk size, ignore_index
+        return_token_stats: bool = False,
     ) -> dict:
         lm_bias = getattr(lm_head, "bias", None)
         head = {} if score is None else dict(cls_weight=score.weight, cls_bias=score.bias, **pooled)
@@ -100,7 +101,7 @@ class FusedSafetyLoss(nn.Module):
             hidden, lm_head.weight, labels, lm_bias=lm_bias, transition_labels=transition_labels, **head,
             lm_coef=options.lm_coef, transition_coef=options.transition_coef, cls_coef=options.cls_coef,
             num_items=num_items, num_cls=num_cls, ignore_index=options.ignore_index, softcap=softcap,
-            backend=options.backend, chunk_size=options.chunk_size)
+            backend=options.backend, chunk_size=options.chunk_size, return_token_stats=return_token_stats)
         # A dict, not the dataclass: ZeRO-3 finds the tensors its backward hooks attach to only inside tuples,
         # lists and dicts, and without those hooks the weights are not re-gathered for the backward.
         return vars(out)
@@ -457,6 +458,7 @@ class SCFTForCausalLM:
         cls_index: torch.Tensor | None = None,  # (S,) flat pooled rows; default: from mask / positions
         num_items_in_batch: int | torch.Tensor | None = None,  # token normalizer over the accumulated batch
         num_cls_in_batch: int | torch.Tensor | None = None,  # labeled sequences over the accumulated batch
+        return_token_stats: bool = False,  # out.token_accuracy, out.entropy over the LM targets (safety_loss's)
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -509,7 +511,8 @@ class SCFTForCausalLM:
             hidden.reshape(batch * length, -1), lm_head, self.score if pooled else None,
             shift_labels(labels, position_ids, ignore).reshape(-1),
             None if transition_labels is None else shift_labels(transition_labels, position_ids, ignore).reshape(-1),
-            pooled, num_items_in_batch, num_cls_in_batch, self.softcap, self.lm_logit_scale, options)
+            pooled, num_items_in_batch, num_cls_in_batch, self.softcap, self.lm_logit_scale, options,
+            return_token_stats)
         return SCFTOutput(**out)
 
     def _check_loss_inputs(self, transition_labels, cls_labels, num_items_in_batch, num_cls_in_batch,

@@ -42,6 +42,8 @@ from .private_patches import deepspeed_loads_weights_only, master_weights_shared
 class SCFTTrainerMixin:
     """The SCFT parts of ``SCFTTrainer``; put it before the Trainer class it extends."""
 
+    LOG_NAMES: dict[str, str] = {}  # a logged figure's name, where the trainer has its own (TRL's)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         check_distributed(self.args, self.accelerator)
@@ -106,6 +108,8 @@ class SCFTTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if num_items_in_batch is not None and self._num_cls_in_batch is not None:
             inputs = {**inputs, "num_cls_in_batch": self._num_cls_in_batch}
+        if model.training and self._token_stats(inputs):
+            inputs = {**inputs, "return_token_stats": True}  # token accuracy and entropy, inside the op's sweeps
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         if model.training:
@@ -116,6 +120,10 @@ class SCFTTrainerMixin:
             self._train_tokens = self._train_tokens + tokens.to(stats.device, torch.float64)
         return (loss, outputs) if return_outputs else loss
 
+    def _token_stats(self, inputs: dict) -> bool:
+        """Whether the model's forward computes the op's token statistics: an apply_scft_fast model with LM labels."""
+        return inputs.get("labels") is not None and hasattr(self._scft_model(), "scft_loss")
+
     # -- logging --------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # "loss" marks Trainer's training log, which every rank reaches at the same step: the reduce is collective.
@@ -123,7 +131,7 @@ class SCFTTrainerMixin:
             stats = self.accelerator.reduce(torch.cat([self._train_stats, self._train_tokens[None]]), reduction="sum")
             self._train_stats, self._train_tokens = None, 0
             now = time.perf_counter()
-            logs = {**logs, **{k: v for k, v in stat_means(stats[:-1]).items() if v is not None}}
+            logs = {**logs, **{self.LOG_NAMES.get(k, k): v for k, v in stat_means(stats[:-1]).items() if v is not None}}
             if self._last_log_time is not None:  # real tokens (all ranks) per second since the last log
                 logs["tokens_per_s"] = float(stats[-1]) / (now - self._last_log_time)
             self._last_log_time = now

@@ -9,7 +9,7 @@ Why a trainer at all: trl 1.16's SFTTrainer patches its own fused LM head onto e
 labels, never from the model's forward; that head knows no transition or classification target. An unmodified
 SFTTrainer trains an apply_scft_fast model correctly, with TRL's head. Here the loss is the model's forward, with
 SCFTTrainer's normalizers, logs, evaluation and saving (SCFTTrainerMixin). TRL's num_tokens metric is kept;
-entropy and mean_token_accuracy need the logits, which the fused loss never builds, and are not logged.
+entropy and mean_token_accuracy come from the fused op's token statistics (computed in its sweeps, no logits).
 
 With an SCFTConfig the dataset is in TRL's own forms: prompt/completion (standard or conversational) or messages,
 plus two optional columns, a safety label (``label_column``, default "label": "safe" | "unsafe" | a class id |
@@ -193,6 +193,7 @@ class SCFTSFTTrainer(SCFTTrainerMixin, _ModelLossSFTTrainer):
     defaults to the model's), ``label_column``, ``rto_column``."""
 
     _tag_names = ["trl", "sft", "scft_fast"]
+    LOG_NAMES = {"token_accuracy": "mean_token_accuracy"}  # TRL's name; "entropy" is the same
 
     def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, *trl_args, data_config: DataConfig | None = None,
