@@ -23,6 +23,7 @@ from dataclasses import asdict, replace
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, set_seed
+from transformers.trainer_callback import ProgressCallback
 
 from ..data import build_dataset, default_data_files, load_default_tokenizer, refusal_token_id
 from ..errors import ConfigError, RunError, UserError
@@ -216,6 +217,16 @@ def build_model(model_args: ModelArguments, tokenizer, refusal: int):
     return model
 
 
+class StepProgress(ProgressCallback):
+    """Trainer's progress bar, with each step's losses on the bar rather than a printed line per log (metrics.jsonl
+    holds every log)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix({k: f"{logs[k]:.3f}" for k in ("loss", "cls_loss") if k in logs},
+                                          refresh=False)
+
+
 class FinalCheckpoint(TrainerCallback):
     """A checkpoint at the last step too, so that an export that fails (a full disk) can be resumed."""
 
@@ -288,6 +299,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
                                       optimizer=_optimizer_summary(args))
         trainer = SCFTTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                               processing_class=tokenizer, callbacks=[*callbacks, FinalCheckpoint()])
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(StepProgress())
         started = True
         trainer.train(resume_from_checkpoint=checkpoint)
         export(trainer, os.path.join(args.output_dir, MODEL_DIR))
