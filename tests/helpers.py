@@ -226,3 +226,24 @@ def tiny_causal_lm(model_type: str, **fields):
     if hasattr(model, "set_default_language"):  # X-MOD: one adapter per language, chosen before a forward
         model.set_default_language("en_XX")
     return model
+
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def launch_two_ranks(script: str, *args, timeout: int = 600, tests_on_path: bool = True) -> None:
+    """Runs tests/``script`` (or another path) on 2 ranks under torch.distributed.run, one OpenMP thread each, on a
+    free port (other test runs may be launching ranks at the same time); fails with the ranks' output tails."""
+    import socket
+    import subprocess
+    import sys
+
+    path = os.pathsep.join([REPO, os.path.join(REPO, "tests")] if tests_on_path else [REPO])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           port, os.path.join(REPO, "tests", script), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -13,9 +13,6 @@ that, checked). Clipping is the default (1.0) on both.
 import hashlib
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,10 +28,9 @@ from deepspeed_worker import (  # noqa: E402  (tests/ is on sys.path under pytes
     scft_fast_train,
     train_flags,
 )
-from helpers import load_export  # noqa: E402
+from helpers import launch_two_ranks, load_export  # noqa: E402
 from scft_fast.data import default_data_files  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One-process reference (a stage's flags, ranks=1) -> the 2-rank stages that must equal it.
 REFERENCES = {"zero1": ["zero1", "zero2", "zero3", "zero3_offload"], "zero3_tied": ["zero3_tied"],
               "zero2_packed": ["zero2_packed"], "zero3_checkpoint": ["zero3_checkpoint"],
@@ -80,15 +76,8 @@ def tied_checkpoint_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory, small_data, checkpoint_dir, tied_checkpoint_dir):
     out = tmp_path_factory.mktemp("ds")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
-    with socket.socket() as probe:  # a free port: other test runs may be launching ranks at the same time
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(REPO, "tests", "deepspeed_worker.py"), str(out), small_data, checkpoint_dir,
-           tied_checkpoint_dir, *STAGES, "plain"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch_two_ranks("deepspeed_worker.py", out, small_data, checkpoint_dir, tied_checkpoint_dir, *STAGES, "plain",
+                     timeout=1200)
     return out
 
 

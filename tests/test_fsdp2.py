@@ -17,18 +17,14 @@ TrainingArguments without ``use_cpu`` on these ranks are one process per rank, w
 were not run here.
 """
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import fsdp2_worker as f  # tests/ is on sys.path under pytest
 import trainer_worker as w
+from helpers import launch_two_ranks  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 TERMS = ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy")
 
@@ -46,14 +42,7 @@ def data_file(embedded_train_head):
 @pytest.fixture(scope="module")
 def fsdp2_runs(tmp_path_factory, data_file):
     out = tmp_path_factory.mktemp("fsdp2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
-    with socket.socket() as probe:  # a free port: other test runs may be launching ranks at the same time
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(REPO, "tests", "fsdp2_worker.py"), str(out), data_file]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch_two_ranks("fsdp2_worker.py", out, data_file)
     return out
 
 

@@ -6,9 +6,6 @@ largest entry of each tensor), weights after two AdamW steps at lr 1e-3 within 1
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,11 +15,10 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers.trainer_callback import TrainerCallback  # noqa: E402
 
 import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
-from helpers import load_export  # noqa: E402
+from helpers import launch_two_ranks, load_export  # noqa: E402
 from scft_fast import IGNORE_INDEX, SCFTDataCollator, SCFTForCausalLM, SCFTTrainer  # noqa: E402
 from scft_fast.metrics import auroc  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 TERMS = ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy")
 
@@ -279,14 +275,7 @@ def test_trainer_trains_packed_batches(tok, rows, tmp_path):
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory, data_file):
     out = tmp_path_factory.mktemp("trainer_ranks")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
-    with socket.socket() as probe:  # a free port: other test runs may be launching ranks at the same time
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(REPO, "tests", "trainer_worker.py"), str(out), data_file]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch_two_ranks("trainer_worker.py", out, data_file)
     return out
 
 

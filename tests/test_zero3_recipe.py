@@ -9,9 +9,6 @@ relative, the saved weights (gathered from the partitions) within 1e-5 absolute 
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,11 +17,10 @@ pytest.importorskip("deepspeed")
 from safetensors.torch import load_file  # noqa: E402
 
 import trainer_worker as w  # noqa: E402  (tests/ is on sys.path under pytest)
-from helpers import load_export  # noqa: E402
+from helpers import launch_two_ranks, load_export  # noqa: E402
 from scft_fast import SCFTConfig, SCFTDataCollator, SCFTTrainer, apply_scft_fast  # noqa: E402
 from scft_fast.data import refusal_token_id  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 TERMS = ("loss", "lm_loss", "transition_loss", "cls_loss", "head_accuracy")
 # TrainingArguments flags both runs share (w.arguments' settings); the 2-rank run adds its batch geometry.
@@ -53,16 +49,9 @@ def data_file(embedded_train_head):
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory, checkpoint, data_file):
     out = tmp_path_factory.mktemp("zero3_recipe")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    with socket.socket() as probe:  # a free port: other test runs may be launching ranks at the same time
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(REPO, "tests", "zero3_recipe_worker.py"), str(out / "partitions"),
-           "--model_name_or_path", checkpoint, "--data_files", data_file, "--output_dir", str(out / "run"),
-           "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", *SHARED_FLAGS]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch_two_ranks("zero3_recipe_worker.py", out / "partitions", "--model_name_or_path", checkpoint, "--data_files",
+                     data_file, "--output_dir", out / "run", "--per_device_train_batch_size", "2",
+                     "--gradient_accumulation_steps", "2", *SHARED_FLAGS, tests_on_path=False)
     return out
 
 

@@ -1,8 +1,8 @@
 """What a run needs beyond Trainer's own loop, as ``TrainerCallback``s: they serve ``transformers.Trainer``,
 ``SCFTTrainer``, TRL's trainers and ``scft-fast train`` alike.
 
-    trainer = SCFTTrainer(..., callbacks=run_callbacks(args.output_dir, held_out={"eval": (dataset, "held out")},
-                                                       collator=SCFTDataCollator(tokenizer)))
+    callbacks = run_callbacks({"eval": (held_out_rows, "held out")}, SCFTDataCollator(tokenizer))
+    trainer = SCFTTrainer(..., callbacks=callbacks)    # or transformers.Trainer, TRL's trainers
     trainer.train(resume_from_checkpoint=newest_intact_checkpoint(args.output_dir))
 
 - ``RunDirectory``: one run per output directory. A lock file (an flock: the kernel drops it when the process
