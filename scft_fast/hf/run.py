@@ -260,11 +260,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
         plan = _shared(plan)
         checkpoint = plan["checkpoint"]
         if plan["finished"]:
-            summary = os.path.join(args.output_dir, SUMMARY)
-            if not main or not os.path.exists(summary):
-                return None
-            with open(summary) as f:
-                return json.load(f)
+            return _saved_summary(args.output_dir) if main else None
         if main:
             write_json(os.path.join(args.output_dir, TRAIN_CONFIG), config)
 
@@ -281,11 +277,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
 
             started = True
             export(SCFTForCausalLM.from_pretrained(checkpoint), os.path.join(args.output_dir, MODEL_DIR), tokenizer)
-            summary = os.path.join(args.output_dir, SUMMARY)
-            if main and os.path.exists(summary):
-                with open(summary) as f:
-                    return json.load(f)
-            return None
+            return _saved_summary(args.output_dir) if main else None
         data_config = data_args.data_config(model_args.pool, args.seed)
         train_set, held_out, stats = build_datasets(data_args, tokenizer, data_config)
         set_seed(args.seed)  # the initial weights (a preset's, a new head's, LoRA's) follow --seed, not the process
@@ -313,12 +305,21 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
     except (OSError, RuntimeError) as e:
         if not is_write_failure(e):
             raise
-        kind = RunError if started else ConfigError
-        raise kind(f"{'training stopped: ' if started else ''}{_why(e)}. The output directory {args.output_dir} "
-                   f"{'can be resumed (--resume) from its newest intact checkpoint once there is room' if started else 'was left as it was'}") from None
+        if started:
+            raise RunError(f"training stopped: {_why(e)}. Once there is room, --resume continues the run in "
+                           f"{args.output_dir} from its newest intact checkpoint") from None
+        raise ConfigError(f"{_why(e)}. The output directory {args.output_dir} was left as it was") from None
     finally:
         if lock is not None:
             lock.release()
+
+
+def _saved_summary(output_dir: str) -> dict | None:
+    path = os.path.join(output_dir, SUMMARY)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def is_write_failure(e: BaseException) -> bool:
