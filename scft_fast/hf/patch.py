@@ -209,7 +209,7 @@ class SCFTForCausalLM:
         if is_deepspeed_zero3_enabled() and not transformers_loader and not args and not kwargs:
             # Under a live ZeRO-3 config, with no loading option of transformers': built partitioned, each rank
             # reading only its slice of the checkpoint (hf/zero3.py).
-            from .hf.zero3 import load_partitioned
+            from .zero3 import load_partitioned
 
             return load_partitioned(path, scft, init_head)
         setattr(hf_config, SCFT_CONFIG_KEY, asdict(scft))
