@@ -14,10 +14,10 @@ from their RANK variable). The phases are marked by what the run does to files, 
 
     start-up    launch -> OUT/train_config.json appears (imports, the process group)
     data        -> the first open of the checkpoint's safetensors file (tokenizer, tokenized data)
-    build       -> the last close of a safetensors file before training starts (the model built and read: under
-                   ZeRO-3 partitioned, each rank reading its slice); opens and closes from inotify on DIR, the union
-                   over the ranks
-    initialize  -> OUT/metrics.jsonl appears (the probe forward, the Trainer, DeepSpeed's engine and optimizer)
+    build       -> OUT listed once the Trainer is built (the model built and read: under ZeRO-3 partitioned, each
+                   rank reading its slice; its probe forward; the Trainer's construction); the opens and the listing
+                   from inotify on DIR and OUT (created empty first), so the union over the ranks
+    initialize  -> OUT/metrics.jsonl appears (DeepSpeed's engine, or accelerate's preparation, and the optimizer)
     step        -> the last step's line in metrics.jsonl (forward, backward, optimizer step, a log every step)
     export      -> the process exits (the loss plot, OUT/model written, ZeRO-3 gathered one layer at a time)
 
@@ -124,19 +124,24 @@ def shown(cmd: list[str]) -> str:
 
 # -- outside observation ----------------------------------------------------------------------------------------------
 class FileEvents:
-    """inotify on a directory: (name, "open" | "close") of every open and close of a file in it, by any process."""
+    """inotify on directories: (directory, name, "open" | "close") of every open and close, by any process, of a
+    file in one of them, or of the directory itself (name "": a listing)."""
 
     IN_OPEN, IN_CLOSE_WRITE, IN_CLOSE_NOWRITE, IN_NONBLOCK = 0x20, 0x08, 0x10, 0o4000
     HEADER = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
 
-    def __init__(self, directory: str):
+    def __init__(self, *directories: str):
         self.libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         self.fd = self.libc.inotify_init1(self.IN_NONBLOCK)
-        if self.fd < 0 or self.libc.inotify_add_watch(
-                self.fd, directory.encode(), self.IN_OPEN | self.IN_CLOSE_WRITE | self.IN_CLOSE_NOWRITE) < 0:
-            raise OSError(ctypes.get_errno(), f"inotify on {directory}: this benchmark needs Linux's inotify")
+        self.watches = {}
+        for directory in directories:
+            wd = self.libc.inotify_add_watch(self.fd, directory.encode(),
+                                             self.IN_OPEN | self.IN_CLOSE_WRITE | self.IN_CLOSE_NOWRITE)
+            if self.fd < 0 or wd < 0:
+                raise OSError(ctypes.get_errno(), f"inotify on {directory}: this benchmark needs Linux's inotify")
+            self.watches[wd] = directory
 
-    def read(self) -> list[tuple[str, str]]:
+    def read(self) -> list[tuple[str, str, str]]:
         events = []
         while True:
             try:
@@ -145,9 +150,9 @@ class FileEvents:
                 return events
             offset = 0
             while offset < len(data):
-                _, mask, _, size = self.HEADER.unpack_from(data, offset)
+                wd, mask, _, size = self.HEADER.unpack_from(data, offset)
                 name = data[offset + self.HEADER.size: offset + self.HEADER.size + size].rstrip(b"\0").decode()
-                events.append((name, "open" if mask & self.IN_OPEN else "close"))
+                events.append((self.watches[wd], name, "open" if mask & self.IN_OPEN else "close"))
                 offset += self.HEADER.size + size
 
     def close(self) -> None:
@@ -203,8 +208,10 @@ def step_lines(path: str) -> int:
 
 def observe(cmd: list[str], ranks: int, model_dir: str, output_dir: str, steps: int, log_path: str) -> dict:
     """Runs ``cmd`` and samples its ranks until it exits: {"samples": {rank: [[t, rss, hwm], ...]} (seconds, KiB),
-    "marks": {name: t}, "file_events": [[t, name, kind], ...], "exit_code", "wall_s"}."""
-    watch = FileEvents(model_dir)
+    "marks": {name: t}, "file_events": [[t, directory, name, kind], ...], "exit_code", "wall_s"}. ``output_dir`` is
+    created empty first, so that it can be watched from the start."""
+    os.makedirs(output_dir)
+    watch = FileEvents(model_dir, output_dir)
     samples: dict[int, list[list]] = {}
     pids: dict[int, int] = {}
     marks: dict[str, float] = {}
@@ -223,7 +230,7 @@ def observe(cmd: list[str], ranks: int, model_dir: str, output_dir: str, steps: 
                     read = status_kib(pid)
                     if read is not None:
                         samples.setdefault(rank, []).append([round(now, 4), *read])
-                file_events += [[round(now, 4), name, kind] for name, kind in watch.read()]
+                file_events += [[round(now, 4), *event] for event in watch.read()]
                 if "config" not in marks and os.path.exists(os.path.join(output_dir, "train_config.json")):
                     marks["config"] = now
                 if "train_begin" not in marks and os.path.exists(metrics):
@@ -246,12 +253,20 @@ def observe(cmd: list[str], ranks: int, model_dir: str, output_dir: str, steps: 
             "wall_s": marks["exit"]}
 
 
-def build_window(file_events: list, train_begin: float) -> tuple[float, float] | None:
-    """(first open, last close) of a safetensors file of the checkpoint before training starts, over all ranks."""
-    weights = [(t, kind) for t, name, kind in file_events if name.endswith(".safetensors") and t <= train_begin]
-    opens = [t for t, kind in weights if kind == "open"]
-    closes = [t for t, kind in weights if kind == "close"]
-    return (min(opens), max(closes)) if opens and closes else None
+def build_window(file_events: list, model_dir: str, output_dir: str) -> tuple[float, float] | None:
+    """(the first open of the checkpoint's safetensors file by any rank, the first listing of the output directory
+    after train_config.json was written): the main process lists it when its Trainer is built (VerifiedCheckpoints
+    looks for damaged checkpoints), after the model, whose weights the loader may read later than it closes the file
+    (transformers' loader maps it and reads through the mapping). Events in the order inotify gave them."""
+    config = next((i for i, (_, directory, name, _) in enumerate(file_events)
+                   if directory == output_dir and name.startswith("train_config.json")), None)
+    opens = [t for t, directory, name, kind in file_events
+             if directory == model_dir and name.endswith(".safetensors") and kind == "open"]
+    listed = [t for t, directory, name, kind in file_events[config or 0:]
+              if directory == output_dir and name == "" and kind == "open"]
+    if config is None or not opens or not listed or listed[0] < opens[0]:
+        return None
+    return opens[0], listed[0]
 
 
 def launch(run: str, model_dir: str, args) -> dict:
@@ -268,7 +283,7 @@ def launch(run: str, model_dir: str, args) -> dict:
         with open(os.path.join(output_dir, "metrics.jsonl")) as f:
             observed["metrics"] = [json.loads(line) for line in f if line.strip()]
         missing = [m for m in ("config", "train_begin", "steps_end") if m not in observed["marks"]]
-        window = build_window(observed["file_events"], observed["marks"].get("train_begin", float("inf")))
+        window = build_window(observed["file_events"], model_dir, output_dir)
         if missing or window is None or sorted(observed["samples"]) != list(range(ranks)):
             raise RuntimeError(f"{run}: the run ended before it could be observed (marks missing: {missing}, "
                                f"checkpoint reads seen: {window is not None}, ranks sampled: "
@@ -276,8 +291,8 @@ def launch(run: str, model_dir: str, args) -> dict:
         observed["marks"]["build_start"], observed["marks"]["build_end"] = window
     bounds = phase_bounds(observed["marks"])
     samples = observed.pop("samples")
-    checkpoint_opens = sum(kind == "open" and name.endswith(".safetensors")
-                           for _, name, kind in observed.pop("file_events"))
+    checkpoint_opens = sum(directory == model_dir and kind == "open" and name.endswith(".safetensors")
+                           for _, directory, name, kind in observed.pop("file_events"))
     return {**observed, "command": shown(cmd).replace(model_dir, "MODEL_DIR").replace(output_dir, "OUTPUT_DIR"),
             "transformers_loader": FALLBACK_LINE in log, "checkpoint_opens": checkpoint_opens,
             "phases": {rank: {phase: window_figures(samples[rank], *bounds[phase]) for phase in PHASES}
@@ -377,13 +392,14 @@ def report(args, data: dict, save: bool) -> None:
     shape, model_info, model_mib, m = data["shape"], data["model"], data["model_fp32_mib"], data["machine"]
     started, finished = dt.datetime.fromisoformat(data["started"]), dt.datetime.fromisoformat(data["finished"])
     commands = {run: observed["command"] for run, observed in data["raw"].items()}
-    lines = [f"# Per-rank host memory of `scft-fast train` by phase, {'quick shape' if data['quick'] else '156M Llama'}",
-             "",
+    title = "quick shape" if data["quick"] else "156M Llama"
+    lines = [f"# Per-rank host memory of `scft-fast train` by phase, {title}", "",
              f"- model: Llama hidden {shape['hidden']}, intermediate {shape['intermediate']}, {shape['layers']} "
              f"layers, {shape['heads']} heads ({shape['kv_heads']} KV), vocab {shape['vocab']}: "
              f"{model_info['params'] / 1e6:.1f}M parameters, {model_mib:.0f} MiB in float32, a local checkpoint "
              "directory (safetensors) as --model",
-             "- dtype: float32 weights and compute; the recipe's AdamW (the DeepSpeed configs have no optimizer section)",
+             "- dtype: float32 weights and compute; the recipe's AdamW (the DeepSpeed configs have no optimizer "
+             "section)",
              f"- batch: {data['micro_batch_size']} sequences per micro-batch and rank (the embedded data, max length "
              f"{data['max_length']}), {data['steps']} optimizer steps, no held-out summary, no checkpoint, the final "
              "export to OUTPUT_DIR/model",
@@ -397,9 +413,9 @@ def report(args, data: dict, save: bool) -> None:
              f"- method: from the outside, nothing of the library wrapped: VmRSS and VmHWM of every rank process "
              f"(/proc/PID/status) every {data['sample_s'] * 1e3:.0f} ms; phases from what the run does to files "
              "(start-up: until OUTPUT_DIR/train_config.json; data: until the first open of the checkpoint's "
-             "safetensors file; build: until the last close of one before training, inotify, over all ranks; "
-             "initialize: until metrics.jsonl appears; step: until the last step's line; export: until the process "
-             "exits). A phase's peak is VmHWM after it where the high-water mark rose in it, else its highest "
+             "safetensors file by any rank; build: until the main process lists OUTPUT_DIR once its Trainer is "
+             "built (opens and listing from inotify); initialize: until metrics.jsonl appears; step: until the "
+             "last step's line; export: until the process exits). A phase's peak is VmHWM after it where the high-water mark rose in it, else its highest "
              "sample; \"build alloc\" is the build's peak minus the RSS before it (everything the build allocated at "
              "once, the checkpoint being read included), \"build held\" the RSS after it minus the RSS before it. "
              "RSS includes python, torch, transformers, DeepSpeed and the tokenized data",
