@@ -415,10 +415,11 @@ def report(args, data: dict, save: bool) -> None:
              "(start-up: until OUTPUT_DIR/train_config.json; data: until the first open of the checkpoint's "
              "safetensors file by any rank; build: until the main process lists OUTPUT_DIR once its Trainer is "
              "built (opens and listing from inotify); initialize: until metrics.jsonl appears; step: until the "
-             "last step's line; export: until the process exits). A phase's peak is VmHWM after it where the high-water mark rose in it, else its highest "
-             "sample; \"build alloc\" is the build's peak minus the RSS before it (everything the build allocated at "
-             "once, the checkpoint being read included), \"build held\" the RSS after it minus the RSS before it. "
-             "RSS includes python, torch, transformers, DeepSpeed and the tokenized data",
+             "last step's line; export: until the process exits). A phase's peak is VmHWM after it where the "
+             "high-water mark rose in it, else its highest sample; \"build alloc\" is the build's peak minus the "
+             "RSS before it (everything the build allocated at once, the checkpoint being read included), \"build "
+             "held\" the RSS after it minus the RSS before it. RSS includes python, torch, transformers, DeepSpeed "
+             "and the tokenized data",
              *([f"- note: {data['note']}"] if data["note"] else []), "",
              "| run | rank | RSS before build | build peak | build alloc | build held | initialize peak | step peak | "
              "export peak | peak | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
