@@ -74,13 +74,14 @@ MODE_TITLES = {"hf": "plain IT, HF loss (logits materialized)", "fused-lm": "pla
 FULL_OVER_FUSED_TARGET = {"cpu": 1.03, "cuda": 1.01}
 
 # Model and batch per preset; every field can be overridden by its flag. CPU: a step of ~1 s on 2 cores with
-# the LM head (V x H = 32000 x 256) ~85% of a token's matmul FLOPs (8.2M of 9.6M weights it multiplies); 16
-# sequences packed into one row per step (~2k tokens). CUDA: Llama-3.2-1B's vocabulary and width, 4 layers;
-# padded batches of 64 sequences, because a packed row would go through SDPA with a dense mask as long as the row
-# (no flash-attn varlen here) and the quadratic attention would dilute what the loss costs.
+# the LM head (V x H = 32000 x 256) ~85% of a token's matmul FLOPs (8.2M of 9.6M weights it multiplies); 40
+# sequences packed into one row per step (~2.1k tokens: the embedded samples average ~53 tokens). CUDA:
+# Llama-3.2-1B's vocabulary and width, 4 layers; padded batches of 64 sequences, because a packed row would go
+# through SDPA with a dense mask as long as the row (no flash-attn varlen here) and the quadratic attention would
+# dilute what the loss costs.
 PRESETS = {
     "cpu": dict(hidden=256, intermediate=688, layers=2, heads=4, kv_heads=2, vocab=32000, packing=True,
-                micro_batch_size=16, steps=20, warmup=4, repeats=3, bf16=False),
+                micro_batch_size=40, steps=20, warmup=4, repeats=3, bf16=False),
     "cuda": dict(hidden=2048, intermediate=8192, layers=4, heads=32, kv_heads=8, vocab=128256, packing=False,
                  micro_batch_size=64, steps=30, warmup=5, repeats=3, bf16=True),
     "quick": dict(hidden=128, intermediate=344, layers=2, heads=4, kv_heads=2, vocab=8192, packing=True,
@@ -233,7 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="each step's sequences packed into one row (default: on for cpu), or padded (--no-packing, "
                         "default for cuda)")
-    p.add_argument("--micro-batch-size", type=int, help="sequences per step, one micro-batch (cpu 16, cuda 64)")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per step, one micro-batch (cpu 40, cuda 64)")
     p.add_argument("--rto-keep", type=float, default=None,
                    help="fraction of RTO positions kept per harmful sample (default: scft-fast train's; DeRTa's "
                         "full-parameter recipe uses 0.05)")
