@@ -70,7 +70,7 @@ PHASES = ("start-up", "data", "build", "initialize", "step", "export")
 ZERO3_OVER_ONE_TARGET = 0.75
 BUILD_OVER_MODEL_TARGET = 0.6
 SAMPLE_S = 0.005
-TRACE_S = 0.25  # the period of the trace kept in the results file
+TRACE_S, TRACE_RISE_KIB = 0.5, 16 * 1024  # the trace kept in the results file: its period, and the peak's rises
 # The issue's model: Llama, hidden 1024, 8 layers, vocab 32000: 155.7M parameters, 594 MiB in float32.
 SHAPES = {
     "156m": dict(hidden=1024, intermediate=2304, layers=8, heads=16, kv_heads=16, vocab=32000),
@@ -285,9 +285,9 @@ def launch(run: str, model_dir: str, args) -> dict:
         missing = [m for m in ("config", "train_begin", "steps_end") if m not in observed["marks"]]
         window = build_window(observed["file_events"], model_dir, output_dir)
         if missing or window is None or sorted(observed["samples"]) != list(range(ranks)):
-            raise RuntimeError(f"{run}: the run ended before it could be observed (marks missing: {missing}, "
-                               f"checkpoint reads seen: {window is not None}, ranks sampled: "
-                               f"{sorted(observed['samples'])} of {ranks}); it took {observed['wall_s']:.1f} s")
+            raise RuntimeError(f"{run}: its phases could not be told apart from the outside (marks not seen: "
+                               f"{missing}, checkpoint read and Trainer built seen: {window is not None}, ranks "
+                               f"sampled: {sorted(observed['samples'])} of {ranks}; {observed['wall_s']:.1f} s)")
         observed["marks"]["build_start"], observed["marks"]["build_end"] = window
     bounds = phase_bounds(observed["marks"])
     samples = observed.pop("samples")
@@ -298,14 +298,15 @@ def launch(run: str, model_dir: str, args) -> dict:
             "phases": {rank: {phase: window_figures(samples[rank], *bounds[phase]) for phase in PHASES}
                        for rank in sorted(samples)},
             "peak_mb": {rank: samples[rank][-1][2] / 1024 for rank in sorted(samples)},
-            "trace": {rank: thinned(samples[rank], TRACE_S) for rank in sorted(samples)}}
+            "trace": {rank: thinned(samples[rank], TRACE_S, TRACE_RISE_KIB) for rank in sorted(samples)}}
 
 
-def thinned(samples: list[list], period: float) -> list[list]:
-    """One sample per ``period`` seconds, and every sample where the high-water mark rose (the file's trace)."""
-    kept, last_t, last_hwm = [], -period, -1
+def thinned(samples: list[list], period: float, rise_kib: int) -> list[list]:
+    """One sample per ``period`` seconds, and every sample where the high-water mark rose by ``rise_kib`` or more
+    since the last one kept (the results file's trace)."""
+    kept, last_t, last_hwm = [], -period, -rise_kib
     for s in samples:
-        if s[0] - last_t >= period or s[2] > last_hwm:
+        if s[0] - last_t >= period or s[2] - last_hwm >= rise_kib:
             kept.append(s)
             last_t, last_hwm = s[0], s[2]
     return kept

@@ -6,7 +6,8 @@
     rto-rows  control: fused-lm with every RTO target relabeled as an LM target, i.e. full's LM-head rows
 
 Each run is `scft-fast train`'s own set-up in a fresh subprocess: the arguments parsed by its parser from the
-command line the report prints, its allocator setting (``configure_allocator``), its builders (tokenizer, data,
+command line the report prints, its allocator setting (``configure_allocator``; ``--allocator glibc`` leaves
+glibc's defaults, as a script that builds SCFTTrainer itself has them), its builders (tokenizer, data,
 model: ``scft_fast.hf.run``) and its callbacks (``run_callbacks``: metrics.jsonl, divergence stop), then
 ``trainer.train()``; no held-out summary, no checkpoint, no export. Only the Trainer class differs by mode. The
 baselines are not in the library: each is a subclass of ``SCFTTrainer`` defined here (``TRAINERS``) whose
@@ -248,6 +249,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default=None,
                    help=f"comma-separated subset of {','.join(MODES)} (default: all; --quick: all but the "
                         f"rto-rows control)")
+    p.add_argument("--allocator", choices=("cli", "glibc"), default="cli",
+                   help="cli: scft-fast train's allocator setting (configure_allocator: glibc's mmap threshold fixed "
+                        "at 128 KiB), as the CLI runs; glibc: glibc's defaults, as a script that builds SCFTTrainer "
+                        "itself runs (default cli)")
     add_run_arguments(p, "train", "model init and data order seed")
     args = p.parse_args(argv)
     if args.worker is None:
@@ -270,7 +275,8 @@ def worker(mode: str, model_dir: str, result_path: str, args) -> None:
     """One training run in this (fresh) process; writes its per-step records and peak memory as JSON."""
     from scft_fast.cli.train import configure_allocator
 
-    configure_allocator()  # what `scft-fast train` does first
+    if args.allocator == "cli":
+        configure_allocator()  # what `scft-fast train` does first
     if args.threads:
         torch.set_num_threads(args.threads)
     rss_before = rss_mib()
@@ -309,7 +315,7 @@ def main(argv=None) -> int:
                    f"--heads={args.heads}", f"--kv-heads={args.kv_heads}", f"--vocab={args.vocab}",
                    f"--steps={args.steps}", f"--warmup={args.warmup}",
                    f"--micro-batch-size={args.micro_batch_size}", f"--backend={args.backend}",
-                   f"--seed={args.seed}", "--bf16" if args.bf16 else "--no-bf16",
+                   f"--seed={args.seed}", f"--allocator={args.allocator}", "--bf16" if args.bf16 else "--no-bf16",
                    "--packing" if args.packing else "--no-packing"]
     if args.rto_keep is not None:
         worker_argv.append(f"--rto-keep={args.rto_keep}")
@@ -412,8 +418,10 @@ def report(args, runs: dict[str, list[dict]], command, user_command, settings, s
         f"torch {torch.__version__}; transformers {transformers.__version__}; "
         f"python {platform.python_version()}",
         f"- command: `{command}`",
-        f"- each run: `{user_command}`'s set-up (its parser, allocator setting, builders and callbacks) with the "
-        f"mode's Trainer class, in a fresh process; no export",
+        f"- each run: `{user_command}`'s set-up (its parser, builders and callbacks) with the mode's Trainer class, "
+        f"in a fresh process; no export; allocator: "
+        + ("the CLI's (glibc's mmap threshold fixed at 128 KiB)" if args.allocator == "cli"
+           else "glibc's defaults (the CLI's setting not applied, as in a script that builds SCFTTrainer itself)"),
         f"- device: {device} ({device_name}, torch threads {threads}); dtype: {dtype}",
         f"- model: random-initialized Llama, H={args.hidden}, intermediate={args.intermediate}, "
         f"layers={args.layers}, heads={args.heads} (kv {args.kv_heads}), V={args.vocab} "
