@@ -31,6 +31,52 @@ def test_a_smoke_run_writes_its_results(tmp_path, script, shape, modes, prefix):
     assert all(f"| {mode} " in markdown for mode in modes) and data["command"]
 
 
+def test_memory_smoke_run_observes_every_phase(tmp_path):
+    """bench_memory.py --quick: `scft-fast train` on one process and under ZeRO-3 on 2 ranks, observed from the
+    outside; every phase mark is seen (else the run raises), the ZeRO-3 build is the partitioned one, and the result
+    files hold a row per rank."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_memory.py"), "--quick", "--runs",
+                           "1 process,ZeRO-3", "--steps", "1", "--max-length", "64", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = tmp_path.glob("memory_cpu_*_quick.json")
+    data = json.loads(result.read_text())
+    assert [len(data["per_rank"][run]) for run in ("1 process", "ZeRO-3")] == [1, 2]
+    assert not any(observed["transformers_loader"] for observed in data["raw"].values())
+    assert all(observed["checkpoint_opens"] > 0 for observed in data["raw"].values())
+    markdown = result.with_suffix(".md").read_text()
+    assert "| ZeRO-3 | 1 |" in markdown
+    assert "torchrun --standalone --nproc_per_node 2 -m scft_fast.cli.train --deepspeed training/zero3.json" in markdown
+
+
+SMALL_SHAPE = dict(hidden=64, intermediate=172, layers=2, heads=4, kv_heads=2, vocab=4096, seed=0)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_bench_train_modes_agree_on_the_lm_loss(tmp_path, embedded_train_head, monkeypatch, packing):
+    """bench_train.py's modes (Trainer subclasses on `scft-fast train`'s set-up) see the same first batch, and on it
+    the fused LM loss equals the model's own HF loss over materialized logits, and full mode's LM term equals it too
+    (helpful and harmful records alternating, so that the batch holds RTO targets whatever the data's order)."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from bench_train import train_mode, user_flags
+    from harness import save_random_llama
+
+    model_dir = str(tmp_path / "model")
+    save_random_llama(SimpleNamespace(**SMALL_SHAPE), model_dir)
+    data = embedded_train_head(48, balanced=True)
+    run = SimpleNamespace(steps=2, micro_batch_size=8, seed=0, backend="auto", rto_keep=1.0, packing=packing,
+                          bf16=False)
+    first = {mode: train_mode(mode, [*user_flags(model_dir, str(tmp_path / mode), run), "--data", data])["rows"][0]
+             for mode in ("hf", "fused-lm", "full")}
+    assert first["hf"]["tokens"] == first["fused-lm"]["tokens"] == first["full"]["tokens"]
+    assert first["hf"]["loss_targets"] == first["fused-lm"]["loss_targets"] < first["full"]["loss_targets"]
+    assert first["fused-lm"]["loss"] == pytest.approx(first["hf"]["loss"], rel=1e-5)
+    assert first["full"]["lm_loss"] == pytest.approx(first["hf"]["loss"], rel=1e-5)
+    assert "transition_loss" not in first["fused-lm"] and first["full"]["transition_loss"] > 0
+
+
 def test_every_pytest_benchmark_twin_imports():
     """`pytest benchmarks/ --benchmark-only` collects every twin: a name a twin imports from a script or the
     harness still exists (collection imports each module; nothing is run)."""
