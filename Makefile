@@ -32,8 +32,9 @@ train: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_op.py
 
-# On a CUDA machine, with no package index needed: versions, the CUDA tests, device ceilings and the op benchmark
-# at the GPU shapes, every result and log under OUT (benchmarks/README.md).
+# On a CUDA machine, with no package index needed: versions, a warm-up, the op benchmark at the GPU shapes, a
+# training step, the op's options, device ceilings and the CUDA tests, every result and log under OUT
+# (benchmarks/README.md, "The GPU run").
 gpu-check:
 	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=DIR (every result and log goes under DIR)" >&2; exit 2; }
 	bash benchmarks/gpu_run.sh "$(OUT)"

@@ -6,8 +6,8 @@
     rto-rows  control: fused-lm with every RTO target relabeled as an LM target, i.e. full's LM-head rows
 
 Each run is `scft-fast train`'s own set-up in a fresh subprocess: the arguments parsed by its parser from the
-command line the report prints, its allocator setting (``configure_allocator``; ``--allocator glibc`` leaves
-glibc's defaults, as a script that builds SCFTTrainer itself has them), its builders (tokenizer, data,
+command line the report prints, its allocator setting (``configure_allocator``: glibc's defaults for one process; ``--allocator fixed``
+applies the mmap threshold the CLI fixes under ZeRO-3, to show what it costs a step), its builders (tokenizer, data,
 model: ``scft_fast.hf.run``) and its callbacks (``run_callbacks``: metrics.jsonl, divergence stop), then
 ``trainer.train()``; no held-out summary, no checkpoint, no export. Only the Trainer class differs by mode. The
 baselines are not in the library: each is a subclass of ``SCFTTrainer`` defined here (``TRAINERS``) whose
@@ -198,12 +198,13 @@ def train_mode(mode: str, flags: list[str]) -> dict:
     input tokens, LM + RTO targets, the logged loss terms) and peak memory."""
     from transformers import set_seed
 
-    from scft_fast.cli.train import parse_args
+    from scft_fast.cli.train import configure_allocator, parse_args
     from scft_fast.data import SCFTDataCollator
     from scft_fast.hf.callbacks import read_metrics, run_callbacks
     from scft_fast.hf.run import build_datasets, build_model, build_tokenizer
 
     model_args, data_args, training, _ = parse_args(flags)
+    configure_allocator(training)  # as `scft-fast train` does once it has parsed its flags
     set_seed(training.seed)
     tokenizer, refusal = build_tokenizer(model_args, data_args)
     train_set, _, _ = build_datasets(data_args, tokenizer, data_args.data_config(model_args.pool, training.seed))
@@ -249,10 +250,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default=None,
                    help=f"comma-separated subset of {','.join(MODES)} (default: all; --quick: all but the "
                         f"rto-rows control)")
-    p.add_argument("--allocator", choices=("cli", "glibc"), default="cli",
-                   help="cli: scft-fast train's allocator setting (configure_allocator: glibc's mmap threshold fixed "
-                        "at 128 KiB), as the CLI runs; glibc: glibc's defaults, as a script that builds SCFTTrainer "
-                        "itself runs (default cli)")
+    p.add_argument("--allocator", choices=("cli", "fixed"), default="cli",
+                   help="cli: what scft-fast train does for the run (configure_allocator: glibc's defaults on one "
+                        "process); fixed: glibc's mmap threshold fixed at 128 KiB, the CLI's setting under ZeRO-3 "
+                        "(default cli)")
     add_run_arguments(p, "train", "model init and data order seed")
     args = p.parse_args(argv)
     if args.worker is None:
@@ -275,8 +276,8 @@ def worker(mode: str, model_dir: str, result_path: str, args) -> None:
     """One training run in this (fresh) process; writes its per-step records and peak memory as JSON."""
     from scft_fast.cli.train import configure_allocator
 
-    if args.allocator == "cli":
-        configure_allocator()  # what `scft-fast train` does first
+    if args.allocator == "fixed":
+        configure_allocator()  # unconditionally: what `scft-fast train` does under ZeRO-3
     if args.threads:
         torch.set_num_threads(args.threads)
     rss_before = rss_mib()
@@ -420,8 +421,8 @@ def report(args, runs: dict[str, list[dict]], command, user_command, settings, s
         f"- command: `{command}`",
         f"- each run: `{user_command}`'s set-up (its parser, builders and callbacks) with the mode's Trainer class, "
         f"in a fresh process; no export; allocator: "
-        + ("the CLI's (glibc's mmap threshold fixed at 128 KiB)" if args.allocator == "cli"
-           else "glibc's defaults (the CLI's setting not applied, as in a script that builds SCFTTrainer itself)"),
+        + ("the CLI's for one process (glibc's defaults)" if args.allocator == "cli"
+           else "glibc's mmap threshold fixed at 128 KiB (the CLI's setting under ZeRO-3)"),
         f"- device: {device} ({device_name}, torch threads {threads}); dtype: {dtype}",
         f"- model: random-initialized Llama, H={args.hidden}, intermediate={args.intermediate}, "
         f"layers={args.layers}, heads={args.heads} (kv {args.kv_heads}), V={args.vocab} "
