@@ -2,7 +2,7 @@
 with offload, all five in one run, phase by phase.
 
 Each run is the user's command line, in a fresh process tree, with this process's environment unchanged (no
-allocator variable: `scft-fast train` sets glibc's mmap threshold itself under ZeRO-3), from the repository root:
+allocator variable: `scft-fast train` sets glibc's mmap threshold itself under DeepSpeed), from the repository root:
 
     scft-fast train --model DIR --output-dir OUT --max-steps 3 --micro-batch-size 2 --max-length 256 \\
         --eval-samples 0 --save-every 0 --no-progress
@@ -409,7 +409,7 @@ def report(args, data: dict, save: bool) -> None:
              f"- commit: {data['commit']}; {started:%Y-%m-%d %H:%M} -> {finished:%H:%M} UTC",
              f"- command: {shlex.join(data['command'])}",
              "- each run, as a user types it, from the repository root, with no variable added to the environment "
-             "(no MALLOC_*: `scft-fast train` sets glibc's mmap threshold itself under ZeRO-3):",
+             "(no MALLOC_*: `scft-fast train` sets glibc's mmap threshold itself under DeepSpeed):",
              *[f"  - {run}: `{cmd}`" for run, cmd in commands.items()],
              f"- method: from the outside, nothing of the library wrapped: VmRSS and VmHWM of every rank process "
              f"(/proc/PID/status) every {data['sample_s'] * 1e3:.0f} ms; phases from what the run does to files "

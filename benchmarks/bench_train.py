@@ -7,7 +7,7 @@
 
 Each run is `scft-fast train`'s own set-up in a fresh subprocess: the arguments parsed by its parser from the
 command line the report prints, its allocator setting (``configure_allocator``: glibc's defaults for one process; ``--allocator fixed``
-applies the mmap threshold the CLI fixes under ZeRO-3, to show what it costs a step), its builders (tokenizer, data,
+applies the mmap threshold the CLI fixes under DeepSpeed, to show what it costs a step), its builders (tokenizer, data,
 model: ``scft_fast.hf.run``) and its callbacks (``run_callbacks``: metrics.jsonl, divergence stop), then
 ``trainer.train()``; no held-out summary, no checkpoint, no export. Only the Trainer class differs by mode. The
 baselines are not in the library: each is a subclass of ``SCFTTrainer`` defined here (``TRAINERS``) whose
@@ -252,7 +252,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"rto-rows control)")
     p.add_argument("--allocator", choices=("cli", "fixed"), default="cli",
                    help="cli: what scft-fast train does for the run (configure_allocator: glibc's defaults on one "
-                        "process); fixed: glibc's mmap threshold fixed at 128 KiB, the CLI's setting under ZeRO-3 "
+                        "process); fixed: glibc's mmap threshold fixed at 128 KiB, the CLI's setting under DeepSpeed "
                         "(default cli)")
     add_run_arguments(p, "train", "model init and data order seed")
     args = p.parse_args(argv)
@@ -277,7 +277,7 @@ def worker(mode: str, model_dir: str, result_path: str, args) -> None:
     from scft_fast.cli.train import configure_allocator
 
     if args.allocator == "fixed":
-        configure_allocator()  # unconditionally: what `scft-fast train` does under ZeRO-3
+        configure_allocator()  # unconditionally: what `scft-fast train` does under DeepSpeed
     if args.threads:
         torch.set_num_threads(args.threads)
     rss_before = rss_mib()
@@ -422,7 +422,7 @@ def report(args, runs: dict[str, list[dict]], command, user_command, settings, s
         f"- each run: `{user_command}`'s set-up (its parser, builders and callbacks) with the mode's Trainer class, "
         f"in a fresh process; no export; allocator: "
         + ("the CLI's for one process (glibc's defaults)" if args.allocator == "cli"
-           else "glibc's mmap threshold fixed at 128 KiB (the CLI's setting under ZeRO-3)"),
+           else "glibc's mmap threshold fixed at 128 KiB (the CLI's setting under DeepSpeed)"),
         f"- device: {device} ({device_name}, torch threads {threads}); dtype: {dtype}",
         f"- model: random-initialized Llama, H={args.hidden}, intermediate={args.intermediate}, "
         f"layers={args.layers}, heads={args.heads} (kv {args.kv_heads}), V={args.vocab} "
