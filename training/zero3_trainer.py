@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
 from scft_fast import SCFTConfig, SCFTDataCollator, SCFTTrainer, apply_scft_fast, safety_dataset
+from scft_fast.cli.train import configure_allocator
 from scft_fast.data import refusal_token_id
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.set_defaults(deepspeed=os.path.join(os.path.dirname(os.path.abspath(__file__)), "zero3.json"),
                         use_cpu=not torch.cuda.is_available())
     model_args, args = parser.parse_args_into_dataclasses()
+    configure_allocator(args)  # as scft-fast train does: freed gathers go back to the system (training/README.md)
     # The TrainingArguments come first: their ZeRO-3 config makes from_pretrained build the model inside
     # deepspeed.zero.Init, partitioned as it is read. zero.Init takes the world size from DeepSpeed's own
     # communication layer before starting it; accelerate starts that layer on GPUs but not on CPU, where zero.Init
