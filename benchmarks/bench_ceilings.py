@@ -32,11 +32,8 @@ from harness import (
     ResultStream,
     add_device_argument,
     check_device,
-    command_line,
-    device_name,
-    git_commit,
-    library_versions,
     result_stem,
+    run_record,
     time_call,
     utc_now,
     write_results,
@@ -209,9 +206,7 @@ def main(argv=None) -> int:
         cut = f"stopped (SIGINT) after {len(rows)} rows" + (f", the last {rows[-1]['row']}" if rows else "")
     result = {"rows": list(rows), **found}
     result["meta"] = {
-        "date_utc": started.strftime("%Y-%m-%d %H:%M:%S UTC"), "commit": git_commit(),
-        "command": command_line(__file__, args.argv), "device": device_name(device),
-        "device_type": device.type, "versions": library_versions(), "dtype": args.dtype, "H": args.hidden,
+        **run_record(__file__, args.argv, device, started), "dtype": args.dtype, "H": args.hidden,
         "V": args.vocab, "chunks": args.chunks, "reps": args.reps, "warmup": args.warmup,
         "timing_method": "CUDA events around each call" if device.type == "cuda" else "time.perf_counter",
         "cut": cut}

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import sys
 from pathlib import Path
@@ -53,14 +52,12 @@ from harness import (
     RESULTS,
     add_device_argument,
     check_device,
-    command_line,
     device_name,
-    git_commit,
-    library_versions,
     load_average_text,
     quartiles,
     result_stem,
     rotations,
+    run_record,
     spread,
     time_call,
     utc_now,
@@ -313,9 +310,7 @@ def main(argv=None) -> int:
         jsonl.write(json.dumps(record) + "\n")
         jsonl.flush()
 
-    meta = {"date_utc": started.strftime("%Y-%m-%d %H:%M:%S UTC"), "command": command_line(__file__, args.argv),
-            "commit": git_commit(), "device": device_name(device), "device_type": device.type,
-            "torch": torch.__version__, "python": platform.python_version(), "versions": library_versions(),
+    meta = {**run_record(__file__, args.argv, device, started), "torch": torch.__version__,
             "shape": {"N": args.rows, "H": args.hidden, "V": args.vocab, "N_loss": x.n_loss,
                       "N_transition": x.n_transition},
             "dtype": args.dtype, "backends": args.backends, "reps": args.reps, "warmup": args.warmup,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import random
 import sys
 import tempfile
@@ -48,15 +47,13 @@ from harness import (
     ResultStream,
     add_device_argument,
     check_device,
-    command_line,
     device_name,
-    git_commit,
-    library_versions,
     proc_status_kib,
     read_stream,
     reset_peak_rss,
     result_stem,
     rotations,
+    run_record,
     utc_now,
     write_results,
 )
@@ -315,9 +312,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         optim = getattr(training_arguments(scratch, 1, device, args.seed).optim, "value", "?")
     model_shape = {k: shape[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")}
-    stream.write("start", command=command_line(__file__, args.argv), commit=git_commit(), device=device_name(device),
-                 device_type=device.type, date_utc=started.strftime("%Y-%m-%d %H:%M:%S UTC"),
-                 versions=library_versions(), python=platform.python_version(), model={**model_shape, "params": params},
+    stream.write("start", **run_record(__file__, args.argv, device, started), model={**model_shape, "params": params},
                  precision="bf16 autocast over float32 weights" if device.type == "cuda" else "float32",
                  attention="sdpa", tokens_per_pack=[int(b["input_ids"].numel()) for b in full_batches],
                  loss_rows_per_pack=loss_rows_per_pack, steps=shape["steps"], warmup=shape["warmup"],

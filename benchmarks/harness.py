@@ -202,6 +202,13 @@ def command_line(script: str, argv: Sequence[str]) -> str:
     return "python " + shlex.join([os.path.relpath(os.path.abspath(script), REPO), *argv])
 
 
+def run_record(script: str, argv: Sequence[str], device, started: datetime.datetime) -> dict:
+    """What every result file says about its run: when, the command, the commit, the device and the versions."""
+    return {"date_utc": started.strftime("%Y-%m-%d %H:%M:%S UTC"), "command": command_line(script, argv),
+            "commit": git_commit(), "device": device_name(device), "device_type": device.type,
+            "python": platform.python_version(), "versions": library_versions()}
+
+
 def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 

@@ -193,18 +193,24 @@ def own_loss_and_grads(model, b):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("model_type", sorted(LOGIT_TRANSFORMS))
-def test_logit_scale_or_soft_cap_under_its_own_config_name(model_type, one_thread):
-    model = tiny_causal_lm(model_type, **LOGIT_TRANSFORMS[model_type])
-    with torch.no_grad():  # logits well beyond the soft caps
-        model.get_output_embeddings().weight.mul_(20.0)
-    b = sft_batch()
+def patch_and_compare(model, b) -> torch.Tensor:
+    """``apply_scft_fast(model)``: its fused loss and every gradient equal the model's own; returns the own loss."""
     own, own_grads = own_loss_and_grads(model, b)
     apply_scft_fast(model)
     fused = model(**b)
     fused.loss.backward()
     torch.testing.assert_close(fused.loss.detach(), own, rtol=1e-5, atol=0)
     assert_grads_close(model, own_grads)
+    return own
+
+
+@pytest.mark.parametrize("model_type", sorted(LOGIT_TRANSFORMS))
+def test_logit_scale_or_soft_cap_under_its_own_config_name(model_type, one_thread):
+    model = tiny_causal_lm(model_type, **LOGIT_TRANSFORMS[model_type])
+    with torch.no_grad():  # logits well beyond the soft caps
+        model.get_output_embeddings().weight.mul_(20.0)
+    b = sft_batch()
+    own = patch_and_compare(model, b)
     with torch.no_grad():  # the transform matters: the loss of the bare output layer is another loss
         hidden = model.final_hidden_states(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         bare = F.cross_entropy(model.get_output_embeddings()(hidden)[:, :-1].flatten(0, 1),
@@ -230,12 +236,7 @@ def test_decoders_that_get_decoder_does_not_give(model_type, model_class, one_th
         torch.manual_seed(0)
         model = getattr(transformers, model_class)(tiny_config(CONFIG_MAPPING[model_type], model_type)).eval()
     b = sft_batch()
-    own, own_grads = own_loss_and_grads(model, b)
-    apply_scft_fast(model)
-    fused = model(**b)
-    fused.loss.backward()
-    torch.testing.assert_close(fused.loss.detach(), own, rtol=1e-5, atol=0)
-    assert_grads_close(model, own_grads)
+    patch_and_compare(model, b)
     if model_class is not None:  # the text decoder would leave the image out
         decoder = type(model.lm_decoder()).__name__
         with pytest.raises(ValueError, match=re.escape(
