@@ -302,3 +302,50 @@ def test_the_mmap_threshold_is_fixed_only_under_deepspeed(config, fixed, tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"configured": fixed, "mapped": 1 if fixed else 0}
+
+
+@pytest.mark.parametrize("flag, replacement", [("--betas", "--adam-beta1 and --adam-beta2"),
+                                               ("--warmup-ratio=0.1", "--warmup-steps with a value below 1"),
+                                               ("--schedule", "--lr-scheduler-type"), ("--max-tokens", "--packing")])
+def test_removed_flags_name_their_replacement(flag, replacement, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", flag, "1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"scft-fast train: error: argument {flag.split('=')[0]}: removed; use ") and replacement in err
+
+
+def test_resume_from_checkpoint_is_refused_in_favour_of_resume(capsys):
+    """TrainingArguments' field is a flag like every other, but the command resumes only through --resume (the
+    newest intact checkpoint): the field alone would be ignored and the run would start over."""
+    for spelling in ("--resume-from-checkpoint", "--resume_from_checkpoint"):
+        with pytest.raises(SystemExit) as info:
+            main(["train", spelling, "out/checkpoint-5"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and "resumes with --resume" in err, err
+
+
+def test_launched_as_a_module_the_flags_come_from_sys_argv(monkeypatch):
+    """`torchrun -m scft_fast.cli.train --epochs 3` calls main() without argv: --epochs must still decide."""
+    monkeypatch.setattr("sys.argv", ["scft_fast.cli.train", "--epochs", "3"])
+    training = parse_args(None)[2]
+    assert (training.max_steps, training.num_train_epochs) == (-1, 3)
+
+
+def test_a_bad_record_leaves_the_output_directory_as_it_was(tmp_path, capsys):
+    """The data are read after the run's settings are written: a bad record ends the run before training, and the
+    corrected command then runs without --resume."""
+    from scft_fast.hf.callbacks import existing_run_files
+
+    good = {"instruction": "How do I bake bread?", "response": "Mix flour, water and yeast, then bake it."}
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"instruction": "Hi", "respnse": "Hello"}) + "\n")
+    argv = ["train", "--data", str(data), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+            "--eval-samples", "0", "--save-every", "0", "--no-progress", "--micro-batch-size", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2" in err and "did you mean 'response'" in err, err
+    assert existing_run_files(str(tmp_path / "run")) == []
+    data.write_text((json.dumps(good) + "\n") * 4)
+    assert main(argv) == 0
+    assert "metrics.jsonl" in existing_run_files(str(tmp_path / "run"))

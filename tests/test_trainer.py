@@ -312,3 +312,39 @@ def test_two_ranks_match_one_process(distributed_runs, one_process, run):
     for name, tensor in model.items():
         assert tensor.shape == ref_model[name].shape, name  # full shapes, gathered from the ZeRO-3 partitions
         torch.testing.assert_close(tensor, ref_model[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(args=dict(label_smoothing_factor=0.1)), "label_smoothing_factor=0.1: Trainer's label smoother"),
+    (dict(args=dict(use_liger_kernel=True)), "use_liger_kernel=True: Liger-Kernel replaces the model's forward"),
+    (dict(compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss),
+     "compute_loss_func: SCFTTrainer's loss is the model's fused SCFT loss"),
+])
+def test_settings_that_take_the_loss_from_the_model_are_refused(tok, rows, tmp_path, setting, message):
+    """Each would train something else than the fused SCFT loss (the label smoother pops the labels: no head, no
+    RTO; Liger replaces the forward), or crash mid-run: refused when the trainer is built, naming the setting."""
+    from scft_fast.errors import ConfigError
+
+    args = w.arguments(str(tmp_path), **setting.get("args", {}))
+    extra = {k: v for k, v in setting.items() if k != "args"}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SCFTTrainer(model=w.model(tok), args=args, train_dataset=rows, data_collator=SCFTDataCollator(tok), **extra)
+
+
+def test_a_head_trained_without_head_labels_is_warned_about(tok, rows, tmp_path):
+    """An SCFT model trained on batches without cls_labels (a plain LM collator): the head would stay random while
+    generate_safe reads it. A warning at the first training batch; none on SCFT batches."""
+    import warnings
+
+    from scft_fast.data.checks import NoHeadLabelWarning
+
+    batch = SCFTDataCollator(tok)([rows[i] for i in range(4)])
+    plain = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    model = w.model(tok).train()
+    with pytest.warns(NoHeadLabelWarning, match="no cls_labels: the head does not train"):
+        model(**plain)
+    model = w.model(tok).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoHeadLabelWarning)
+        model(**batch)
+        model(**plain)  # only the first training batch is checked

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import sys
 
 from ..errors import ConfigError
 from .common import add_debug_flag, cli_main
@@ -42,6 +43,14 @@ def configure_allocator(training=None) -> bool:
         return False
 
 
+# Flags of earlier releases that Trainer's own replace (README, "Training"): named with their replacement.
+REMOVED_FLAGS = {
+    "--betas": "use --adam-beta1 and --adam-beta2",
+    "--warmup-ratio": "use --warmup-steps with a value below 1 (a fraction of the steps, e.g. --warmup-steps 0.03)",
+    "--schedule": "use --lr-scheduler-type (with --lr-scheduler-kwargs)",
+    "--max-tokens": "use --packing (each micro-batch's rows packed into one row) and --micro-batch-size",
+}
+
 # TrainingArguments fields whose default follows the recipe of the model (scft_fast.hf.arguments.RECIPES).
 RECIPE_FIELDS = ("learning_rate", "weight_decay", "warmup_steps")
 
@@ -65,6 +74,8 @@ def build_parser():
         "with --resume: accept data, batch-geometry, model or seed settings that differ from the checkpoint's run"))
     add_debug_flag(parser, dest="show_traceback")
     parser.set_defaults(**dict.fromkeys(RECIPE_FIELDS))  # None: not given, the recipe decides
+    # An error is one line: argparse would print the whole usage, every TrainingArguments flag, before it.
+    parser.print_usage = lambda file=None: None
     return parser
 
 
@@ -72,10 +83,18 @@ def parse_args(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, SCFTTrainingArguments, namespace of --resume / --resume-override)."""
     from ..hf.arguments import RECIPES, DataArguments, ModelArguments, SCFTTrainingArguments, recipe_of
 
+    argv = sys.argv[1:] if argv is None else list(argv)  # `python -m scft_fast.cli.train` (torchrun) passes None
     parser = build_parser()
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in REMOVED_FLAGS:
+            parser.error(f"argument {flag}: removed; {REMOVED_FLAGS[flag]}")
     namespace = parser.parse_args(argv)
     if namespace.resume_override and not namespace.resume:
         parser.error("argument --resume-override: applies only with --resume")
+    if namespace.resume_from_checkpoint is not None:
+        parser.error("argument --resume-from-checkpoint: scft-fast train resumes with --resume (from the newest "
+                     "intact checkpoint of --output-dir, verified against its checksums)")
     given = vars(namespace)
     if "--max-steps" not in (argv or []) and "--max_steps" not in (argv or []) and any(
             flag in (argv or []) for flag in ("--epochs", "--num-train-epochs", "--num_train_epochs")):

@@ -31,6 +31,10 @@ TOKEN_TARGETS = ("labels", "transition_labels")
 CU_SEQLENS_KEYS = ("cu_seqlens", "cu_seq_lens_q")  # ours; flash-attn's kwarg name (SCFTDataCollator, TRL)
 
 
+class NoHeadLabelWarning(UserWarning):
+    """A model with an SCFT head whose first training batch carries no ``cls_labels``: the head does not train."""
+
+
 class NoTargetWarning(UserWarning):
     """A batch with no loss target at all: its loss and gradient are 0, nothing trains. A warning, not an error, as
     one micro-batch may lack targets by chance. Python's default filter shows it once per process (its text is

@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import math
 import os
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..data.checks import check_batch
+from ..data.checks import NoHeadLabelWarning, check_batch
 from ..data.collate import positions_from_cu_seqlens, positions_from_mask, shift_labels
 from ..ops import last_token_index, safety_loss
 from .architectures import (
@@ -493,6 +494,14 @@ class SCFTForCausalLM:
                          "labels": labels, "transition_labels": transition_labels, "cls_labels": cls_labels,
                          "cls_index": cls_index, "cu_seqlens": cu_seqlens}, options.ignore_index)
             self.__dict__["_first_batch_checked"] = True
+        if self.training and not self.__dict__.get("_head_labels_checked") and not torch.compiler.is_compiling():
+            self.__dict__["_head_labels_checked"] = True  # the first training batch (evaluation may come first)
+            if self.scft_config is not None and cls_labels is None:
+                warnings.warn(
+                    "the model has an SCFT head (score) but its first training batch carries no cls_labels: the "
+                    "head does not train, and generate_safe and scft-fast eval would read an untrained head. Train "
+                    "with SCFTDataCollator (SCFTTrainer, SCFTSFTTrainer), or patch with apply_scft_fast(model) "
+                    "without an SCFTConfig for plain instruction tuning", NoHeadLabelWarning, stacklevel=2)
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("return_dict", None)
         hidden = self.final_hidden_states(input_ids=input_ids, attention_mask=attention_mask,

@@ -14,10 +14,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import pickle
+import sys
 from dataclasses import asdict, replace
 
 import torch
@@ -250,7 +252,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
         lock = claim_output_dir(args.output_dir, resume) if main else None
     except OSError as e:
         raise ConfigError(f"cannot use output directory {args.output_dir}: {_why(e)}") from None
-    started, checkpoint = False, None
+    started, checkpoint, created_config = False, None, None
     try:
         _ = args.world_size  # under a launcher, TrainingArguments starts the process group here
         config = run_config(model_args, data_args, args)
@@ -262,7 +264,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
         if plan["finished"]:
             return _saved_summary(args.output_dir) if main else None
         if main:
-            write_json(os.path.join(args.output_dir, TRAIN_CONFIG), config)
+            path = os.path.join(args.output_dir, TRAIN_CONFIG)
+            created_config = None if os.path.exists(path) else path
+            write_json(path, config)
 
         if args.deepspeed:
             import deepspeed
@@ -310,6 +314,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: SCFTTraini
                            f"{args.output_dir} from its newest intact checkpoint") from None
         raise ConfigError(f"{_why(e)}. The output directory {args.output_dir} was left as it was") from None
     finally:
+        if created_config and not started and sys.exc_info()[1] is not None:
+            # A set-up error (a bad record, a refused setting) before any training: the directory is left as it
+            # was, so the corrected command runs without --resume.
+            with contextlib.suppress(OSError):
+                os.remove(created_config)
         if lock is not None:
             lock.release()
 

@@ -30,6 +30,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..constants import IGNORE_INDEX
+from ..errors import ConfigError
 from ..evaluation.held_out import held_out_metrics
 from ..metrics import p_unsafe
 from .accounting import STEP_STATS, output_stats, stat_means, step_targets
@@ -37,6 +38,26 @@ from .distributed_checks import check_distributed
 from .export import export_model
 from .peft import train_head_with_adapter, unwrap, write_adapter_scft_config
 from .private_patches import deepspeed_loads_weights_only, master_weights_shared
+
+
+def refuse_loss_replacements(trainer) -> None:
+    """Trainer settings that take the loss away from the model's forward, where the fused SCFT loss is computed:
+    the label smoother and ``compute_loss_func`` pop the labels and compute a loss of their own over the logits
+    (the fused forward builds none; without labels the head and RTO terms would not train at all), Liger-Kernel
+    replaces the forward. Each is refused, naming the setting."""
+    args = trainer.args
+    if args.label_smoothing_factor:
+        raise ConfigError(
+            f"label_smoothing_factor={args.label_smoothing_factor}: Trainer's label smoother computes its own loss "
+            f"over the logits, which the fused SCFT loss never builds, and would train neither the head nor RTO; "
+            f"set label_smoothing_factor=0 (scft_fast.safety_loss takes label_smoothing= for the LM and RTO terms)")
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise ConfigError("compute_loss_func: SCFTTrainer's loss is the model's fused SCFT loss (LM + RTO + head); a "
+                         "loss function of one's own would replace it. Leave compute_loss_func unset, or override "
+                         "compute_loss in a subclass")
+    if getattr(args, "use_liger_kernel", False):
+        raise ConfigError("use_liger_kernel=True: Liger-Kernel replaces the model's forward, and with it the fused "
+                         "SCFT loss, which already fuses the LM head; set use_liger_kernel=False")
 
 
 class SCFTTrainerMixin:
@@ -47,6 +68,7 @@ class SCFTTrainerMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         check_distributed(self.args, self.accelerator)
+        refuse_loss_replacements(self)
         # Before the optimizer exists: a head PEFT froze (apply_scft_fast before get_peft_model, or TRL's
         # peft_config=) joins the adapter's modules_to_save and trains.
         train_head_with_adapter(self.model)
