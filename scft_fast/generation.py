@@ -307,6 +307,13 @@ def load_model(path: str, device: str | None = None, dtype: str = "auto", init_h
     from .hf.patch import SCFTForCausalLM
 
     check_model_dir(path)
+    if not init_head and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        from .hf.loading import has_head
+
+        if not has_head(path):
+            raise ConfigError(f"--model {path} holds no SCFT head (score.weight is not in its weights): the model "
+                              f"`scft-fast train` writes (OUTPUT_DIR/model) has one; a model before SCFT has nothing "
+                              f"to judge its responses with")
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     model = SCFTForCausalLM.from_pretrained(path, init_head=init_head, dtype=torch_dtype)
@@ -315,8 +322,15 @@ def load_model(path: str, device: str | None = None, dtype: str = "auto", init_h
     return model.to(device).eval(), tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def check_model_dir(path: str, flag: str = "--model") -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
         what = "does not exist" if not os.path.exists(path) else "has no config.json"
         raise ConfigError(f"{flag} {path} {what}: expected a model directory, such as the one `scft-fast train` "
                           f"writes under its output directory (OUTPUT_DIR/model)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ConfigError(f"{flag} {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): the model directory "
+                          f"`scft-fast train` writes holds its tokenizer; save one there with "
+                          f"tokenizer.save_pretrained({path!r})")

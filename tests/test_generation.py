@@ -348,6 +348,28 @@ def test_cli_empty_inputs_and_missing_model_are_errors(saved_model, tmp_path, ca
     assert f"--model {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
+def test_cli_a_model_without_head_or_tokenizer_and_unknown_generate_args_are_one_line_errors(saved_model, tokenizer,
+                                                                                              tmp_path, capsys):
+    """What a user may point the command at by mistake: a model before SCFT (no head), a directory without its
+    tokenizer, a --generate-arg that generate() does not know. One line naming the flag, exit 2, no traceback."""
+    plain = tmp_path / "plain"
+    random_causal_lm("llama", tokenizer, 0, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2).save_pretrained(str(plain))
+    tokenizer.save_pretrained(str(plain))
+    no_tokenizer = tmp_path / "no_tokenizer"
+    SCFTForCausalLM.from_pretrained(saved_model).save_pretrained(str(no_tokenizer))
+    capsys.readouterr()
+    for argv, message in [
+            (["--model", str(plain)], f"--model {plain} holds no SCFT head"),
+            (["--model", str(no_tokenizer)], f"--model {no_tokenizer} has no tokenizer"),
+            (["--model", saved_model, "--generate-arg", "foo=1"], "--generate-arg foo=...: 'foo' is neither")]:
+        assert main([*argv, "--prompt", "hi", "--max-new-tokens", "2"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("scft-fast generate: error: ") and err.count("\n") == 1 and message in err, err
+    assert main(["--model", saved_model, "--prompt", "hi", "--max-new-tokens", "2", "--generate-arg",
+                 "num_beams=1", "--json"]) == 0  # a GenerationConfig field passes
+
+
 def test_prompts_past_the_positions_lose_their_start_with_a_warning(saved_model, tokenizer, capsys, caplog):
     positions = 256  # tiny_model's max_position_embeddings
     long_prompt = " ".join(f"w{i}" for i in range(400)) + " Who wrote Hamlet?"

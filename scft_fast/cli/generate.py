@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from dataclasses import asdict
@@ -80,6 +81,18 @@ def parse_generate_arg(arg: str) -> tuple[str, object]:
         return key, value
 
 
+def check_generate_args(generate_args: list[tuple[str, object]]) -> None:
+    """Each KEY of --generate-arg names a generate() argument or a GenerationConfig field (generate() would
+    otherwise fail after the model is loaded, on a model keyword it does not know)."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    known = set(vars(GenerationConfig())) | set(inspect.signature(GenerationMixin.generate).parameters)
+    for key, _ in generate_args:
+        if key not in known:
+            raise ConfigError(f"--generate-arg {key}=...: {key!r} is neither a generate() argument nor a "
+                              f"GenerationConfig field")
+
+
 @cli_main("scft-fast generate")
 def main(argv=None) -> int:
     parser = build_parser()
@@ -92,6 +105,7 @@ def main(argv=None) -> int:
         parser.error(f"argument --live: prints a single response; got {len(prompts)} prompts")
     check_model_dir(args.model)
     torch.manual_seed(args.seed)
+    check_generate_args(generate_args)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     if not args.json:
         print("threshold {:.4f} ({})".format(*resolve_threshold(model, args.threshold)))
