@@ -143,6 +143,8 @@ def test_zero_means_never_and_all():
     ("--chunk-size", "0", "a positive integer"), ("--eps", "0", "a finite number > 0"),
     ("--adam-beta2", "1", "a number in [0, 1)"), ("--truncation", "cut", "invalid choice: 'cut'"),
     ("--prefix-label", "maybe", "invalid choice: 'maybe'"), ("--keep-checkpoints", "-1", "a non-negative integer"),
+    ("--label-smoothing-factor", "0.1", "takes the loss away from the model's fused SCFT forward"),
+    ("--use-liger-kernel", "true", "takes the loss away from the model's fused SCFT forward"),
 ])
 def test_nonsense_flags_are_one_line_errors(flag, value, expected, capsys):
     with pytest.raises(SystemExit) as info:

@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None = None):
         parser.error(str(e))
     except ValueError as e:  # TrainingArguments' own checks
         parser.error(f"{e}")
+    training = parts[-1]
+    for flag, value in (("--label-smoothing-factor", training.label_smoothing_factor),
+                        ("--use-liger-kernel", training.use_liger_kernel)):
+        if value:  # SCFTTrainer refuses them too (hf/trainer.py): here before any heavy work
+            parser.error(f"argument {flag}: it takes the loss away from the model's fused SCFT forward (LM + RTO + "
+                         f"head), which would then not train the head or RTO; drop it")
     return (*parts, namespace)
 
 
