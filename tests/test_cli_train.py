@@ -143,8 +143,6 @@ def test_zero_means_never_and_all():
     ("--chunk-size", "0", "a positive integer"), ("--eps", "0", "a finite number > 0"),
     ("--adam-beta2", "1", "a number in [0, 1)"), ("--truncation", "cut", "invalid choice: 'cut'"),
     ("--prefix-label", "maybe", "invalid choice: 'maybe'"), ("--keep-checkpoints", "-1", "a non-negative integer"),
-    ("--label-smoothing-factor", "0.1", "takes the loss away from the model's fused SCFT forward"),
-    ("--use-liger-kernel", "true", "takes the loss away from the model's fused SCFT forward"),
 ])
 def test_nonsense_flags_are_one_line_errors(flag, value, expected, capsys):
     with pytest.raises(SystemExit) as info:
@@ -351,3 +349,14 @@ def test_a_bad_record_leaves_the_output_directory_as_it_was(tmp_path, capsys):
     data.write_text((json.dumps(good) + "\n") * 4)
     assert main(argv) == 0
     assert "metrics.jsonl" in existing_run_files(str(tmp_path / "run"))
+
+
+def test_flags_that_take_the_loss_from_the_fused_forward_are_refused(capsys):
+    """Trainer's label smoother and Liger-Kernel would compute the loss instead of the model's fused SCFT forward
+    (SCFTTrainer refuses them as well): refused while parsing, before any heavy work."""
+    for flag, value in (("--label-smoothing-factor", "0.1"), ("--use-liger-kernel", "true")):
+        with pytest.raises(SystemExit) as info:
+            main(["train", flag, value])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"scft-fast train: error: argument {flag}: it takes the loss away"), err
