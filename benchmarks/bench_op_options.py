@@ -39,7 +39,6 @@ it measured; the .json and .md (the table) are written at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -50,6 +49,8 @@ import torch.nn.functional as F
 
 from harness import (
     RESULTS,
+    ResultStream,
+    StopRequest,
     add_device_argument,
     check_device,
     device_name,
@@ -182,26 +183,32 @@ def clear_grads(x) -> None:
         t.grad = None
 
 
-def measure(rows: list[Row], x, device: torch.device, warmup: int, reps: int, log) -> None:
+def measure(rows: list[Row], x, device: torch.device, warmup: int, reps: int, stream: ResultStream,
+            stop: StopRequest) -> None:
     """Interleaved: each repetition runs every row once, the order rotated each time, so that a load spike on a
-    shared machine hits every row alike; each timed call goes to the log as it is taken."""
+    shared machine hits every row alike; each timed call goes to the stream as it is taken. A stop request (SIGINT:
+    gpu_run.py's time limit) ends it between repetitions, the figures taken so far kept."""
     for row in rows:  # the first call records the loss (and compiles what compiles)
+        if stop.requested:
+            return
         try:
             clear_grads(x)
             row.setup()
             row.loss = float(row.step().sum())
         except Exception as e:  # a broken row is reported, the others still run
             row.error = f"{type(e).__name__}: {e}"
-            log({"kind": "error", "row": row.key, "error": row.error})
+            stream.write("error", row=row.key, error=row.error)
     live = [r for r in rows if r.error is None]
     for rep, order in enumerate(rotations(live, warmup + reps)):
+        if stop.requested:
+            break
         for row in order:
             clear_grads(x)
             row.setup()
             seconds = time_call(row.step, device)
             if rep >= warmup:
                 row.times.append(seconds)
-                log({"kind": "sample", "row": row.key, "rep": rep - warmup, "seconds": seconds})
+                stream.write("sample", row=row.key, rep=rep - warmup, seconds=seconds)
     clear_grads(x)
 
 
@@ -231,13 +238,17 @@ def render(meta: dict, stats: list[dict]) -> str:
              f"H={shape['H']}, V={shape['V']}, {meta['dtype']}; torch {meta['torch']}; commit {meta['commit']}; "
              f"{meta['reps']} timed repetitions after {meta['warmup']} warm-up, interleaved (the epilogue rows "
              f"{meta['epilogue_reps']}, on a ({meta['epilogue_chunk'][0]}, {meta['epilogue_chunk'][1]}) chunk); "
-             f"load average {meta['loadavg_start']} -> {meta['loadavg_end']}", "",
+             f"load average {meta['loadavg_start']} -> {meta['loadavg_end']}"
+             + (f"; **{meta['cut']}**" if meta["cut"] else ""), "",
              f"    {meta['command']}", "",
              "| row | median (ms) | IQR / median | ratio (paired median) | against | loss |",
              "|---|---:|---:|---:|---|---|"]
     for st in stats:
         if st["error"]:
             lines.append(f"| {st['row']} | error: {st['error']} | | | | |")
+            continue
+        if "median_s" not in st:
+            lines.append(f"| {st['row']} | not timed: {meta['cut']} | | | | |")
             continue
         ratio = f"{st['ratio']:.3f}" if "ratio" in st else ""
         check = "" if "loss_mismatch" not in st else ("MISMATCH" if st["loss_mismatch"] else "ok")
@@ -304,12 +315,8 @@ def main(argv=None) -> int:
     stem = result_stem("op_options", slug, started, args.tag or ("smoke" if args.smoke else ""))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl = (out_dir / f"{stem}.jsonl").open("w")
-
-    def log(record: dict) -> None:
-        jsonl.write(json.dumps(record) + "\n")
-        jsonl.flush()
-
+    stream = ResultStream(out_dir / f"{stem}.jsonl")
+    stop = StopRequest()
     meta = {**run_record(__file__, args.argv, device, started), "torch": torch.__version__,
             "shape": {"N": args.rows, "H": args.hidden, "V": args.vocab, "N_loss": x.n_loss,
                       "N_transition": x.n_transition},
@@ -319,17 +326,19 @@ def main(argv=None) -> int:
             "timing": ("CUDA events" if device.type == "cuda" else "time.perf_counter") +
                       " around one forward + backward; rows interleaved, order rotated each repetition",
             "not_run": not_run, "loadavg_start": load_average_text()}
-    log({"kind": "meta", **meta})
+    stream.write("meta", **meta)
     for skipped in not_run:
-        log({"kind": "not_run", **skipped})
-    measure(epilogue_rows, x, device, args.warmup, args.epilogue_reps, log)
-    measure(rows, x, device, args.warmup, args.reps, log)
+        stream.write("not_run", **skipped)
+    measure(epilogue_rows, x, device, args.warmup, args.epilogue_reps, stream, stop)
+    measure(rows, x, device, args.warmup, args.reps, stream, stop)
     meta["loadavg_end"] = load_average_text()
+    meta["cut"] = "stopped (SIGINT): the rows' repetitions taken so far" if stop.requested else None
     rows = epilogue_rows + rows
     stats = summarize(rows, tolerance=1e-4 if args.dtype == "float32" else 2e-2)
     for st in stats:
-        log({"kind": "row", **{k: v for k, v in st.items() if k != "times_s"}})
-    jsonl.close()
+        stream.write("row", **{k: v for k, v in st.items() if k != "times_s"})
+    stream.write("end", cut=meta["cut"])
+    stream.close()
     markdown = render(meta, stats)
     print(markdown)
     write_results(out_dir, stem, {"meta": meta, "rows": stats}, markdown)
@@ -338,7 +347,7 @@ def main(argv=None) -> int:
     if failed:
         print(f"FAILED rows: {', '.join(failed)}", file=sys.stderr)
         return 1
-    return 0
+    return 130 if meta["cut"] else 0
 
 
 if __name__ == "__main__":

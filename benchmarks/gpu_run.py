@@ -302,7 +302,7 @@ def where(out: Path, step: Step) -> str:
     lines = read_stream(found[-1])
     if not lines:
         return f"{found[-1].name} is empty"
-    if lines[-1]["event"] == "end" and lines[-1].get("cut"):
+    if lines[-1].get("event") == "end" and lines[-1].get("cut"):
         return f"{found[-1].name}: {len(lines)} lines, then {lines[-1]['cut']}"
     last = json.dumps(lines[-1])
     return f"{found[-1].name}: {len(lines)} lines, no end (killed); the last: {last[:160]}" \

@@ -284,7 +284,7 @@ print(json.dumps({"configured": configured, "mapped": mapped}))
                                            ("zero3_offload.json", True)])
 def test_the_mmap_threshold_is_fixed_only_under_deepspeed(config, fixed, tmp_path):
     """Under DeepSpeed freed buffers and gathers must go back to the system (ZeRO-3 per-rank peak RSS: 1.08x one
-    process without, 0.73x with); without it glibc's dynamic threshold is kept (a fixed one costs a CPU step ~30%:
+    process without, 0.73x with); without it glibc's dynamic threshold is kept (a fixed one costs a CPU step 21-35%:
     bench_train). Checked in a fresh process through glibc's own statistics: a 4 MiB block after a freed one is
     mmapped only when the threshold is fixed."""
     import subprocess

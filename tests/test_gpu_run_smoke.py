@@ -162,6 +162,21 @@ def test_a_step_cut_by_the_budget_keeps_its_rows_and_the_summary_names_the_cut(t
             assert line in rebuilt.stdout  # the same figures, computed from the stream
 
 
+def test_the_op_options_step_cut_by_its_limit_keeps_its_rows_and_the_run_goes_on(tmp_path):
+    """bench_op_options.py stopped by its limit (SIGINT) writes the repetitions taken, its end line names the cut,
+    and the run reads that stream and goes on to the steps after it."""
+    out = tmp_path / "out"
+    done = _run("--smoke", str(out), "--only", "op_options,versions_end", "--limit", "op_options=8",
+                "--step-args", "op_options=--reps 100000")
+    steps = {json.loads(line)["step"]: json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()}
+    assert steps["op_options"]["status"] == "cut", done.stdout[-3000:] + done.stderr[-3000:]
+    assert "lines, then stopped (SIGINT): the rows' repetitions taken so far" in steps["op_options"]["note"]
+    assert steps["versions_end"]["status"] == "ok" and (out / "summary.md").exists()
+    stream = _stream(out, "op_options_*.jsonl")
+    assert any(line["event"] == "sample" for line in stream) and stream[-1]["event"] == "end"
+    assert "**stopped (SIGINT): the rows' repetitions taken so far**" in next(out.glob("op_options_*.md")).read_text()
+
+
 def test_a_failed_install_stops_the_run_at_once_with_the_reason(tmp_path):
     broken = tmp_path / "broken" / "scft_fast"
     broken.mkdir(parents=True)
