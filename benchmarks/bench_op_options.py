@@ -64,7 +64,7 @@ from harness import (
     utc_now,
     write_results,
 )
-from op_rows import DTYPES, Problem, available_backends, make_inputs
+from op_rows import DTYPES, Problem, available_backends, clear_grads, make_inputs
 from scft_fast import IGNORE_INDEX, safety_loss
 from scft_fast.ops.backends import resolve_backend
 from scft_fast.ops.chunked import default_chunk_size
@@ -176,11 +176,6 @@ def build_epilogue_rows(x, backends: list[str], device: torch.device) -> tuple[l
             row.setup = lambda: buffer.copy_(pristine)
             rows.append(row)
     return rows, rows_per_chunk
-
-
-def clear_grads(x) -> None:
-    for t in x.params():
-        t.grad = None
 
 
 def measure(rows: list[Row], x, device: torch.device, warmup: int, reps: int, stream: ResultStream,
