@@ -119,7 +119,10 @@ def test_recipe_defaults_follow_the_model(tmp_path):
 
 @pytest.mark.parametrize("argv, max_steps, epochs", [([], 200, 1), (["--epochs", "3"], -1, 3),
                                                     (["--max-steps", "50"], 50, 1),
-                                                    (["--max-steps", "0", "--epochs", "2"], -1, 2)])
+                                                    (["--max-steps", "0", "--epochs", "2"], -1, 2),
+                                                    (["--max-steps=50", "--epochs", "2"], 50, 2),
+                                                    (["--epochs=2"], -1, 2),
+                                                    (["--max-st", "50", "--epochs", "2"], 50, 2)])
 def test_steps_or_epochs(argv, max_steps, epochs):
     training = parse_args(argv)[2]
     assert (training.max_steps, training.num_train_epochs) == (max_steps, epochs)

@@ -715,6 +715,32 @@ def test_lone_surrogate_in_a_json_list_and_a_key(tmp_path):
                                .replace("of the string", "of the key"))
 
 
+def test_a_json_list_refuses_duplicate_keys_and_a_bom_alone_is_no_record(tmp_path):
+    """The JSON-list form of a file is read with the JSONL form's rules (duplicate keys refused), and a file holding
+    only a UTF-8 BOM and blank lines has no record, as an empty one."""
+    from scft_fast.data.records import read_records
+
+    listed = tmp_path / "dup.json"
+    listed.write_text('[{"question": "a"}, {"question": "b", "question": "c"}]')
+    with pytest.raises(DataError, match="field 'question': duplicate key"):
+        read_records(str(listed))
+    bom = tmp_path / "bom.jsonl"
+    bom.write_text("\ufeff\n\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_records(str(bom))
+    assert str(info.value) == f"{bom}: no records: the file is empty or holds only blank lines"
+
+
+def test_packed_positions_skip_empty_sequences():
+    """A repeated boundary in cu_seqlens (an empty sequence, as padded cu_seqlens carry) starts no row: the
+    sequences around it stay apart."""
+    from scft_fast.data.collate import positions_from_cu_seqlens
+
+    assert positions_from_cu_seqlens(torch.tensor([0, 3, 3, 5]), 5).tolist() == [[0, 1, 2, 0, 1]]
+    assert positions_from_cu_seqlens(torch.tensor([0, 5, 5]), 5).tolist() == [[0, 1, 2, 3, 4]]
+    assert positions_from_cu_seqlens(torch.tensor([0, 2, 5]), 7).tolist() == [[0, 1, 0, 1, 2, 3, 4]]
+
+
 def test_surrogate_pairs_are_characters(tmp_path, tok):
     ds, _ = build(tmp_path, ['{"instruction": "q", "response": "smile \\ud83d\\ude00"}'], tok)
     assert "smile \U0001f600" in tok.decode(ds[0]["input_ids"])

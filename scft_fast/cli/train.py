@@ -79,6 +79,21 @@ def build_parser():
     return parser
 
 
+def given_dests(parser: argparse.ArgumentParser, argv: list[str], dests: tuple[str, ...]) -> set[str]:
+    """Which of ``dests`` the command line sets, under any spelling argparse accepts (an alias, ``--flag=value``, an
+    abbreviation): ``argv`` parsed again with those defaults suppressed."""
+    actions = [a for a in parser._actions if a.dest in dests]
+    defaults = [a.default for a in actions]
+    try:
+        for action in actions:
+            action.default = argparse.SUPPRESS
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in zip(actions, defaults):
+            action.default = default
+    return {dest for dest in dests if hasattr(namespace, dest)}
+
+
 def parse_args(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, SCFTTrainingArguments, namespace of --resume / --resume-override)."""
     from ..hf.arguments import RECIPES, DataArguments, ModelArguments, SCFTTrainingArguments, recipe_of
@@ -96,8 +111,8 @@ def parse_args(argv: list[str] | None = None):
         parser.error("argument --resume-from-checkpoint: scft-fast train resumes with --resume (from the newest "
                      "intact checkpoint of --output-dir, verified against its checksums)")
     given = vars(namespace)
-    if "--max-steps" not in (argv or []) and "--max_steps" not in (argv or []) and any(
-            flag in (argv or []) for flag in ("--epochs", "--num-train-epochs", "--num_train_epochs")):
+    explicit = given_dests(parser, argv, ("max_steps", "num_train_epochs"))
+    if explicit == {"num_train_epochs"}:
         given["max_steps"] = -1  # --epochs alone: the epochs decide
     parts = []
     try:

@@ -71,9 +71,11 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:  # (B, T)
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor,  # (S + 1,)
                               length: int) -> torch.Tensor:  # (1, length)
-    starts = torch.zeros(length, dtype=torch.long, device=cu_seqlens.device)
-    starts[cu_seqlens[1:-1].long()] = torch.diff(cu_seqlens.long())[:-1]
-    return (torch.arange(length, device=cu_seqlens.device) - starts.cumsum(0)).unsqueeze(0)
+    cu = cu_seqlens.long()
+    rows = torch.arange(length, device=cu.device)
+    # Each row's sequence: the last boundary at or before it (an empty sequence, a repeated boundary, holds no row).
+    sequence = torch.searchsorted(cu[1:], rows, right=True).clamp(max=cu.numel() - 2)
+    return (rows - cu[sequence]).unsqueeze(0)
 
 
 def shift_labels(labels: torch.Tensor,  # (B, T) HF convention: labels[t] is token t

@@ -378,7 +378,7 @@ def scan_file(path: str) -> str:
             except UnicodeDecodeError as e:
                 raise DataError(path, number, None, f"not UTF-8 text (byte {raw[e.start]:#04x} at column "
                                 f"{e.start + 1}); save the file as UTF-8") from None
-            records += bool(text.strip())
+            records += bool((text.removeprefix("\ufeff") if number == 1 else text).strip())
     if not records:
         raise DataError(path, 0, None, "no records: the file is empty or holds only blank lines")
     return digest.hexdigest()
@@ -405,7 +405,9 @@ def read_records(path: str) -> list[tuple[int, object]]:
     with open(path, encoding="utf-8-sig") as f:
         text = f.read()
     try:
-        records = json.loads(text)
+        records = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except _DuplicateKey as e:
+        raise DataError(path, 0, e.args[0], "duplicate key in the JSON list (JSON keeps only the last value)") from None
     except RecursionError:
         raise DataError(path, 0, None, _TOO_DEEP) from None
     except ValueError as e:
