@@ -91,7 +91,7 @@ def safety_epilogue_torch(
         row_stats[:, ROW_LSE] = torch.where(lm_valid | tr_valid, lse, torch.nan)
         if token_stats:
             p = torch.softmax(z, dim=-1)
-            entropy = (p * (lse.unsqueeze(1) - z)).sum(dim=-1)
+            entropy = lse - torch.linalg.vecdot(p, z)  # sum p (lse - z), with sum p = 1: no (c, V) temporary
             correct = z.argmax(dim=-1) == lm_target
             row_stats[:, ROW_ENTROPY] = torch.where(lm_valid, entropy, 0.0)
             row_stats[:, ROW_CORRECT] = (correct & lm_valid).float()
